@@ -1,0 +1,16 @@
+"""Data: manifests, TFDS, arrays and folders -> validated records -> tf.data."""
+
+from keras_mmtl.data.demo import make_demo_dataset
+from keras_mmtl.data.images import decode_image
+from keras_mmtl.data.manifest import (
+    BadRow,
+    DataReport,
+    DataValidationError,
+    Records,
+    from_arrays,
+    from_directory,
+    from_tfds,
+    read_manifest,
+    stratified_split,
+)
+from keras_mmtl.data.pipeline import make_dataset

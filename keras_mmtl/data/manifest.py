@@ -1,0 +1,644 @@
+"""Manifests, TFDS, arrays and folders -> validated `Records` + a report of bad rows."""
+
+import collections
+import csv
+import dataclasses
+import json
+import os
+import warnings
+
+import numpy as np
+
+from keras_mmtl.data.images import find_undecodable
+
+SPLITS = ("train", "val", "test")
+SPLIT_ALIASES = {"validation": "val", "valid": "val", "dev": "val", "eval": "val"}
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
+MAX_LISTED_ROWS = 20
+ARRAYS_SOURCE = "arrays"
+
+
+class DataValidationError(ValueError):
+    """Raised when input data has rows that cannot be trained on."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BadRow:
+    """One problem with one row of the input, located as `source:line`."""
+
+    source: str
+    line: int
+    field: str
+    problem: str
+
+    def __str__(self):
+        where = f"row {self.line} of {self.source}" if self.source == ARRAYS_SOURCE else (
+            f"{self.source}:{self.line}")
+        return f"{where}: field '{self.field}': {self.problem}"
+
+
+@dataclasses.dataclass
+class DataReport:
+    """What was left out of a dataset, and why; never empty without saying so."""
+
+    total_rows: int = 0
+    bad_rows: list = dataclasses.field(default_factory=list)
+    dropped_classes: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def skipped_rows(self):
+        """Number of distinct rows left out for bad input."""
+        return len({(row.source, row.line) for row in self.bad_rows})
+
+    def summary(self):
+        """One paragraph a user can read: counts, then the first problems."""
+        lines = []
+        if self.bad_rows:
+            lines.append(
+                f"Skipped {self.skipped_rows} of {self.total_rows} rows with bad input:"
+            )
+            lines += [f"  {row}" for row in self.bad_rows[:MAX_LISTED_ROWS]]
+            if len(self.bad_rows) > MAX_LISTED_ROWS:
+                lines.append(f"  ... and {len(self.bad_rows) - MAX_LISTED_ROWS} more")
+        if self.dropped_classes:
+            dropped = ", ".join(f"{k} ({v})" for k, v in self.dropped_classes.items())
+            lines.append(
+                f"Dropped {len(self.dropped_classes)} classes with too few training "
+                f"rows (training rows in brackets): {dropped}"
+            )
+        return "\n".join(lines)
+
+
+@dataclasses.dataclass
+class Records:
+    """Validated samples of a labelled image/text dataset, ready for `make_dataset`.
+
+    Attributes:
+        images: `None`, or one image per sample: file paths (`image_kind="path"`),
+            encoded file bytes (`"bytes"`) or a uint8 array `(n, h, w, c)`
+            (`"array"`).
+        texts: `None`, or an object array of `str`, one per sample.
+        labels: int32 array of indices into `class_names`.
+        splits: array of `"train"`, `"val"` or `"test"`.
+        class_names: the label vocabulary, sorted; index `i` is class `i`.
+        image_kind: how `images` is stored.
+        report: rows and classes that were left out.
+    """
+
+    images: object
+    texts: object
+    labels: np.ndarray
+    splits: np.ndarray
+    class_names: list
+    image_kind: str = "path"
+    report: DataReport = dataclasses.field(default_factory=DataReport)
+
+    def __len__(self):
+        return len(self.labels)
+
+    @property
+    def modalities(self):
+        """The inputs these records provide, in model order."""
+        present = {"image": self.images is not None, "text": self.texts is not None}
+        return tuple(name for name, ok in present.items() if ok)
+
+    def subset(self, split):
+        """The records of one split (`"train"`, `"val"` or `"test"`)."""
+        if split not in SPLITS:
+            raise ValueError(f"Unknown split. Expected one of {SPLITS}. Received: split={split!r}")
+        return self.select(self.splits == split)
+
+    def select(self, mask):
+        """The records where the boolean (or index) array `mask` selects."""
+        pick = lambda values: None if values is None else values[mask]  # noqa: E731
+        return dataclasses.replace(
+            self,
+            images=pick(self.images),
+            texts=pick(self.texts),
+            labels=self.labels[mask],
+            splits=self.splits[mask],
+        )
+
+    def class_counts(self, split=None):
+        """Number of rows per class name, in one split or overall."""
+        labels = self.labels if split is None else self.subset(split).labels
+        counts = np.bincount(labels, minlength=len(self.class_names))
+        return dict(zip(self.class_names, counts.tolist()))
+
+
+def stratified_split(labels, val_fraction=0.1, test_fraction=0.1, seed=0):
+    """Assigns each sample to train/val/test, keeping class proportions.
+
+    Every class keeps at least one training row; rounding is per class.
+
+    Args:
+        labels: int array of class indices.
+        val_fraction: share of each class for validation.
+        test_fraction: share of each class for testing.
+        seed: seed of the shuffle; the same seed gives the same split.
+
+    Returns:
+        array of split names, aligned with `labels`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> splits = stratified_split(np.array([0] * 10 + [1] * 10), 0.2, 0.2)
+    >>> sorted(collections.Counter(splits).items())
+    [('test', 4), ('train', 12), ('val', 4)]
+    """
+    if val_fraction < 0 or test_fraction < 0 or val_fraction + test_fraction >= 1:
+        raise ValueError(
+            "Expected val_fraction, test_fraction >= 0 with a sum below 1. "
+            f"Received: val_fraction={val_fraction}, test_fraction={test_fraction}"
+        )
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    splits = np.full(len(labels), "train", dtype=object)
+    for label in np.unique(labels):
+        rows = rng.permutation(np.flatnonzero(labels == label))
+        n_test = int(round(len(rows) * test_fraction))
+        n_val = int(round(len(rows) * val_fraction))
+        if n_test + n_val >= len(rows):
+            n_test = min(n_test, max(len(rows) - 1, 0))
+            n_val = max(len(rows) - 1 - n_test, 0) if n_val else 0
+        splits[rows[:n_test]] = "test"
+        splits[rows[n_test:n_test + n_val]] = "val"
+    return splits
+
+
+def read_manifest(
+    path,
+    image_column="image",
+    text_column="text",
+    label_column="label",
+    split_column=None,
+    *,
+    class_names=None,
+    min_class_count=1,
+    skip_bad_rows=False,
+    check_images=True,
+    val_fraction=0.1,
+    test_fraction=0.1,
+    seed=0,
+):
+    """Reads and validates a CSV or JSON Lines manifest of labelled samples.
+
+    Each row names an image file (relative to the manifest's folder, or
+    absolute), a text and a label; an optional column fixes the split.
+    Every row is checked before anything trains: the image must exist and
+    decode, the text must be non-empty UTF-8, the label non-empty (and in
+    `class_names` if given), the split one of train/val/test.
+
+    Args:
+        path: a `.csv` file (header row, comma separated) or a `.jsonl` /
+            `.json` file (one JSON object per line).
+        image_column: column with image paths, or `None` for text-only data.
+        text_column: column with texts, or `None` for image-only data.
+        label_column: column with label names.
+        split_column: optional column with `train`/`val`/`test` per row;
+            without it a seeded stratified split is drawn.
+        class_names: fixed label vocabulary (for example a trained model's);
+            labels outside it are bad rows. By default the sorted labels seen.
+        min_class_count: drop classes with fewer training rows than this.
+        skip_bad_rows: leave bad rows out (and report them) instead of raising.
+        check_images: decode every image once to find corrupt files.
+        val_fraction, test_fraction, seed: the split drawn without `split_column`.
+
+    Returns:
+        `Records`; `records.report` lists what was left out.
+
+    Raises:
+        DataValidationError: a column is missing, or rows are bad and
+            `skip_bad_rows` is False. The message names file, line and field.
+
+    Example:
+
+    >>> import os, tempfile
+    >>> folder = tempfile.mkdtemp()
+    >>> with open(os.path.join(folder, "m.csv"), "w") as f:
+    ...     _ = f.write("text,label\\nred shoe,shoes\\nblue shirt,shirts\\n")
+    >>> records = read_manifest(os.path.join(folder, "m.csv"), image_column=None)
+    >>> records.class_names
+    ['shirts', 'shoes']
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Manifest not found: {path}")
+    columns = {"image": image_column, "text": text_column, "label": label_column,
+               "split": split_column}
+    columns = {field: name for field, name in columns.items() if name is not None}
+    if path.lower().endswith(".csv"):
+        rows = _read_csv(path)
+    elif path.lower().endswith((".jsonl", ".json", ".ndjson")):
+        rows = _read_jsonl(path)
+    else:
+        raise ValueError(
+            f"Unknown manifest format: {path}. Expected a .csv or .jsonl file."
+        )
+    source = os.path.basename(path)
+    header = rows[0][1] if rows else {}
+    missing = [name for name in columns.values() if name not in header]
+    if missing:
+        raise DataValidationError(
+            f"{source}: missing column(s) {missing}. Columns found: {sorted(header)}. "
+            "Name the right columns (image_column=, text_column=, label_column=, "
+            "split_column=; CLI: --image-column ...), or None for a modality you lack."
+        )
+    folder = os.path.dirname(os.path.abspath(path))
+    table = []
+    for line, row in rows:
+        entry = {"line": line}
+        for field, name in columns.items():
+            value = row.get(name)
+            entry[field] = "" if value is None else str(value)
+        if "image" in entry and entry["image"].strip():
+            entry["image"] = os.path.join(folder, entry["image"].strip())
+        table.append(entry)
+    return _build_records(
+        table, source, class_names=class_names, min_class_count=min_class_count,
+        skip_bad_rows=skip_bad_rows, check_images=check_images,
+        val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
+        image_kind="path",
+    )
+
+
+def from_arrays(
+    labels,
+    images=None,
+    texts=None,
+    *,
+    splits=None,
+    class_names=None,
+    image_kind=None,
+    skip_bad_rows=False,
+    check_images=True,
+    min_class_count=1,
+    val_fraction=0.1,
+    test_fraction=0.1,
+    seed=0,
+):
+    """Builds validated `Records` from in-memory data.
+
+    Args:
+        labels: label names (str) or class indices (int, with `class_names`).
+        images: `None`; a uint8 array `(n, h, w, 3)`; or a list of image file
+            paths or encoded image bytes.
+        texts: `None` or a list of strings.
+        splits: optional list of `train`/`val`/`test`; drawn if absent.
+        class_names: label vocabulary; needed when `labels` are integers.
+        image_kind: `"array"`, `"path"` or `"bytes"`; inferred by default.
+        skip_bad_rows, check_images, min_class_count, val_fraction,
+        test_fraction, seed: as in `read_manifest`.
+
+    Returns:
+        `Records`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> records = from_arrays(["a", "b"] * 5, images=np.zeros((10, 8, 8, 3), "uint8"))
+    >>> records.image_kind, records.class_names
+    ('array', ['a', 'b'])
+    """
+    labels = list(np.asarray(labels).tolist())
+    if labels and isinstance(labels[0], int):
+        if class_names is None:
+            raise ValueError("Integer labels need class_names=[...] to name the classes.")
+        labels = [class_names[i] if 0 <= i < len(class_names) else str(i) for i in labels]
+    if image_kind is None and images is not None:
+        if isinstance(images, np.ndarray) and images.dtype != object and images.ndim == 4:
+            image_kind = "array"
+        else:
+            image_kind = "bytes" if isinstance(images[0], bytes) else "path"
+    n = len(labels)
+    for name, values in (("images", images), ("texts", texts), ("splits", splits)):
+        if values is not None and len(values) != n:
+            raise ValueError(f"Expected {n} {name} (one per label). Received: {len(values)}")
+    table = []
+    for i in range(n):
+        entry = {"line": i, "label": labels[i]}
+        if images is not None and image_kind != "array":
+            entry["image"] = images[i] if image_kind == "bytes" else os.fspath(images[i])
+        if texts is not None:
+            entry["text"] = texts[i]
+        if splits is not None:
+            entry["split"] = splits[i]
+        table.append(entry)
+    return _build_records(
+        table, ARRAYS_SOURCE, class_names=class_names, min_class_count=min_class_count,
+        skip_bad_rows=skip_bad_rows, check_images=check_images,
+        val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
+        image_kind=image_kind or "path",
+        image_array=np.asarray(images) if image_kind == "array" else None,
+    )
+
+
+def from_directory(root, *, skip_bad_rows=False, check_images=True, min_class_count=1,
+                   val_fraction=0.1, test_fraction=0.1, seed=0):
+    """Reads an image-only dataset laid out as `root/<class name>/<image file>`.
+
+    This is the layout `keras.utils.image_dataset_from_directory` reads; files
+    are listed in sorted order and a stratified split is drawn.
+
+    Args:
+        root: the folder holding one sub-folder per class.
+        skip_bad_rows, check_images, min_class_count, val_fraction,
+        test_fraction, seed: as in `read_manifest`.
+
+    Returns:
+        `Records` without texts.
+
+    Example:
+
+    >>> records = from_directory("flowers/")  # doctest: +SKIP
+    """
+    root = os.fspath(root)
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"Image folder not found: {root}")
+    paths, labels = [], []
+    for class_name in sorted(os.listdir(root)):
+        class_dir = os.path.join(root, class_name)
+        if not os.path.isdir(class_dir):
+            continue
+        for file_name in sorted(os.listdir(class_dir)):
+            if file_name.lower().endswith(IMAGE_EXTENSIONS):
+                paths.append(os.path.join(class_dir, file_name))
+                labels.append(class_name)
+    if not paths:
+        raise DataValidationError(
+            f"No images found under {root}. Expected one sub-folder per class holding "
+            f"{'/'.join(IMAGE_EXTENSIONS)} files."
+        )
+    return from_arrays(labels, images=paths, image_kind="path", skip_bad_rows=skip_bad_rows,
+                       check_images=check_images, min_class_count=min_class_count,
+                       val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
+
+
+def from_tfds(name, image_key=None, text_key=None, label_key="label", *,
+              splits=None, data_dir=None, download=True, **kwargs):
+    """Loads a TensorFlow Datasets dataset as `Records`.
+
+    Images are kept as their encoded bytes (TFDS `SkipDecoding`) and decoded
+    by the same op as manifest images; label names come from the dataset's
+    `ClassLabel` feature.
+
+    Args:
+        name: the `tfds.load` name, e.g. `"beans"`.
+        image_key: image feature key, or `None`.
+        text_key: text feature key, or `None`.
+        label_key: `ClassLabel` feature key.
+        splits: dict of our split name -> TFDS split (slicing allowed), e.g.
+            `{"train": "train[:90%]", "val": "train[90%:]", "test": "test"}`.
+            By default TFDS's `train`, `validation` and `test` where present,
+            and a stratified split of the rest.
+        data_dir, download: passed to `tfds.load`.
+        **kwargs: `skip_bad_rows`, `check_images`, `min_class_count`,
+            `val_fraction`, `test_fraction`, `seed` as in `from_arrays`.
+
+    Returns:
+        `Records`.
+
+    Example:
+
+    >>> records = from_tfds("beans", image_key="image")  # doctest: +SKIP
+    """
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder(name, data_dir=data_dir)
+    if download:
+        builder.download_and_prepare()
+    if splits is None:
+        names = {"train": "train", "validation": "val", "test": "test"}
+        splits = {ours: theirs for theirs, ours in names.items() if theirs in builder.info.splits}
+    label_feature = builder.info.features[label_key]
+    if not hasattr(label_feature, "names"):
+        raise ValueError(
+            f"Feature {label_key!r} of {name} is not a ClassLabel; pass label_key= naming one. "
+            f"Features: {list(builder.info.features)}"
+        )
+    decoders = {image_key: tfds.decode.SkipDecoding()} if image_key else None
+    columns = {"image": image_key, "text": text_key, "label": label_key}
+    values = {field: [] for field, key in columns.items() if key}
+    split_names = []
+    for ours, theirs in splits.items():
+        for example in builder.as_dataset(split=theirs, decoders=decoders).as_numpy_iterator():
+            for field in values:
+                values[field].append(example[columns[field]])
+            split_names.append(ours)
+    texts = values.get("text")
+    if texts is not None:
+        texts = [t.decode("utf-8", "surrogateescape") if isinstance(t, bytes) else t for t in texts]
+    has_all = {"train", "val", "test"} <= set(splits)
+    return from_arrays(
+        [int(x) for x in values["label"]], images=values.get("image"), texts=texts,
+        splits=split_names if has_all else _fill_splits(split_names, values["label"], kwargs),
+        class_names=list(label_feature.names),
+        image_kind="bytes" if image_key else None,
+        **{k: v for k, v in kwargs.items() if k not in ("val_fraction", "test_fraction")},
+    )
+
+
+def _fill_splits(split_names, labels, kwargs):
+    """Carves the missing val/test splits out of the train split, stratified."""
+    split_names = np.array(split_names, dtype=object)
+    train = np.flatnonzero(split_names == "train")
+    missing = {"val", "test"} - set(split_names)
+    drawn = stratified_split(
+        np.asarray(labels)[train],
+        kwargs.get("val_fraction", 0.1) if "val" in missing else 0.0,
+        kwargs.get("test_fraction", 0.1) if "test" in missing else 0.0,
+        kwargs.get("seed", 0),
+    )
+    split_names[train] = drawn
+    return split_names.tolist()
+
+
+def _read_csv(path):
+    """Rows of a CSV file as (line number, dict); undecodable bytes kept as surrogates."""
+    with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
+        reader = csv.DictReader(f)
+        rows = [(reader.line_num, row) for row in reader]
+    if not rows:
+        raise DataValidationError(
+            f"{os.path.basename(path)}: no data rows. Expected a header row, then one row per sample."
+        )
+    return rows
+
+
+def _read_jsonl(path):
+    """Rows of a JSON Lines file as (line number, dict)."""
+    rows = []
+    with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataValidationError(
+                    f"{os.path.basename(path)}:{line_number}: not a JSON object ({error.msg}). "
+                    "Each line must be one JSON object, e.g. "
+                    '{"image": "a.jpg", "text": "...", "label": "..."}.'
+                ) from None
+            if not isinstance(row, dict):
+                raise DataValidationError(
+                    f"{os.path.basename(path)}:{line_number}: expected a JSON object, "
+                    f"found {type(row).__name__}."
+                )
+            rows.append((line_number, row))
+    if not rows:
+        raise DataValidationError(
+            f"{os.path.basename(path)}: no data rows. Expected one JSON object per line."
+        )
+    return rows
+
+
+def _check_text(value):
+    """The problem with a text field, or None."""
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError as error:
+            return _not_utf8(error)
+    if not isinstance(value, str) or not value.strip():
+        return "empty text; give every row a text, or skip such rows"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        return _not_utf8(error)
+    return None
+
+
+def _not_utf8(error):
+    return (f"text is not valid UTF-8 (bad byte at character {error.start}); "
+            "save the file as UTF-8")
+
+
+def _normalize_split(value):
+    value = str(value).strip().lower()
+    return SPLIT_ALIASES.get(value, value)
+
+
+def _build_records(table, source, *, class_names, min_class_count, skip_bad_rows,
+                   check_images, val_fraction, test_fraction, seed, image_kind,
+                   image_array=None):
+    """Validates rows (dicts with line, label and optional image/text/split)."""
+    bad = []
+    fields = set(table[0]) if table else set()
+    known = None if class_names is None else set(class_names)
+    for entry in table:
+        line = entry["line"]
+        label = entry["label"]
+        label = label.strip() if isinstance(label, str) else label
+        entry["label"] = label
+        if label in ("", None):
+            bad.append(BadRow(source, line, "label", "empty label; give every row a class"))
+        elif known is not None and label not in known:
+            shown = sorted(known)[:10]
+            bad.append(BadRow(source, line, "label", (
+                f"unknown label {label!r}; expected one of {shown}"
+                f"{' ...' if len(known) > 10 else ''} (the classes the model knows)")))
+        elif _check_text(label) is not None and isinstance(label, str):
+            bad.append(BadRow(source, line, "label", "label is not valid UTF-8"))
+        if "text" in fields:
+            problem = _check_text(entry["text"])
+            if problem:
+                bad.append(BadRow(source, line, "text", problem))
+        if "split" in fields:
+            entry["split"] = _normalize_split(entry["split"])
+            if entry["split"] not in SPLITS:
+                bad.append(BadRow(source, line, "split", (
+                    f"unknown split {entry['split']!r}; expected one of {list(SPLITS)}")))
+        if "image" in fields and image_kind == "path":
+            problem = _check_image_path(entry["image"])
+            if problem:
+                bad.append(BadRow(source, line, "image", problem))
+        elif "image" in fields and not entry["image"]:
+            bad.append(BadRow(source, line, "image", "empty image bytes"))
+    if check_images and "image" in fields:
+        flagged = {(row.source, row.line) for row in bad}
+        candidates = [e for e in table if (source, e["line"]) not in flagged]
+        failures = find_undecodable([e["image"] for e in candidates],
+                                    read_files=image_kind == "path")
+        for index, problem in failures.items():
+            entry = candidates[index]
+            where = f": {entry['image']}" if image_kind == "path" else ""
+            bad.append(BadRow(source, entry["line"], "image", (
+                f"{problem}{where}; replace the file with a JPEG/PNG/GIF/BMP image")))
+    bad.sort(key=lambda row: row.line)
+    report = DataReport(total_rows=len(table), bad_rows=bad)
+    if bad and not skip_bad_rows:
+        listed = "\n".join(f"  {row}" for row in bad[:MAX_LISTED_ROWS])
+        more = f"\n  ... and {len(bad) - MAX_LISTED_ROWS} more" if len(bad) > MAX_LISTED_ROWS else ""
+        raise DataValidationError(
+            f"{report.skipped_rows} of {len(table)} rows of {source} have bad input:\n"
+            f"{listed}{more}\nFix these rows, or pass skip_bad_rows=True "
+            "(CLI: --skip-bad-rows) to leave them out; skipped rows are reported."
+        )
+    bad_lines = {row.line for row in bad}
+    table = [entry for entry in table if entry["line"] not in bad_lines]
+    if not table:
+        raise DataValidationError(f"No valid rows left in {source}.\n{report.summary()}")
+    if class_names is None:
+        class_names = sorted({entry["label"] for entry in table})
+    index = {name: i for i, name in enumerate(class_names)}
+    labels = np.array([index[entry["label"]] for entry in table], dtype=np.int32)
+    if "split" in fields:
+        splits = np.array([entry["split"] for entry in table], dtype=object)
+    else:
+        splits = stratified_split(labels, val_fraction, test_fraction, seed)
+    lines = [entry["line"] for entry in table]
+    if image_kind == "array" and image_array is not None:
+        images = image_array[np.array(lines, dtype=np.int64)]
+    elif "image" in fields:
+        images = np.array([entry["image"] for entry in table], dtype=object)
+    else:
+        images = None
+    records = Records(
+        images=images,
+        texts=np.array([_as_str(entry["text"]) for entry in table], dtype=object)
+        if "text" in fields else None,
+        labels=labels, splits=splits, class_names=list(class_names),
+        image_kind=image_kind, report=report,
+    )
+    records = _drop_rare_classes(records, min_class_count)
+    if records.report.bad_rows or records.report.dropped_classes:
+        warnings.warn(records.report.summary(), stacklevel=3)
+    return records
+
+
+def _as_str(value):
+    return value.decode("utf-8") if isinstance(value, bytes) else value
+
+
+def _check_image_path(path):
+    """The problem with an image path, or None."""
+    if not path:
+        return "empty image path; give every row an image file"
+    if not os.path.isfile(path):
+        return f"image file not found: {path}; fix the path (relative to the manifest's folder)"
+    if os.path.getsize(path) == 0:
+        return f"image file is empty: {path}"
+    return None
+
+
+def _drop_rare_classes(records, min_class_count):
+    """Removes classes with fewer than `min_class_count` training rows."""
+    counts = records.class_counts("train")
+    keep = [name for name in records.class_names if counts[name] >= min_class_count]
+    if len(keep) == len(records.class_names):
+        return records
+    if not keep:
+        raise DataValidationError(
+            f"No class has {min_class_count} or more training rows; lower min_class_count."
+        )
+    dropped = {name: counts[name] for name in records.class_names if name not in keep}
+    remap = np.full(len(records.class_names), -1, dtype=np.int32)
+    for new, name in enumerate(keep):
+        remap[records.class_names.index(name)] = new
+    kept = records.select(remap[records.labels] >= 0)
+    kept.labels = remap[kept.labels]
+    kept.class_names = keep
+    kept.report = dataclasses.replace(records.report, dropped_classes=dropped)
+    return kept

@@ -1,0 +1,26 @@
+"""Models: image backbones, text encoders, fusion and heads, composed by builders."""
+
+from keras_mmtl.models.backbones import (
+    BACKBONES,
+    WeightsUnavailableError,
+    backbone_blocks,
+    backbone_network,
+    build_image_backbone,
+    unfreeze_top_blocks,
+)
+from keras_mmtl.models.builder import (
+    build_classifier,
+    build_classifier_for,
+    class_names,
+    image_size,
+    model_modalities,
+)
+from keras_mmtl.models.fusion import FUSIONS, ConcatFusion
+from keras_mmtl.models.heads import ClassifierHead
+from keras_mmtl.models.text import (
+    TEXT_ENCODERS,
+    MaskedMeanPooling,
+    TextTokenizer,
+    learn_vocabulary,
+    tokenize,
+)

@@ -1,0 +1,195 @@
+"""Image backbone registry: constructor, preprocessing, input size, unfreeze blocks."""
+
+import dataclasses
+import os
+import re
+
+import keras
+
+BACKBONE_NAME = "image_backbone"
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Raised when pretrained weights can be neither found locally nor downloaded."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageBackbone:
+    """One registered `keras.applications` backbone.
+
+    Attributes:
+        constructor: name of the `keras.applications` function.
+        kwargs: extra constructor arguments (e.g. `alpha`).
+        scale_to_unit_range: the network expects pixels in [-1, 1] (the
+            model then holds a `Rescaling` layer); otherwise it takes
+            [0, 255] and preprocesses inside itself.
+        image_size: the `(height, width)` its ImageNet weights were trained at.
+        block_pattern: regex whose group 1 names the block of a layer; layers
+            that do not match belong to the block before them. Used to
+            unfreeze the top blocks for fine-tuning.
+    """
+
+    constructor: str
+    kwargs: dict
+    scale_to_unit_range: bool
+    image_size: tuple
+    block_pattern: str
+
+
+_MOBILENET_V2 = r"^(Conv1|expanded_conv|block_\d+|Conv_1)(?:_|$)"
+_MOBILENET_V3 = r"^(conv_1|expanded_conv(?:_\d+)?|conv)(?:_|$)"
+_EFFICIENTNET = r"^(stem|block\d+[a-z]|top)(?:_|$)"
+_RESNET_V2 = r"^(conv1|conv\d_block\d+|post)(?:_|$)"
+_CONVNEXT = r"^convnext_[a-z]+_(stem|downsampling_block_\d+|stage_\d+_block_\d+)"
+
+BACKBONES = {
+    "mobilenet_v2": ImageBackbone("MobileNetV2", {}, True, (224, 224), _MOBILENET_V2),
+    "mobilenet_v2_0.35": ImageBackbone(
+        "MobileNetV2", {"alpha": 0.35}, True, (224, 224), _MOBILENET_V2),
+    "mobilenet_v3_small": ImageBackbone("MobileNetV3Small", {}, False, (224, 224), _MOBILENET_V3),
+    "mobilenet_v3_large": ImageBackbone("MobileNetV3Large", {}, False, (224, 224), _MOBILENET_V3),
+    "efficientnet_b0": ImageBackbone("EfficientNetB0", {}, False, (224, 224), _EFFICIENTNET),
+    "efficientnet_b1": ImageBackbone("EfficientNetB1", {}, False, (240, 240), _EFFICIENTNET),
+    "efficientnet_b2": ImageBackbone("EfficientNetB2", {}, False, (260, 260), _EFFICIENTNET),
+    "efficientnet_b3": ImageBackbone("EfficientNetB3", {}, False, (300, 300), _EFFICIENTNET),
+    "efficientnet_v2_b0": ImageBackbone("EfficientNetV2B0", {}, False, (224, 224), _EFFICIENTNET),
+    "resnet50_v2": ImageBackbone("ResNet50V2", {}, True, (224, 224), _RESNET_V2),
+    "convnext_tiny": ImageBackbone("ConvNeXtTiny", {}, False, (224, 224), _CONVNEXT),
+}
+
+
+def get_backbone(name):
+    """The registry entry of an image backbone, by name."""
+    if name not in BACKBONES:
+        raise ValueError(
+            f"Unknown image backbone {name!r}. Expected one of {sorted(BACKBONES)}. "
+            f"Received: image_backbone={name!r}"
+        )
+    return BACKBONES[name]
+
+
+def build_image_backbone(name, weights="imagenet", image_size=None):
+    """Builds a headless, average-pooled backbone with its own preprocessing.
+
+    The returned model takes float32 RGB images in [0, 255] and returns one
+    feature vector per image.
+
+    Args:
+        name: a key of `BACKBONES`, e.g. `"mobilenet_v2"`.
+        weights: `"imagenet"` (downloaded once into `$KERAS_HOME/models`, by
+            default `~/.keras/models`), the path of a local weights file
+            (`.h5` / `.weights.h5` for the headless network), or `None` for
+            random initialisation.
+        image_size: `(height, width)`; the backbone's own size by default.
+
+    Returns:
+        a `keras.Model` named `"image_backbone"`.
+
+    Raises:
+        WeightsUnavailableError: ImageNet weights are not cached and cannot be
+            downloaded (offline); the message says how to provide them.
+
+    Example:
+
+    >>> backbone = build_image_backbone("mobilenet_v2_0.35", weights=None,
+    ...                                 image_size=(64, 64))
+    >>> backbone.output_shape
+    (None, 1280)
+    """
+    spec = get_backbone(name)
+    image_size = tuple(image_size or spec.image_size)
+    if isinstance(weights, os.PathLike):
+        weights = os.fspath(weights)
+    if weights not in (None, "imagenet") and not os.path.isfile(weights):
+        raise FileNotFoundError(
+            f"Weights file not found: {weights}. Pass weights='imagenet', None, or the "
+            "path of an existing weights file."
+        )
+    constructor = getattr(keras.applications, spec.constructor)
+    try:
+        network = constructor(
+            include_top=False, weights=weights, input_shape=(*image_size, 3),
+            pooling="avg", **spec.kwargs,
+        )
+    except Exception as error:  # keras raises a bare Exception when a download fails
+        if weights == "imagenet" and "URL fetch failure" in str(error):
+            raise WeightsUnavailableError(_offline_message(name, error)) from error
+        raise
+    network.name = name  # the registry name travels with saved models
+    inputs = keras.Input((*image_size, 3), name="image_pixels")
+    x = inputs
+    if spec.scale_to_unit_range:
+        x = keras.layers.Rescaling(1 / 127.5, offset=-1.0, name="to_unit_range")(x)
+    outputs = network(x)
+    return keras.Model(inputs, outputs, name=BACKBONE_NAME)
+
+
+def _offline_message(name, error):
+    url = re.search(r"https?://\S+?\.h5", str(error))
+    file_name = url.group(0).rsplit("/", 1)[-1] if url else "<weights file>"
+    cache = os.path.join(
+        os.environ.get("KERAS_HOME", os.path.join(os.path.expanduser("~"), ".keras")),
+        "models")
+    return (
+        f"Cannot download the ImageNet weights of {name!r} (no network?). Either: "
+        f"(1) on a machine with internet, download {url.group(0) if url else 'them'} and put "
+        f"it at {os.path.join(cache, file_name)} (or set KERAS_HOME to a folder whose models/ "
+        "holds it); (2) pass the path of a local weights file (image_weights=..., CLI: "
+        "--image-weights PATH); or (3) pass image_weights=None to start from random weights."
+    )
+
+
+def backbone_network(model):
+    """The `keras.applications` network inside a classifier or backbone model."""
+    backbone = model.get_layer(BACKBONE_NAME) if model.name != BACKBONE_NAME else model
+    return backbone.layers[-1]
+
+
+def backbone_blocks(network):
+    """Groups the layers of a `keras.applications` network into blocks, input to output.
+
+    Args:
+        network: a network built by `build_image_backbone` (named after its
+            registry entry).
+
+    Returns:
+        list of `(block name, [layers with weights])`.
+    """
+    pattern = re.compile(get_backbone(network.name).block_pattern)
+    blocks = []
+    for layer in network.layers:
+        if not layer.weights:
+            continue
+        match = pattern.match(layer.name)
+        if match and (not blocks or blocks[-1][0] != match.group(1)):
+            blocks.append((match.group(1), []))
+        if blocks:
+            blocks[-1][1].append(layer)
+    return blocks
+
+
+def unfreeze_top_blocks(model, num_blocks):
+    """Makes the top `num_blocks` blocks of the image backbone trainable.
+
+    Everything below them stays frozen, and every BatchNormalization layer
+    stays frozen (so it keeps running in inference mode with its ImageNet
+    statistics), as fine-tuning is done.
+
+    Args:
+        model: a classifier (or backbone) holding the `"image_backbone"`.
+        num_blocks: number of top blocks to unfreeze; `"all"` for all.
+
+    Returns:
+        names of the unfrozen blocks.
+    """
+    network = backbone_network(model)
+    backbone = model.get_layer(BACKBONE_NAME) if model.name != BACKBONE_NAME else model
+    backbone.trainable = True
+    blocks = backbone_blocks(network)
+    count = len(blocks) if num_blocks == "all" else int(num_blocks)
+    top = blocks[len(blocks) - count:] if count > 0 else []
+    unfrozen = {id(layer) for _, layers in top for layer in layers}
+    for layer in network.layers:
+        layer.trainable = id(layer) in unfrozen and not isinstance(
+            layer, keras.layers.BatchNormalization)
+    return [block for block, _ in top]

@@ -1,0 +1,132 @@
+"""build_classifier(): input branches -> fusion -> head, with the Functional API."""
+
+import keras
+
+from keras_mmtl.models.backbones import build_image_backbone
+from keras_mmtl.models.fusion import get_fusion
+from keras_mmtl.models.heads import ClassifierHead
+from keras_mmtl.models.text import build_text_encoder, learn_vocabulary
+
+MODALITIES = ("image", "text")
+
+
+def build_classifier(
+    class_names,
+    *,
+    image_backbone="mobilenet_v2",
+    image_weights="imagenet",
+    image_size=None,
+    freeze_backbone=True,
+    text_encoder="scratch",
+    text_vocabulary=None,
+    sequence_length=128,
+    fusion="concat",
+    fusion_units=256,
+    dropout=0.2,
+    name="mmtl_classifier",
+):
+    """Builds an image + text classifier; either branch can be left out.
+
+    The model takes a dict `{"image": float32 (batch, h, w, 3) in [0, 255],
+    "text": string (batch,)}` and returns class probabilities (float32). The
+    backbone's preprocessing, the tokenizer and its vocabulary, and the class
+    names are all inside the model.
+
+    Args:
+        class_names: label of each class, in output order.
+        image_backbone: a name from `keras_mmtl.models.BACKBONES`, or `None`
+            for a text-only model.
+        image_weights: `"imagenet"`, a local weights file, or `None`.
+        image_size: `(height, width)` of input images; the backbone's own
+            size by default.
+        freeze_backbone: start with the image backbone frozen (phase 1 of
+            transfer learning); `keras_mmtl.training.train` unfreezes its top.
+        text_encoder: a name from `keras_mmtl.models.TEXT_ENCODERS`, or `None`
+            for an image-only model.
+        text_vocabulary: tokens for the text encoder (`learn_vocabulary`).
+        sequence_length: tokens kept per text.
+        fusion: a name from `keras_mmtl.models.FUSIONS`.
+        fusion_units: per-modality projection size inside the fusion.
+        dropout: dropout rate before the softmax.
+        name: the model's name.
+
+    Returns:
+        an uncompiled `keras.Model`.
+
+    Example:
+
+    >>> model = build_classifier(["cat", "dog"], image_backbone="mobilenet_v2_0.35",
+    ...                          image_weights=None, image_size=(64, 64),
+    ...                          text_vocabulary=["a", "cat", "dog"])
+    >>> model.output_shape
+    (None, 2)
+    """
+    if image_backbone is None and text_encoder is None:
+        raise ValueError("A classifier needs an image backbone, a text encoder or both.")
+    inputs, features = {}, []
+    if image_backbone is not None:
+        backbone = build_image_backbone(image_backbone, image_weights, image_size)
+        backbone.trainable = not freeze_backbone
+        inputs["image"] = keras.Input(backbone.input_shape[1:], name="image")
+        # training=False keeps BatchNorm in inference mode even once unfrozen.
+        features.append(backbone(inputs["image"], training=False))
+    if text_encoder is not None:
+        inputs["text"] = keras.Input((), dtype="string", name="text")
+        features.append(build_text_encoder(
+            text_encoder, inputs["text"], text_vocabulary, sequence_length=sequence_length))
+    if len(features) > 1:
+        fused = get_fusion(fusion, units=fusion_units, name="fusion")(features)
+    else:
+        fused = features[0]
+    outputs = ClassifierHead(class_names, dropout=dropout, name="head")(fused)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def build_classifier_for(records, *, modalities=None, max_tokens=20000, **kwargs):
+    """Builds the classifier that fits a dataset: its classes, inputs and vocabulary.
+
+    Args:
+        records: `keras_mmtl.data.Records`; the vocabulary is learned from
+            the texts of its train split.
+        modalities: inputs to use, e.g. `("text",)`; default all the records hold.
+        max_tokens: vocabulary size cap.
+        **kwargs: passed to `build_classifier`.
+
+    Returns:
+        an uncompiled `keras.Model`.
+
+    Example:
+
+    >>> model = build_classifier_for(records, image_weights=None)  # doctest: +SKIP
+    """
+    modalities = tuple(records.modalities if modalities is None else modalities)
+    unknown = set(modalities) - set(MODALITIES)
+    if unknown:
+        raise ValueError(f"Unknown modalities {sorted(unknown)}. Expected some of {MODALITIES}.")
+    missing = set(modalities) - set(records.modalities)
+    if missing:
+        raise ValueError(f"The data has no {sorted(missing)} column; it has {records.modalities}.")
+    if "image" not in modalities:
+        kwargs["image_backbone"] = None
+    if "text" not in modalities:
+        kwargs["text_encoder"] = None
+    elif kwargs.get("text_vocabulary") is None:
+        kwargs["text_vocabulary"] = learn_vocabulary(
+            records.subset("train").texts, max_tokens=max_tokens)
+    return build_classifier(records.class_names, **kwargs)
+
+
+def class_names(model):
+    """The class names a classifier was built with."""
+    return list(model.get_layer("head").class_names)
+
+
+def model_modalities(model):
+    """The inputs a classifier takes, e.g. `("image", "text")`."""
+    return tuple(name for name in MODALITIES if name in model.input)
+
+
+def image_size(model):
+    """The `(height, width)` of a classifier's image input, or `None`."""
+    image = model.input.get("image")
+    return None if image is None else tuple(image.shape[1:3])

@@ -1,0 +1,45 @@
+"""Classification heads: fused features -> class probabilities, in float32."""
+
+import keras
+
+
+@keras.saving.register_keras_serializable(package="keras_mmtl")
+class ClassifierHead(keras.layers.Layer):
+    """Dropout, then a dense softmax over the classes, computed in float32.
+
+    The class names are part of the config: a saved or exported model knows
+    its labels, and nothing outside it has to remember their order.
+
+    Args:
+        class_names: label of each output, in order.
+        dropout: dropout rate before the dense layer.
+
+    Example:
+
+    >>> import numpy as np
+    >>> head = ClassifierHead(["cat", "dog"])
+    >>> head(np.ones((1, 4))).shape
+    (1, 2)
+    """
+
+    def __init__(self, class_names, dropout=0.2, **kwargs):
+        super().__init__(**kwargs)
+        self.class_names = [str(name) for name in class_names]
+        self.dropout_rate = float(dropout)
+        self.dropout = keras.layers.Dropout(self.dropout_rate)
+        # Softmax in float32 even under a mixed precision policy.
+        self.dense = keras.layers.Dense(len(self.class_names), dtype="float32", name="logits")
+
+    def build(self, input_shape):
+        self.dense.build(input_shape)
+
+    def call(self, features, training=None):
+        features = self.dropout(features, training=training)
+        return keras.ops.softmax(self.dense(keras.ops.cast(features, "float32")))
+
+    def compute_output_spec(self, features):
+        return keras.KerasTensor((features.shape[0], len(self.class_names)), dtype="float32")
+
+    def get_config(self):
+        return {**super().get_config(), "class_names": self.class_names,
+                "dropout": self.dropout_rate}
