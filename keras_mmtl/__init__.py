@@ -1,1 +1,35 @@
-"""keras_mmtl."""
+"""keras_mmtl: multimodal (image + text) transfer learning for Keras 3 / TensorFlow.
+
+Example:
+
+>>> import keras_mmtl as mm
+>>> records = mm.read_manifest("products.csv", text_column="title")  # doctest: +SKIP
+>>> model = mm.build_classifier_for(records)  # doctest: +SKIP
+>>> mm.train(model, records, "runs/products")  # doctest: +SKIP
+>>> print(mm.evaluate(model, records, out_dir="runs/products/eval").summary())  # doctest: +SKIP
+>>> mm.export_saved_model(model, "saved_models/products")  # doctest: +SKIP
+"""
+
+from keras_mmtl.data import (
+    DataValidationError,
+    Records,
+    from_arrays,
+    from_directory,
+    from_tfds,
+    make_dataset,
+    make_demo_dataset,
+    read_manifest,
+)
+from keras_mmtl.demo import run_demo
+from keras_mmtl.evaluation import EvaluationReport, classification_report, evaluate
+from keras_mmtl.export import export_saved_model, predict, serving_function
+from keras_mmtl.models import (
+    BACKBONES,
+    WeightsUnavailableError,
+    build_classifier,
+    build_classifier_for,
+    class_names,
+)
+from keras_mmtl.training import train
+
+__version__ = "0.1.0"

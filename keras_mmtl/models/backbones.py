@@ -18,7 +18,8 @@ class ImageBackbone:
     """One registered `keras.applications` backbone.
 
     Attributes:
-        constructor: name of the `keras.applications` function.
+        constructor: a `keras.applications`-style function taking
+            `include_top`, `weights`, `input_shape` and `pooling`.
         kwargs: extra constructor arguments (e.g. `alpha`).
         scale_to_unit_range: the network expects pixels in [-1, 1] (the
             model then holds a `Rescaling` layer); otherwise it takes
@@ -29,11 +30,35 @@ class ImageBackbone:
             unfreeze the top blocks for fine-tuning.
     """
 
-    constructor: str
+    constructor: object
     kwargs: dict
     scale_to_unit_range: bool
     image_size: tuple
     block_pattern: str
+
+
+def small_cnn(include_top=False, weights=None, input_shape=(64, 64, 3), pooling="avg"):
+    """A small convolutional network for training from scratch (no pretrained weights).
+
+    Four blocks of a 3x3 convolution and a max-pool (32 to 256 filters),
+    then global average pooling: what a tutorial builds when it has no
+    pretrained backbone, and the image branch of choice offline. It has no
+    BatchNormalization, so it behaves the same in training and inference
+    from the first epoch.
+    """
+    if include_top or pooling != "avg":
+        raise ValueError("small_cnn is built headless with average pooling only.")
+    if weights is not None:
+        raise ValueError(
+            f"small_cnn has no pretrained weights; pass image_weights=None. Received: {weights!r}")
+    inputs = keras.Input(input_shape)
+    x = inputs
+    for block, filters in enumerate((32, 64, 128, 256), start=1):
+        x = keras.layers.Conv2D(filters, 3, padding="same", activation="relu",
+                                name=f"block{block}_conv")(x)
+        x = keras.layers.MaxPooling2D(name=f"block{block}_pool")(x)
+    outputs = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    return keras.Model(inputs, outputs, name="small_cnn")
 
 
 _MOBILENET_V2 = r"^(Conv1|expanded_conv|block_\d+|Conv_1)(?:_|$)"
@@ -41,20 +66,23 @@ _MOBILENET_V3 = r"^(conv_1|expanded_conv(?:_\d+)?|conv)(?:_|$)"
 _EFFICIENTNET = r"^(stem|block\d+[a-z]|top)(?:_|$)"
 _RESNET_V2 = r"^(conv1|conv\d_block\d+|post)(?:_|$)"
 _CONVNEXT = r"^convnext_[a-z]+_(stem|downsampling_block_\d+|stage_\d+_block_\d+)"
+_SMALL_CNN = r"^(block\d+)_"
+apps = keras.applications
 
 BACKBONES = {
-    "mobilenet_v2": ImageBackbone("MobileNetV2", {}, True, (224, 224), _MOBILENET_V2),
+    "mobilenet_v2": ImageBackbone(apps.MobileNetV2, {}, True, (224, 224), _MOBILENET_V2),
     "mobilenet_v2_0.35": ImageBackbone(
-        "MobileNetV2", {"alpha": 0.35}, True, (224, 224), _MOBILENET_V2),
-    "mobilenet_v3_small": ImageBackbone("MobileNetV3Small", {}, False, (224, 224), _MOBILENET_V3),
-    "mobilenet_v3_large": ImageBackbone("MobileNetV3Large", {}, False, (224, 224), _MOBILENET_V3),
-    "efficientnet_b0": ImageBackbone("EfficientNetB0", {}, False, (224, 224), _EFFICIENTNET),
-    "efficientnet_b1": ImageBackbone("EfficientNetB1", {}, False, (240, 240), _EFFICIENTNET),
-    "efficientnet_b2": ImageBackbone("EfficientNetB2", {}, False, (260, 260), _EFFICIENTNET),
-    "efficientnet_b3": ImageBackbone("EfficientNetB3", {}, False, (300, 300), _EFFICIENTNET),
-    "efficientnet_v2_b0": ImageBackbone("EfficientNetV2B0", {}, False, (224, 224), _EFFICIENTNET),
-    "resnet50_v2": ImageBackbone("ResNet50V2", {}, True, (224, 224), _RESNET_V2),
-    "convnext_tiny": ImageBackbone("ConvNeXtTiny", {}, False, (224, 224), _CONVNEXT),
+        apps.MobileNetV2, {"alpha": 0.35}, True, (224, 224), _MOBILENET_V2),
+    "mobilenet_v3_small": ImageBackbone(apps.MobileNetV3Small, {}, False, (224, 224), _MOBILENET_V3),
+    "mobilenet_v3_large": ImageBackbone(apps.MobileNetV3Large, {}, False, (224, 224), _MOBILENET_V3),
+    "efficientnet_b0": ImageBackbone(apps.EfficientNetB0, {}, False, (224, 224), _EFFICIENTNET),
+    "efficientnet_b1": ImageBackbone(apps.EfficientNetB1, {}, False, (240, 240), _EFFICIENTNET),
+    "efficientnet_b2": ImageBackbone(apps.EfficientNetB2, {}, False, (260, 260), _EFFICIENTNET),
+    "efficientnet_b3": ImageBackbone(apps.EfficientNetB3, {}, False, (300, 300), _EFFICIENTNET),
+    "efficientnet_v2_b0": ImageBackbone(apps.EfficientNetV2B0, {}, False, (224, 224), _EFFICIENTNET),
+    "resnet50_v2": ImageBackbone(apps.ResNet50V2, {}, True, (224, 224), _RESNET_V2),
+    "convnext_tiny": ImageBackbone(apps.ConvNeXtTiny, {}, False, (224, 224), _CONVNEXT),
+    "small_cnn": ImageBackbone(small_cnn, {}, True, (64, 64), _SMALL_CNN),
 }
 
 
@@ -105,9 +133,8 @@ def build_image_backbone(name, weights="imagenet", image_size=None):
             f"Weights file not found: {weights}. Pass weights='imagenet', None, or the "
             "path of an existing weights file."
         )
-    constructor = getattr(keras.applications, spec.constructor)
     try:
-        network = constructor(
+        network = spec.constructor(
             include_top=False, weights=weights, input_shape=(*image_size, 3),
             pooling="avg", **spec.kwargs,
         )

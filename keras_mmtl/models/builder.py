@@ -16,7 +16,7 @@ def build_classifier(
     image_backbone="mobilenet_v2",
     image_weights="imagenet",
     image_size=None,
-    freeze_backbone=True,
+    freeze_backbone=None,
     text_encoder="scratch",
     text_vocabulary=None,
     sequence_length=128,
@@ -40,7 +40,9 @@ def build_classifier(
         image_size: `(height, width)` of input images; the backbone's own
             size by default.
         freeze_backbone: start with the image backbone frozen (phase 1 of
-            transfer learning); `keras_mmtl.training.train` unfreezes its top.
+            transfer learning; `keras_mmtl.training.train` unfreezes its top
+            in phase 2). By default frozen when weights are pretrained, and
+            trained from the start when `image_weights=None`.
         text_encoder: a name from `keras_mmtl.models.TEXT_ENCODERS`, or `None`
             for an image-only model.
         text_vocabulary: tokens for the text encoder (`learn_vocabulary`).
@@ -65,11 +67,14 @@ def build_classifier(
         raise ValueError("A classifier needs an image backbone, a text encoder or both.")
     inputs, features = {}, []
     if image_backbone is not None:
+        pretrained = image_weights is not None
         backbone = build_image_backbone(image_backbone, image_weights, image_size)
-        backbone.trainable = not freeze_backbone
+        backbone.trainable = not (pretrained if freeze_backbone is None else freeze_backbone)
         inputs["image"] = keras.Input(backbone.input_shape[1:], name="image")
-        # training=False keeps BatchNorm in inference mode even once unfrozen.
-        features.append(backbone(inputs["image"], training=False))
+        # A pretrained backbone keeps BatchNorm in inference mode even once
+        # unfrozen (its ImageNet statistics); a random one must learn them.
+        training = False if pretrained else None
+        features.append(backbone(inputs["image"], training=training))
     if text_encoder is not None:
         inputs["text"] = keras.Input((), dtype="string", name="text")
         features.append(build_text_encoder(

@@ -1,0 +1,257 @@
+"""Metrics, per-class table, confusion matrix, ROC/PR curves and their plots."""
+
+import csv
+import dataclasses
+import json
+import os
+
+import numpy as np
+
+from keras_mmtl.data.pipeline import make_dataset
+from keras_mmtl.models.builder import class_names as model_class_names
+from keras_mmtl.models.builder import image_size, model_modalities
+
+
+@dataclasses.dataclass
+class EvaluationReport:
+    """The scores of a classifier on labelled data.
+
+    Macro averages weigh every class alike. ROC-AUC and PR-AUC are one class
+    against the rest, averaged over the classes present in the data.
+    """
+
+    class_names: list
+    accuracy: float
+    macro_precision: float
+    macro_recall: float
+    macro_f1: float
+    roc_auc: float
+    pr_auc: float
+    per_class: list
+    confusion: np.ndarray
+    curves: dict = dataclasses.field(repr=False, default_factory=dict)
+
+    def to_dict(self):
+        """The report as plain JSON-able values (curves left out)."""
+        summary = {k: getattr(self, k) for k in (
+            "accuracy", "macro_precision", "macro_recall", "macro_f1", "roc_auc", "pr_auc")}
+        return {**summary, "num_samples": int(self.confusion.sum()),
+                "class_names": self.class_names, "per_class": self.per_class,
+                "confusion_matrix": self.confusion.tolist()}
+
+    def summary(self):
+        """One line with the headline scores."""
+        return (f"accuracy {self.accuracy:.4f} | macro P {self.macro_precision:.4f} "
+                f"R {self.macro_recall:.4f} F1 {self.macro_f1:.4f} | "
+                f"ROC-AUC {self.roc_auc:.4f} | PR-AUC {self.pr_auc:.4f} "
+                f"| {int(self.confusion.sum())} samples")
+
+    def table(self):
+        """The per-class table as aligned text."""
+        width = max(12, *(len(name) for name in self.class_names))
+        lines = [f"{'class':<{width}}  precision  recall     f1  support  roc_auc  pr_auc"]
+        for row in self.per_class:
+            lines.append(
+                f"{row['class']:<{width}}  {row['precision']:9.3f}  {row['recall']:6.3f}  "
+                f"{row['f1']:5.3f}  {row['support']:7d}  {_fmt(row['roc_auc']):>7}  "
+                f"{_fmt(row['pr_auc']):>6}")
+        return "\n".join(lines)
+
+    def save(self, out_dir):
+        """Writes report.json, per_class.csv and the confusion/ROC/PR PNGs.
+
+        Returns:
+            dict of what was written -> path.
+        """
+        os.makedirs(out_dir, exist_ok=True)
+        paths = {name: os.path.join(out_dir, name) for name in (
+            "report.json", "per_class.csv", "confusion_matrix.png", "roc_curves.png",
+            "pr_curves.png")}
+        with open(paths["report.json"], "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=2)
+        with open(paths["per_class.csv"], "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=list(self.per_class[0]))
+            writer.writeheader()
+            writer.writerows(self.per_class)
+        _plot_confusion(self, paths["confusion_matrix.png"])
+        _plot_curves(self, "roc", paths["roc_curves.png"])
+        _plot_curves(self, "pr", paths["pr_curves.png"])
+        return paths
+
+
+def classification_report(labels, probabilities, class_names):
+    """Scores predicted class probabilities against true labels.
+
+    Args:
+        labels: int array `(n,)` of true class indices.
+        probabilities: float array `(n, num_classes)`.
+        class_names: names of the classes, in index order.
+
+    Returns:
+        `EvaluationReport`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> report = classification_report(
+    ...     np.array([0, 1, 1]), np.array([[.9, .1], [.2, .8], [.6, .4]]), ["a", "b"])
+    >>> round(report.accuracy, 3), report.roc_auc
+    (0.667, 1.0)
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    num_classes = len(class_names)
+    predicted = probabilities.argmax(axis=1)
+    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(confusion, (labels, predicted), 1)
+    true_positives = np.diag(confusion).astype(np.float64)
+    support = confusion.sum(axis=1)
+    precision = _safe_divide(true_positives, confusion.sum(axis=0))
+    recall = _safe_divide(true_positives, support)
+    f1 = _safe_divide(2 * precision * recall, precision + recall)
+    per_class, curves = [], {"roc": {}, "pr": {}}
+    for c, name in enumerate(class_names):
+        positive = labels == c
+        roc_auc = pr_auc = float("nan")
+        if positive.any() and not positive.all():
+            fpr, tpr, prec, rec = _curves(positive, probabilities[:, c])
+            roc_auc = float(np.trapezoid(tpr, fpr))
+            pr_auc = float(np.sum(np.diff(rec) * prec[1:]))
+            curves["roc"][name] = (fpr, tpr)
+            curves["pr"][name] = (rec, prec)
+        per_class.append({
+            "class": name, "precision": float(precision[c]), "recall": float(recall[c]),
+            "f1": float(f1[c]), "support": int(support[c]), "roc_auc": roc_auc,
+            "pr_auc": pr_auc,
+        })
+    # Macro averages over the classes present in the labels or predictions.
+    present = (support > 0) | (confusion.sum(axis=0) > 0)
+    return EvaluationReport(
+        class_names=list(class_names),
+        accuracy=float(true_positives.sum() / max(len(labels), 1)),
+        macro_precision=float(precision[present].mean()),
+        macro_recall=float(recall[present].mean()),
+        macro_f1=float(f1[present].mean()),
+        roc_auc=_nanmean([row["roc_auc"] for row in per_class]),
+        pr_auc=_nanmean([row["pr_auc"] for row in per_class]),
+        per_class=per_class,
+        confusion=confusion,
+        curves=curves,
+    )
+
+
+def predict_records(model, records, split=None, batch_size=64):
+    """Runs a classifier over records: returns `(labels, probabilities)`."""
+    ds = make_dataset(records, split, image_size=image_size(model) or (1, 1),
+                      modalities=model_modalities(model), batch_size=batch_size)
+    probabilities = model.predict(ds.map(lambda features, label: features), verbose=0)
+    labels = (records if split is None else records.subset(split)).labels
+    return labels, probabilities
+
+
+def evaluate(model, records, split="test", *, out_dir=None, batch_size=64):
+    """Evaluates a classifier on one split of the records.
+
+    Args:
+        model: a classifier from `keras_mmtl.models`.
+        records: `keras_mmtl.data.Records` whose class names match the model's.
+        split: `"train"`, `"val"`, `"test"` or `None` for all rows.
+        out_dir: if given, the report, table and plots are written there.
+        batch_size: samples per batch.
+
+    Returns:
+        `EvaluationReport`.
+
+    Example:
+
+    >>> report = evaluate(model, records, out_dir="runs/x/eval")  # doctest: +SKIP
+    >>> print(report.summary())  # doctest: +SKIP
+    """
+    names = model_class_names(model)
+    if list(records.class_names) != names:
+        raise ValueError(
+            "The records' classes differ from the model's. Read the data with "
+            "class_names=keras_mmtl.models.class_names(model). "
+            f"Model: {names[:5]}...; data: {list(records.class_names)[:5]}..."
+        )
+    labels, probabilities = predict_records(model, records, split, batch_size)
+    report = classification_report(labels, probabilities, names)
+    if out_dir is not None:
+        report.save(out_dir)
+    return report
+
+
+def _curves(positive, scores):
+    """ROC (fpr, tpr) and PR (precision, recall) points, one per distinct threshold."""
+    order = np.argsort(-scores, kind="mergesort")
+    scores, positive = scores[order], positive[order]
+    last_of_threshold = np.r_[np.flatnonzero(np.diff(scores)), len(scores) - 1]
+    tp = np.cumsum(positive)[last_of_threshold]
+    fp = (last_of_threshold + 1) - tp
+    tpr = np.r_[0.0, tp / tp[-1]]
+    fpr = np.r_[0.0, fp / fp[-1]]
+    precision = np.r_[1.0, tp / (tp + fp)]
+    return fpr, tpr, precision, tpr
+
+
+def _safe_divide(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.divide(a, b, out=np.zeros_like(a), where=b > 0)
+
+
+def _nanmean(values):
+    values = np.asarray(values, dtype=np.float64)
+    return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+
+
+def _fmt(value):
+    return "-" if np.isnan(value) else f"{value:.3f}"
+
+
+def _plot_confusion(report, path):
+    from matplotlib.figure import Figure
+
+    n = len(report.class_names)
+    rows = report.confusion / np.maximum(report.confusion.sum(axis=1, keepdims=True), 1)
+    size = min(4 + 0.25 * n, 24)
+    fig = Figure(figsize=(size, size))
+    ax = fig.add_subplot()
+    image = ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, fraction=0.046, label="share of the true class")
+    ax.set_xticks(range(n), report.class_names, rotation=90, fontsize=max(4, 10 - n // 10))
+    ax.set_yticks(range(n), report.class_names, fontsize=max(4, 10 - n // 10))
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if n <= 15:
+        for (i, j), count in np.ndenumerate(report.confusion):
+            ax.text(j, i, str(count), ha="center", va="center", fontsize=8,
+                    color="white" if rows[i, j] > 0.5 else "black")
+    ax.set_title(f"Confusion matrix (accuracy {report.accuracy:.3f})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def _plot_curves(report, kind, path):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 6))
+    ax = fig.add_subplot()
+    show_legend = len(report.curves[kind]) <= 12
+    for name, (x, y) in report.curves[kind].items():
+        if kind == "pr":
+            ax.step(x, y, where="post", lw=1, alpha=0.8, label=name)
+        else:
+            ax.plot(x, y, lw=1, alpha=0.8, label=name)
+    if kind == "roc":
+        ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+        ax.set(xlabel="false positive rate", ylabel="true positive rate",
+               title=f"ROC, one vs rest (macro AUC {report.roc_auc:.3f})")
+    else:
+        ax.set(xlabel="recall", ylabel="precision",
+               title=f"Precision-recall, one vs rest (macro AP {report.pr_auc:.3f})")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    if show_legend:
+        ax.legend(fontsize=7, loc="lower right" if kind == "roc" else "lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)

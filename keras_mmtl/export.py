@@ -1,0 +1,167 @@
+"""SavedModel export with a serving signature on raw bytes and strings; prediction."""
+
+import os
+import shutil
+import uuid
+
+import keras
+import numpy as np
+import tensorflow as tf
+import tensorflow_text  # noqa: F401  (registers the tokenizer ops a loaded graph needs)
+
+from keras_mmtl.data.images import decode_image
+from keras_mmtl.models.builder import class_names, image_size, model_modalities
+
+SIGNATURE = "serving_default"
+
+
+def serving_function(model, top_k=5):
+    """The function a served model runs: raw request tensors -> predictions.
+
+    It decodes JPEG/PNG bytes with the same `decode_image` as training, then
+    calls the model, whose graph holds the backbone's preprocessing and the
+    text tokenizer.
+
+    Args:
+        model: a classifier from `keras_mmtl.models`.
+        top_k: number of best classes returned by name (at most the number
+            of classes).
+
+    Returns:
+        `(fn, input_signature)`: `fn` takes one batched `tf.string` tensor
+        per modality (`image`: encoded image files, `text`: UTF-8 strings) and
+        returns a dict: `probabilities` (batch, classes) float32, `label`
+        (batch,) the predicted class name, `top_labels` and `top_scores`
+        (batch, top_k) the best classes and their probabilities.
+    """
+    modalities = model_modalities(model)
+    size = image_size(model)
+    names = tf.constant(class_names(model))
+    k = min(top_k, len(class_names(model)))
+    signature = [tf.TensorSpec([None], tf.string, name=name) for name in modalities]
+
+    def serve(*inputs):
+        features = dict(zip(modalities, inputs))
+        if "image" in features:
+            features["image"] = tf.map_fn(
+                lambda data: decode_image(data, size), features["image"],
+                fn_output_signature=tf.TensorSpec((*size, 3), tf.float32))
+        probabilities = model(features, training=False)
+        top = tf.math.top_k(probabilities, k=k)
+        return {"probabilities": probabilities,
+                "label": tf.gather(names, tf.argmax(probabilities, axis=-1)),
+                "top_labels": tf.gather(names, top.indices),
+                "top_scores": top.values}
+
+    return serve, signature
+
+
+def export_saved_model(model, base_dir, version=None):
+    """Exports a classifier as the next version of a TF Serving model folder.
+
+    Writes `base_dir/<version>/` (1, 2, ...: the layout TF Serving watches)
+    with a `serving_default` signature that takes raw encoded images
+    (`image`, batched `tf.string`) and raw UTF-8 texts (`text`) and returns
+    `probabilities` and the predicted `label` name. The version is written
+    under a temporary name and renamed into place, so a crash never leaves a
+    half-written version, and an existing version is never overwritten.
+
+    Args:
+        model: a classifier from `keras_mmtl.models`.
+        base_dir: the model's folder, e.g. `"saved_models/products"`.
+        version: version number; by default one above the highest present.
+
+    Returns:
+        path of the new version folder.
+
+    Example:
+
+    >>> path = export_saved_model(model, "saved_models/products")  # doctest: +SKIP
+    >>> # saved_model_cli show --dir saved_models/products/1 --all
+    """
+    os.makedirs(base_dir, exist_ok=True)
+    if version is None:
+        present = [int(name) for name in os.listdir(base_dir) if name.isdigit()]
+        version = max(present, default=0) + 1
+    target = os.path.join(base_dir, str(int(version)))
+    if os.path.exists(target):
+        raise FileExistsError(
+            f"{target} exists; versions are never overwritten. Pass another version "
+            "or leave version=None to take the next one."
+        )
+    serve, signature = serving_function(model)
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint(SIGNATURE, tf.function(serve), input_signature=signature)
+    staging = os.path.join(base_dir, f".tmp-{version}-{uuid.uuid4().hex}")
+    try:
+        archive.write_out(staging, verbose=False)
+        os.rename(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def latest_version(path):
+    """The newest version folder of a TF Serving model folder (or `path` itself)."""
+    if os.path.exists(os.path.join(path, "saved_model.pb")):
+        return path
+    versions = [int(n) for n in os.listdir(path) if n.isdigit()] if os.path.isdir(path) else []
+    if not versions:
+        raise FileNotFoundError(
+            f"No SavedModel at {path}: expected saved_model.pb or numbered version folders.")
+    return os.path.join(path, str(max(versions)))
+
+
+def predict(model, images=None, texts=None, top_k=5):
+    """Top classes for raw inputs, from a Keras classifier or an exported SavedModel.
+
+    Both go through the same serving function, so they answer alike.
+
+    Args:
+        model: a classifier, or the path of an exported model (a version
+            folder, or a TF Serving model folder whose newest version is used).
+        images: list of encoded image files (bytes) or image file paths.
+        texts: list of strings.
+        top_k: classes returned per sample (an export returns at most 5).
+
+    Returns:
+        one list of `(label, probability)` per sample, most probable first.
+
+    Example:
+
+    >>> predict("saved_models/demo", images=["bag.jpg"], texts=["Urban wool cap"])  # doctest: +SKIP
+    [[('red wool', 0.97), ('blue wool', 0.02), ...]]
+    """
+    if isinstance(model, (str, os.PathLike)):
+        run = tf.saved_model.load(latest_version(os.fspath(model))).signatures[SIGNATURE]
+        modalities = tuple(run.structured_input_signature[1])
+    else:
+        serve, _ = serving_function(model, top_k)
+        modalities = model_modalities(model)
+
+        def run(**inputs):
+            return serve(*(inputs[name] for name in modalities))
+    given = {"image": images, "text": texts}
+    missing = [name for name in modalities if given[name] is None]
+    if missing:
+        raise ValueError(f"This model needs inputs {list(modalities)}; missing: {missing}.")
+    outputs = run(**{name: tf.constant(_as_bytes(given[name], name)) for name in modalities})
+    labels = outputs["top_labels"].numpy()[:, :top_k]
+    scores = outputs["top_scores"].numpy()[:, :top_k]
+    return [[(label.decode("utf-8"), float(score)) for label, score in zip(row_l, row_s)]
+            for row_l, row_s in zip(labels, scores)]
+
+
+def _as_bytes(values, name):
+    """Texts as str; images as encoded bytes, read from disk when given as paths."""
+    if name == "text":
+        return [str(v) for v in values]
+    out = []
+    for value in values:
+        if isinstance(value, bytes):
+            out.append(value)
+        else:
+            with open(value, "rb") as f:
+                out.append(f.read())
+    return out
