@@ -420,6 +420,8 @@ def from_tfds(name, image_key=None, text_key=None, label_key="label", *,
     decoders = {image_key: tfds.decode.SkipDecoding()} if image_key else None
     columns = {"image": image_key, "text": text_key, "label": label_key}
     values = {field: [] for field, key in columns.items() if key}
+    if not splits:
+        raise ValueError(f"{name} has no train/validation/test split; pass splits={{...}}.")
     split_names = []
     for ours, theirs in splits.items():
         for example in builder.as_dataset(split=theirs, decoders=decoders).as_numpy_iterator():

@@ -1,0 +1,184 @@
+"""Images/s of keras_mmtl's tf.data input pipeline against a plain PIL loop.
+
+Both methods turn the same fashion photos (``../shared/data/fashion/``) into
+float32 batches of shape ``(batch, height, width, 3)``:
+
+* pipeline: ``keras_mmtl.data.make_dataset`` (tf.data read + decode + resize
+  in parallel, batched, prefetched);
+* PIL loop: what tutorial code does, one image at a time in Python
+  (``Image.open(path).convert("RGB").resize(...)``, ``np.asarray``), stacked
+  into a numpy batch.
+
+Each method first runs one untimed warm-up pass (tf.data tracing; every file
+in the OS page cache), then ``--repeats`` timed full passes; the best pass
+gives images/s and ``speedup = pipeline / PIL loop``. The figures are printed
+and a section is appended to ``benchmarks/RESULTS.md``.
+
+Run from the repository root:
+
+    python benchmarks/input_pipeline.py [--limit N] [--image-size 128x96]
+                                        [--batch-size 64] [--repeats 3]
+"""
+
+import argparse
+import datetime
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from keras_mmtl.data import make_dataset, read_manifest  # noqa: E402
+
+BENCHMARKS = Path(__file__).resolve().parent
+DEFAULT_MANIFEST = BENCHMARKS.parent.parent / "shared" / "data" / "fashion" / "manifest.csv"
+RESULTS = BENCHMARKS / "RESULTS.md"
+RESULTS_HEADER = (
+    "# Benchmark results\n\n"
+    "Measured figures of the scripts in `benchmarks/`, one `## <benchmark> (<date>)` "
+    "section per run.\n"
+)
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--manifest", type=Path, default=DEFAULT_MANIFEST,
+                        help="fashion manifest.csv (default: %(default)s)")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="use only the first N rows (default: all)")
+    parser.add_argument("--image-size", type=parse_size, default=(128, 96),
+                        help="output HEIGHTxWIDTH (default: 128x96)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3, help="timed passes per method")
+    return parser.parse_args()
+
+
+def parse_size(text):
+    """`"128x96"` -> `(128, 96)`."""
+    height, width = text.lower().split("x")
+    return int(height), int(width)
+
+
+def load_records(manifest, limit):
+    """The manifest's records (images = absolute paths), first `limit` rows.
+
+    `min_class_count=0` keeps every row, including classes absent from train.
+    """
+    records = read_manifest(manifest, image_column="image", text_column="title_masked",
+                            label_column="article_type", split_column="split",
+                            min_class_count=0)
+    if limit is not None:
+        records = records.select(np.arange(min(limit, len(records))))
+    return records
+
+
+def pipeline_pass(records, image_size, batch_size):
+    """One full pass of keras_mmtl's tf.data pipeline; returns images seen."""
+    dataset = make_dataset(records, image_size=image_size, modalities=("image",),
+                           batch_size=batch_size, shuffle=False)
+    return sum(int(features["image"].shape[0]) for features, _ in dataset)
+
+
+def pil_pass(records, image_size, batch_size):
+    """One full pass of a tutorial-style PIL loop; returns images seen."""
+    height, width = image_size
+    paths = list(records.images)
+    seen = 0
+    for start in range(0, len(paths), batch_size):
+        images = []
+        for path in paths[start:start + batch_size]:
+            with Image.open(path) as image:
+                images.append(np.asarray(image.convert("RGB").resize((width, height))))
+        batch = np.stack(images).astype(np.float32)
+        seen += batch.shape[0]
+    return seen
+
+
+def time_method(run_pass, records, image_size, batch_size, repeats):
+    """Seconds of the warm-up pass and of each timed pass of `run_pass`."""
+    timings = []
+    for _ in range(1 + repeats):
+        start = time.perf_counter()
+        seen = run_pass(records, image_size, batch_size)
+        timings.append(time.perf_counter() - start)
+        if seen != len(records):
+            raise RuntimeError(f"{run_pass.__name__} saw {seen} of {len(records)} images")
+    return timings[0], timings[1:]
+
+
+def summarize(name, warmup, passes, count):
+    """One result row: seconds and images/s of the best timed pass."""
+    best = min(passes)
+    return {"method": name, "warmup_s": warmup, "best_s": best,
+            "median_s": statistics.median(passes), "images_per_s": count / best}
+
+
+def format_table(rows):
+    lines = ["| method | warm-up pass (s) | best pass (s) | median pass (s) | images/s (best) |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {r['method']} | {r['warmup_s']:.2f} | {r['best_s']:.2f} | "
+              f"{r['median_s']:.2f} | {r['images_per_s']:,.0f} |" for r in rows]
+    return "\n".join(lines)
+
+
+def machine_description():
+    """CPU, core count, RAM and TensorFlow version of this machine."""
+    processor = platform.processor() or platform.machine()
+    cpu_model = ""
+    with open("/proc/cpuinfo") as cpuinfo:
+        for line in cpuinfo:
+            if line.startswith("model name"):
+                cpu_model = f" ({line.split(':', 1)[1].strip()})"
+                break
+    with open("/proc/meminfo") as meminfo:
+        kib = next(int(line.split()[1]) for line in meminfo if line.startswith("MemTotal"))
+    return (f"{processor}{cpu_model}, {os.cpu_count()} CPUs, {kib / 2**20:.1f} GiB RAM, "
+            f"Python {platform.python_version()}, TensorFlow {tf.__version__}")
+
+
+def write_results(command, args, count, rows, speedup):
+    """Appends this run's section to RESULTS.md (created with its title if absent)."""
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    height, width = args.image_size
+    section = (
+        f"\n## input_pipeline ({date})\n\n"
+        f"Command: `{command}`\n\n"
+        f"Machine: {machine_description()}\n\n"
+        f"{count} images of `{args.manifest.name}`, output {height}x{width} (HxW) float32, "
+        f"batch {args.batch_size}; one untimed warm-up pass per method, then best of "
+        f"{args.repeats} passes.\n\n"
+        f"{format_table(rows)}\n\n"
+        f"pipeline_speedup_vs_pil_loop: {speedup:.2f}\n"
+    )
+    if not RESULTS.exists():
+        RESULTS.write_text(RESULTS_HEADER)
+    with RESULTS.open("a") as results:
+        results.write(section)
+
+
+def main():
+    args = parse_args()
+    command = shlex.join(["python", *sys.argv])
+    records = load_records(args.manifest.resolve(), args.limit)
+    methods = {"keras_mmtl tf.data pipeline": pipeline_pass, "PIL loop": pil_pass}
+    rows = []
+    for name, run_pass in methods.items():
+        warmup, passes = time_method(run_pass, records, args.image_size, args.batch_size,
+                                     args.repeats)
+        rows.append(summarize(name, warmup, passes, len(records)))
+    speedup = rows[0]["images_per_s"] / rows[1]["images_per_s"]
+    print(format_table(rows))
+    print(f"pipeline_speedup_vs_pil_loop: {speedup:.2f}")
+    write_results(command, args, len(records), rows, speedup)
+
+
+if __name__ == "__main__":
+    main()

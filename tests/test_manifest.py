@@ -1,0 +1,183 @@
+import json
+import os
+
+import numpy as np
+import pytest
+
+from conftest import product_rows, write_image, write_manifest
+from keras_mmtl.data import (
+    DataValidationError,
+    from_arrays,
+    from_directory,
+    read_manifest,
+    stratified_split,
+)
+
+
+def test_csv_manifest_reads_paths_relative_to_its_folder(products):
+    records = read_manifest(products, split_column="split")
+    assert records.class_names == ["blue cotton", "blue wool", "red cotton", "red wool"]
+    assert records.modalities == ("image", "text")
+    assert all(os.path.isfile(path) for path in records.images)
+    assert os.path.dirname(records.images[0]).startswith(os.path.dirname(products))
+    assert sorted(records.class_counts("test").values()) == [1, 1, 1, 1]
+
+
+def test_jsonl_manifest_equals_csv(tmp_path, products):
+    rows = product_rows(str(tmp_path))
+    path = tmp_path / "manifest.jsonl"
+    path.write_text("\n".join(json.dumps(row) for row in rows) + "\n", encoding="utf-8")
+    from_csv = read_manifest(products, split_column="split")
+    from_jsonl = read_manifest(str(path), split_column="split")
+    assert from_jsonl.class_names == from_csv.class_names
+    np.testing.assert_array_equal(from_jsonl.labels, from_csv.labels)
+    np.testing.assert_array_equal(from_jsonl.texts, from_csv.texts)
+
+
+@pytest.mark.parametrize("image_column, text_column, expected", [
+    ("image", None, ("image",)), (None, "text", ("text",))])
+def test_single_modality_manifest(products, image_column, text_column, expected):
+    records = read_manifest(products, image_column, text_column, split_column="split")
+    assert records.modalities == expected
+
+
+def test_split_aliases_are_normalized(tmp_path):
+    rows = [{"text": f"t{i}", "label": "a", "split": s}
+            for i, s in enumerate(["train", "validation", "TEST", "dev"])]
+    records = read_manifest(write_manifest(str(tmp_path), rows), image_column=None,
+                            split_column="split")
+    assert records.splits.tolist() == ["train", "val", "test", "val"]
+
+
+def test_stratified_split_is_seeded_and_keeps_proportions():
+    labels = np.repeat([0, 1, 2], [50, 30, 20])
+    splits = stratified_split(labels, 0.2, 0.1, seed=3)
+    np.testing.assert_array_equal(splits, stratified_split(labels, 0.2, 0.1, seed=3))
+    assert not np.array_equal(splits, stratified_split(labels, 0.2, 0.1, seed=4))
+    for label, count in zip([0, 1, 2], [50, 30, 20]):
+        assert (splits[labels == label] == "val").sum() == round(count * 0.2)
+        assert (splits[labels == label] == "test").sum() == round(count * 0.1)
+
+
+def test_every_class_keeps_a_training_row():
+    splits = stratified_split(np.array([0, 1, 1, 1]), 0.4, 0.4)
+    assert splits[0] == "train"
+
+
+def test_min_class_count_drops_rare_classes_and_reports_them(tmp_path):
+    rows = [{"text": f"t{i}", "label": "big" if i < 6 else "small"} for i in range(8)]
+    with pytest.warns(UserWarning, match="Dropped 1 classes"):
+        records = read_manifest(write_manifest(str(tmp_path), rows), image_column=None,
+                                min_class_count=3, val_fraction=0, test_fraction=0)
+    assert records.class_names == ["big"]
+    assert records.report.dropped_classes == {"small": 2}
+    assert len(records) == 6
+
+
+def _broken(tmp_path, problem):
+    """A valid manifest with one row (line 3 of the file) broken as `problem` says."""
+    rows = product_rows(str(tmp_path))
+    row = rows[1]
+    if problem == "missing image":
+        row["image"] = "images/nope.jpg"
+    elif problem == "undecodable image":
+        (tmp_path / "images" / "bad.jpg").write_bytes(b"this is not a jpeg")
+        row["image"] = "images/bad.jpg"
+    elif problem == "empty text":
+        row["text"] = "   "
+    elif problem == "empty label":
+        row["label"] = ""
+    elif problem == "unknown split":
+        row["split"] = "holdout"
+    path = write_manifest(str(tmp_path), rows)
+    if problem == "non-UTF-8 text":
+        data = open(path, "rb").read().replace(b"a nice wool thing", b"a nice w\xf6ol thing", 1)
+        open(path, "wb").write(data)
+    return path
+
+
+BAD_INPUTS = [
+    ("missing image", "image", "not found"),
+    ("undecodable image", "image", "cannot decode"),
+    ("empty text", "text", "empty text"),
+    ("non-UTF-8 text", "text", "not valid UTF-8"),
+    ("empty label", "label", "empty label"),
+    ("unknown split", "split", "unknown split"),
+]
+
+
+@pytest.mark.parametrize("problem, field, message", BAD_INPUTS)
+def test_bad_row_is_reported_with_file_line_and_field(tmp_path, problem, field, message):
+    path = _broken(tmp_path, problem)
+    line = 3 if problem != "non-UTF-8 text" else None
+    with pytest.raises(DataValidationError) as error:
+        read_manifest(path, split_column="split")
+    text = str(error.value)
+    where = f"manifest.csv:{line}" if line else "manifest.csv:"
+    assert f"{where}" in text and f"field '{field}'" in text and message in text
+    assert "skip_bad_rows=True" in text
+
+
+@pytest.mark.parametrize("problem, field, message", BAD_INPUTS)
+def test_skip_bad_rows_leaves_them_out_and_says_so(tmp_path, problem, field, message):
+    path = _broken(tmp_path, problem)
+    with pytest.warns(UserWarning, match="Skipped 1 of 24 rows"):
+        records = read_manifest(path, split_column="split", skip_bad_rows=True)
+    assert len(records) == 23
+    assert records.report.skipped_rows == 1
+    assert records.report.bad_rows[0].field == field
+
+
+def test_unknown_label_against_a_fixed_vocabulary(products):
+    with pytest.raises(DataValidationError, match=r"manifest.csv:2: field 'label': unknown label"):
+        read_manifest(products, split_column="split", class_names=["blue wool", "red wool"])
+
+
+def test_missing_column_names_it_and_the_columns_found(products):
+    with pytest.raises(DataValidationError, match=r"missing column\(s\) \['title'\]") as error:
+        read_manifest(products, text_column="title")
+    assert "Columns found: ['image', 'label', 'split', 'text']" in str(error.value)
+
+
+def test_jsonl_line_that_is_not_json(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"text": "a", "label": "x"}\n{"text": oops}\n')
+    with pytest.raises(DataValidationError, match="m.jsonl:2: not a JSON object"):
+        read_manifest(str(path), image_column=None)
+
+
+def test_from_arrays_with_image_array_and_integer_labels():
+    images = np.zeros((6, 8, 8, 3), np.uint8)
+    records = from_arrays([0, 1, 0, 1, 0, 1], images=images, texts=["x"] * 6,
+                          class_names=["cat", "dog"], splits=["train"] * 6)
+    assert records.image_kind == "array"
+    assert records.images.shape == (6, 8, 8, 3)
+    assert records.class_names == ["cat", "dog"]
+
+
+def test_from_arrays_reports_row_index():
+    with pytest.raises(DataValidationError, match="row 1 of arrays: field 'text': empty text"):
+        from_arrays(["a", "b"], texts=["fine", ""])
+
+
+def test_from_directory_reads_one_folder_per_class(tmp_path):
+    for name, colour in (("blue", (0, 0, 255)), ("red", (255, 0, 0))):
+        os.makedirs(tmp_path / name)
+        for i in range(5):
+            write_image(str(tmp_path / name / f"{i}.png"), colour, fmt="png")
+    records = from_directory(str(tmp_path), val_fraction=0.2, test_fraction=0.2)
+    assert records.class_names == ["blue", "red"]
+    assert records.modalities == ("image",)
+    assert records.class_counts() == {"blue": 5, "red": 5}
+
+
+def test_from_tfds_keeps_encoded_images_and_label_names():
+    tfds = pytest.importorskip("tensorflow_datasets")
+    from keras_mmtl.data import from_tfds
+
+    with tfds.testing.mock_data(num_examples=6):
+        records = from_tfds("beans", image_key="image", download=False,
+                            splits={"train": "train", "val": "validation", "test": "test"})
+    assert records.image_kind == "bytes"
+    assert records.class_names == ["angular_leaf_spot", "bean_rust", "healthy"]
+    assert sorted(set(records.splits)) == ["test", "train", "val"]
