@@ -9,10 +9,11 @@ float32 batches of shape ``(batch, height, width, 3)``:
   (``Image.open(path).convert("RGB").resize(...)``, ``np.asarray``), stacked
   into a numpy batch.
 
-Each method first runs one untimed warm-up pass (tf.data tracing; every file
-in the OS page cache), then ``--repeats`` timed full passes; the best pass
-gives images/s and ``speedup = pipeline / PIL loop``. The figures are printed
-and a section is appended to ``benchmarks/RESULTS.md``.
+Each method first runs one warm-up pass (tf.data tracing; every file in the
+OS page cache), reported apart, then ``--repeats`` timed full passes,
+alternating between the methods; the best pass of each gives images/s and
+``speedup = pipeline / PIL loop``. The figures are printed and a section is
+appended to ``benchmarks/RESULTS.md``.
 
 Run from the repository root:
 
@@ -49,6 +50,7 @@ RESULTS_HEADER = (
 
 
 def parse_args():
+    """Command-line options."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--manifest", type=Path, default=DEFAULT_MANIFEST,
                         help="fashion manifest.csv (default: %(default)s)")
@@ -102,16 +104,28 @@ def pil_pass(records, image_size, batch_size):
     return seen
 
 
-def time_method(run_pass, records, image_size, batch_size, repeats):
-    """Seconds of the warm-up pass and of each timed pass of `run_pass`."""
-    timings = []
-    for _ in range(1 + repeats):
-        start = time.perf_counter()
-        seen = run_pass(records, image_size, batch_size)
-        timings.append(time.perf_counter() - start)
-        if seen != len(records):
-            raise RuntimeError(f"{run_pass.__name__} saw {seen} of {len(records)} images")
-    return timings[0], timings[1:]
+def time_pass(run_pass, records, image_size, batch_size):
+    """Seconds of one full pass of `run_pass` over `records`."""
+    start = time.perf_counter()
+    seen = run_pass(records, image_size, batch_size)
+    seconds = time.perf_counter() - start
+    if seen != len(records):
+        raise RuntimeError(f"{run_pass.__name__} saw {seen} of {len(records)} images")
+    return seconds
+
+
+def time_methods(methods, records, image_size, batch_size, repeats):
+    """`{name: (warm-up seconds, [timed pass seconds])}`.
+
+    Passes of the methods alternate, so load from other processes hits both alike.
+    """
+    warmups = {name: time_pass(run_pass, records, image_size, batch_size)
+               for name, run_pass in methods.items()}
+    passes = {name: [] for name in methods}
+    for _ in range(repeats):
+        for name, run_pass in methods.items():
+            passes[name].append(time_pass(run_pass, records, image_size, batch_size))
+    return {name: (warmups[name], passes[name]) for name in methods}
 
 
 def summarize(name, warmup, passes, count):
@@ -122,6 +136,7 @@ def summarize(name, warmup, passes, count):
 
 
 def format_table(rows):
+    """Markdown table of `summarize` rows."""
     lines = ["| method | warm-up pass (s) | best pass (s) | median pass (s) | images/s (best) |",
              "|---|---|---|---|---|"]
     lines += [f"| {r['method']} | {r['warmup_s']:.2f} | {r['best_s']:.2f} | "
@@ -140,8 +155,10 @@ def machine_description():
                 break
     with open("/proc/meminfo") as meminfo:
         kib = next(int(line.split()[1]) for line in meminfo if line.startswith("MemTotal"))
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     return (f"{processor}{cpu_model}, {os.cpu_count()} CPUs, {kib / 2**20:.1f} GiB RAM, "
-            f"Python {platform.python_version()}, TensorFlow {tf.__version__}")
+            f"Python {platform.python_version()}, TensorFlow {tf.__version__}; "
+            f"load average {load} at the end of the run")
 
 
 def write_results(command, args, count, rows, speedup):
@@ -152,9 +169,10 @@ def write_results(command, args, count, rows, speedup):
         f"\n## input_pipeline ({date})\n\n"
         f"Command: `{command}`\n\n"
         f"Machine: {machine_description()}\n\n"
-        f"{count} images of `{args.manifest.name}`, output {height}x{width} (HxW) float32, "
-        f"batch {args.batch_size}; one untimed warm-up pass per method, then best of "
-        f"{args.repeats} passes.\n\n"
+        f"{count} images of `{args.manifest.parent.name}/{args.manifest.name}`, "
+        f"output {height}x{width} (HxW) float32, batch {args.batch_size}; one warm-up "
+        f"pass per method (not counted), then best of {args.repeats} passes, alternating "
+        f"between the methods.\n\n"
         f"{format_table(rows)}\n\n"
         f"pipeline_speedup_vs_pil_loop: {speedup:.2f}\n"
     )
@@ -169,11 +187,9 @@ def main():
     command = shlex.join(["python", *sys.argv])
     records = load_records(args.manifest.resolve(), args.limit)
     methods = {"keras_mmtl tf.data pipeline": pipeline_pass, "PIL loop": pil_pass}
-    rows = []
-    for name, run_pass in methods.items():
-        warmup, passes = time_method(run_pass, records, args.image_size, args.batch_size,
-                                     args.repeats)
-        rows.append(summarize(name, warmup, passes, len(records)))
+    timings = time_methods(methods, records, args.image_size, args.batch_size, args.repeats)
+    rows = [summarize(name, warmup, passes, len(records))
+            for name, (warmup, passes) in timings.items()]
     speedup = rows[0]["images_per_s"] / rows[1]["images_per_s"]
     print(format_table(rows))
     print(f"pipeline_speedup_vs_pil_loop: {speedup:.2f}")

@@ -1,0 +1,90 @@
+import json
+import os
+
+import numpy as np
+import pytest
+
+from conftest import MOBILENET_WEIGHTS
+from keras_mmtl.models import backbone_network, build_classifier_for
+from keras_mmtl.training import train
+
+# A frozen random small CNN stands in for a pretrained backbone: two phases,
+# healthy gradients, fast.
+SMALL = dict(image_backbone="small_cnn", image_weights=None, image_size=(16, 16),
+             freeze_backbone=True)
+
+
+def _weights(model, layer):
+    return [w.copy() for w in backbone_network(model).get_layer(layer).get_weights()]
+
+
+def _changed(before, after):
+    return any(not np.allclose(a, b) for a, b in zip(before, after))
+
+
+def test_two_phases_train_head_then_top_blocks(tmp_path, product_records):
+    # Without a val split the best checkpoint follows training loss, which
+    # phase 2 lowers: the final weights are phase 2's.
+    records = product_records.select(product_records.splits != "val")
+    model = build_classifier_for(records, **SMALL)
+    top, bottom = _weights(model, "block4_conv"), _weights(model, "block1_conv")
+    head = [w.copy() for w in model.get_layer("head").get_weights()]
+    history = train(model, records, str(tmp_path), epochs=2, fine_tune_epochs=2,
+                    unfreeze_blocks=2, fine_tune_learning_rate=1e-3, batch_size=8, verbose=0)
+    assert history["phase"] == [1, 1, 2, 2]
+    assert _changed(head, model.get_layer("head").get_weights())
+    assert _changed(top, _weights(model, "block4_conv"))
+    assert not _changed(bottom, _weights(model, "block1_conv"))
+    for name in ("model.keras", "state.json", "checkpoints/best.weights.h5"):
+        assert os.path.exists(tmp_path / name)
+    assert any(files for _, _, files in os.walk(tmp_path / "logs"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists(MOBILENET_WEIGHTS), reason="../shared weights absent")
+def test_fine_tuning_a_pretrained_backbone_keeps_batchnorm_statistics(tmp_path, product_records):
+    records = product_records.select(product_records.splits != "val")
+    model = build_classifier_for(records, image_backbone="mobilenet_v2_0.35",
+                                 image_weights=MOBILENET_WEIGHTS, image_size=(32, 32))
+    top, batchnorm = _weights(model, "Conv_1"), _weights(model, "Conv_1_bn")
+    train(model, records, str(tmp_path), epochs=1, fine_tune_epochs=2, unfreeze_blocks=1,
+          fine_tune_learning_rate=1e-3, batch_size=8, verbose=0)
+    assert _changed(top, _weights(model, "Conv_1"))
+    assert not _changed(batchnorm, _weights(model, "Conv_1_bn"))
+
+
+def test_phase_one_alone_leaves_the_backbone_untouched(tmp_path, product_records):
+    model = build_classifier_for(product_records, **SMALL)
+    before = _weights(model, "block4_conv")
+    history = train(model, product_records, str(tmp_path), epochs=2, fine_tune_epochs=0,
+                    batch_size=8, verbose=0)
+    assert history["phase"] == [1, 1]
+    assert not _changed(before, _weights(model, "block4_conv"))
+
+
+def test_random_backbone_trains_in_one_phase(tmp_path, product_records):
+    model = build_classifier_for(product_records, **{**SMALL, "freeze_backbone": None})
+    history = train(model, product_records, str(tmp_path), epochs=2, batch_size=8, verbose=0)
+    assert history["phase"] == [1, 1]
+
+
+@pytest.mark.slow
+def test_crash_in_phase_two_keeps_phase_one(tmp_path, product_records, monkeypatch):
+    def crash(*args):
+        raise RuntimeError("simulated crash")
+
+    model = build_classifier_for(product_records, **SMALL)
+    monkeypatch.setattr("keras_mmtl.training.trainer.unfreeze_top_blocks", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(model, product_records, str(tmp_path), epochs=2, fine_tune_epochs=1,
+              batch_size=8, verbose=0)
+    state = json.loads((tmp_path / "state.json").read_text())
+    assert state["phases_done"] == 1 and state["history"]["phase"] == [1, 1]
+    monkeypatch.undo()
+    fresh = build_classifier_for(product_records, **SMALL)
+    history = train(fresh, product_records, str(tmp_path), epochs=2, fine_tune_epochs=1,
+                    batch_size=8, verbose=0)
+    assert history["phase"] == [1, 1, 2]
+    again = train(fresh, product_records, str(tmp_path), epochs=2, fine_tune_epochs=1,
+                  batch_size=8, verbose=0)
+    assert again == history
