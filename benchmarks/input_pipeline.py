@@ -18,7 +18,7 @@ appended to ``benchmarks/RESULTS.md``.
 Run from the repository root:
 
     python benchmarks/input_pipeline.py [--limit N] [--image-size 128x96]
-                                        [--batch-size 64] [--repeats 3]
+                                        [--batch-size 64] [--repeats 5]
 """
 
 import argparse
@@ -59,7 +59,7 @@ def parse_args():
     parser.add_argument("--image-size", type=parse_size, default=(128, 96),
                         help="output HEIGHTxWIDTH (default: 128x96)")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3, help="timed passes per method")
+    parser.add_argument("--repeats", type=int, default=5, help="timed passes per method")
     return parser.parse_args()
 
 

@@ -18,7 +18,7 @@ class ConcatFusion(keras.layers.Layer):
 
     >>> import numpy as np
     >>> fusion = ConcatFusion(units=8)
-    >>> fusion([np.ones((2, 5)), np.ones((2, 3))]).shape
+    >>> tuple(fusion([np.ones((2, 5)), np.ones((2, 3))]).shape)
     (2, 16)
     """
 

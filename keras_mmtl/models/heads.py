@@ -18,7 +18,7 @@ class ClassifierHead(keras.layers.Layer):
 
     >>> import numpy as np
     >>> head = ClassifierHead(["cat", "dog"])
-    >>> head(np.ones((1, 4))).shape
+    >>> tuple(head(np.ones((1, 4))).shape)
     (1, 2)
     """
 

@@ -1,0 +1,112 @@
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_mmtl.evaluation import predict_records
+from keras_mmtl.export import export_saved_model, predict
+from keras_mmtl.models import build_classifier_for
+
+
+def _model(records, modalities):
+    return build_classifier_for(records, modalities=modalities, image_backbone="mobilenet_v2_0.35",
+                                image_weights=None, image_size=(32, 32))
+
+
+def test_versions_increase_and_are_never_overwritten(tmp_path, product_records):
+    model = _model(product_records, ("text",))
+    base = str(tmp_path / "products")
+    assert export_saved_model(model, base).endswith(os.path.join("products", "1"))
+    assert export_saved_model(model, base).endswith(os.path.join("products", "2"))
+    with pytest.raises(FileExistsError, match="never overwritten"):
+        export_saved_model(model, base, version=1)
+    assert sorted(os.listdir(base)) == ["1", "2"]
+
+
+def test_crash_while_writing_leaves_no_version(tmp_path, product_records, monkeypatch):
+    def crash(self, path, **kwargs):
+        os.makedirs(os.path.join(path, "variables"))
+        raise OSError("disk full")
+
+    monkeypatch.setattr(type(keras.export.ExportArchive()), "write_out", crash)
+    with pytest.raises(OSError, match="disk full"):
+        export_saved_model(_model(product_records, ("text",)), str(tmp_path / "m"))
+    assert os.listdir(tmp_path / "m") == []
+
+
+FRESH_PROCESS = textwrap.dedent("""
+    import json, sys
+    import tensorflow as tf
+    import tensorflow_text  # registers the tokenizer ops
+    request = json.load(open(sys.argv[2]))
+    serve = tf.saved_model.load(sys.argv[1]).signatures["serving_default"]
+    inputs = {}
+    if "images" in request:
+        inputs["image"] = tf.constant([open(p, "rb").read() for p in request["images"]])
+    if "texts" in request:
+        inputs["text"] = tf.constant(request["texts"])
+    out = serve(**inputs)
+    print(json.dumps({"probabilities": out["probabilities"].numpy().tolist(),
+                      "label": [x.decode() for x in out["label"].numpy()]}))
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("modalities", [("image", "text"), ("image",), ("text",)])
+def test_export_answers_like_the_keras_model_in_a_fresh_process(tmp_path, product_records,
+                                                                 modalities):
+    import json
+
+    model = _model(product_records, modalities)
+    path = export_saved_model(model, str(tmp_path / "model"))
+    test = product_records.subset("test")
+    request = {}
+    if "image" in modalities:
+        request["images"] = list(test.images)
+    if "text" in modalities:
+        request["texts"] = list(test.texts)
+    (tmp_path / "request.json").write_text(json.dumps(request))
+    (tmp_path / "serve.py").write_text(FRESH_PROCESS)
+    result = subprocess.run(
+        [sys.executable, str(tmp_path / "serve.py"), path, str(tmp_path / "request.json")],
+        capture_output=True, text=True, check=True, cwd=str(tmp_path))
+    served = json.loads(result.stdout.strip().splitlines()[-1])
+    _, expected = predict_records(model, product_records, "test")
+    np.testing.assert_allclose(served["probabilities"], expected, atol=1e-4)
+    names = [model.get_layer("head").class_names[i] for i in expected.argmax(axis=1)]
+    assert served["label"] == names
+
+
+@pytest.mark.slow
+def test_saved_model_cli_lists_the_serving_signature(tmp_path, product_records):
+    path = export_saved_model(_model(product_records, ("image", "text")), str(tmp_path / "m"))
+    cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
+    result = subprocess.run([cli, "show", "--dir", path, "--all"], capture_output=True,
+                            text=True, check=True)
+    out = result.stdout
+    assert "signature_def['serving_default']" in out
+    for name in ("inputs['image']", "inputs['text']", "outputs['probabilities']",
+                 "outputs['label']", "outputs['top_labels']"):
+        assert name in out
+    assert "dtype: DT_STRING" in out
+
+
+@pytest.mark.slow
+def test_predict_from_keras_model_and_export_agree(tmp_path, product_records):
+    model = _model(product_records, ("image", "text"))
+    test = product_records.subset("test")
+    path = export_saved_model(model, str(tmp_path / "m"))
+    with open(test.images[0], "rb") as f:
+        image = f.read()
+    from_model = predict(model, [image], [test.texts[0]], top_k=3)
+    from_export = predict(str(tmp_path / "m"), [test.images[0]], [test.texts[0]], top_k=3)
+    assert [name for name, _ in from_model[0]] == [name for name, _ in from_export[0]]
+    np.testing.assert_allclose([p for _, p in from_model[0]], [p for _, p in from_export[0]],
+                               atol=1e-5)
+    with pytest.raises(ValueError, match="missing: \\['text'\\]"):
+        predict(model, [image])
