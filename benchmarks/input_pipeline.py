@@ -22,31 +22,21 @@ Run from the repository root:
 """
 
 import argparse
-import datetime
 import os
-import platform
-import shlex
 import statistics
-import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from keras_mmtl.data import make_dataset, read_manifest  # noqa: E402
+from results import append_section  # noqa: E402
 
 BENCHMARKS = Path(__file__).resolve().parent
 DEFAULT_MANIFEST = BENCHMARKS.parent.parent / "shared" / "data" / "fashion" / "manifest.csv"
-RESULTS = BENCHMARKS / "RESULTS.md"
-RESULTS_HEADER = (
-    "# Benchmark results\n\n"
-    "Measured figures of the scripts in `benchmarks/`, one `## <benchmark> (<date>)` "
-    "section per run.\n"
-)
 
 
 def parse_args():
@@ -144,47 +134,20 @@ def format_table(rows):
     return "\n".join(lines)
 
 
-def machine_description():
-    """CPU, core count, RAM and TensorFlow version of this machine."""
-    processor = platform.processor() or platform.machine()
-    cpu_model = ""
-    with open("/proc/cpuinfo") as cpuinfo:
-        for line in cpuinfo:
-            if line.startswith("model name"):
-                cpu_model = f" ({line.split(':', 1)[1].strip()})"
-                break
-    with open("/proc/meminfo") as meminfo:
-        kib = next(int(line.split()[1]) for line in meminfo if line.startswith("MemTotal"))
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    return (f"{processor}{cpu_model}, {os.cpu_count()} CPUs, {kib / 2**20:.1f} GiB RAM, "
-            f"Python {platform.python_version()}, TensorFlow {tf.__version__}; "
-            f"load average {load} at the end of the run")
-
-
-def write_results(command, args, count, rows, speedup):
-    """Appends this run's section to RESULTS.md (created with its title if absent)."""
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+def write_results(args, count, rows, speedup):
+    """Appends this run's section to RESULTS.md."""
     height, width = args.image_size
-    section = (
-        f"\n## input_pipeline ({date})\n\n"
-        f"Command: `{command}`\n\n"
-        f"Machine: {machine_description()}\n\n"
+    body = (
         f"{count} images of `{args.manifest.parent.name}/{args.manifest.name}`, "
         f"output {height}x{width} (HxW) float32, batch {args.batch_size}; one warm-up "
         f"pass per method (not counted), then best of {args.repeats} passes, alternating "
-        f"between the methods.\n\n"
-        f"{format_table(rows)}\n\n"
-        f"pipeline_speedup_vs_pil_loop: {speedup:.2f}\n"
+        f"between the methods.\n\n{format_table(rows)}"
     )
-    if not RESULTS.exists():
-        RESULTS.write_text(RESULTS_HEADER)
-    with RESULTS.open("a") as results:
-        results.write(section)
+    append_section("input_pipeline", body, {"pipeline_speedup_vs_pil_loop": f"{speedup:.2f}"})
 
 
 def main():
     args = parse_args()
-    command = shlex.join(["python", *sys.argv])
     records = load_records(args.manifest.resolve(), args.limit)
     methods = {"keras_mmtl tf.data pipeline": pipeline_pass, "PIL loop": pil_pass}
     timings = time_methods(methods, records, args.image_size, args.batch_size, args.repeats)
@@ -193,7 +156,7 @@ def main():
     speedup = rows[0]["images_per_s"] / rows[1]["images_per_s"]
     print(format_table(rows))
     print(f"pipeline_speedup_vs_pil_loop: {speedup:.2f}")
-    write_results(command, args, len(records), rows, speedup)
+    write_results(args, len(records), rows, speedup)
 
 
 if __name__ == "__main__":

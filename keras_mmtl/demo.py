@@ -23,8 +23,8 @@ def demo_backbone(image_weights="imagenet"):
             build_image_backbone(PRETRAINED, image_weights, (96, 96))
             return PRETRAINED, image_weights, (96, 96)
         except WeightsUnavailableError:
-            print(f"Pretrained {PRETRAINED} weights cannot be downloaded (offline?); the demo "
-                  "trains a small CNN from scratch instead (--image-weights PATH uses a file).")
+            print(f"Pretrained {PRETRAINED} weights cannot be downloaded (offline?): the demo "
+                  "trains a small CNN from scratch instead (or pass a local weights file).")
     return "small_cnn", None, (32, 32)
 
 

@@ -5,7 +5,6 @@ import shutil
 import uuid
 
 import keras
-import numpy as np
 import tensorflow as tf
 import tensorflow_text  # noqa: F401  (registers the tokenizer ops a loaded graph needs)
 

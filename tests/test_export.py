@@ -6,7 +6,6 @@ import textwrap
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from keras_mmtl.evaluation import predict_records
 from keras_mmtl.export import export_saved_model, predict
@@ -104,7 +103,7 @@ def test_predict_from_keras_model_and_export_agree(tmp_path, product_records):
     with open(test.images[0], "rb") as f:
         image = f.read()
     from_model = predict(model, [image], [test.texts[0]], top_k=3)
-    from_export = predict(str(tmp_path / "m"), [test.images[0]], [test.texts[0]], top_k=3)
+    from_export = predict(os.path.dirname(path), [test.images[0]], [test.texts[0]], top_k=3)
     assert [name for name, _ in from_model[0]] == [name for name, _ in from_export[0]]
     np.testing.assert_allclose([p for _, p in from_model[0]], [p for _, p in from_export[0]],
                                atol=1e-5)

@@ -1,6 +1,5 @@
 """Manifests, TFDS, arrays and folders -> validated `Records` + a report of bad rows."""
 
-import collections
 import csv
 import dataclasses
 import json
@@ -142,6 +141,7 @@ def stratified_split(labels, val_fraction=0.1, test_fraction=0.1, seed=0):
 
     Example:
 
+    >>> import collections
     >>> import numpy as np
     >>> splits = stratified_split(np.array([0] * 10 + [1] * 10), 0.2, 0.2)
     >>> sorted(collections.Counter(splits).items())

@@ -95,6 +95,9 @@ def train(
                else "all layers", epochs, learning_rate)]
     if two_phase:
         phases.append((None, fine_tune_epochs, fine_tune_learning_rate))
+    if state.get("phases_done", 0) >= len(phases):
+        print(f"The run in {run_dir} is finished; loading its best weights "
+              "(resume=False trains again).")
     for number, (title, phase_epochs, rate) in enumerate(phases, start=1):
         if number == 2:
             unfrozen = unfreeze_top_blocks(model, unfreeze_blocks)
