@@ -36,8 +36,9 @@ def main():
     rows = "\n".join(f"| {name} | {r.accuracy:.3f} | {r.macro_f1:.3f} |"
                      for name, r in reports.items())
     best_single = max(reports["image only"].accuracy, reports["text only"].accuracy)
-    body = (f"`run_demo` defaults (1,200 samples, test split of 180), {minutes:.1f} minutes "
-            f"for the three models and the export.\n\n| model | accuracy | macro-F1 |\n"
+    tested = int(reports["image + text"].confusion.sum())
+    body = (f"`run_demo` defaults (1,200 samples, {tested} in the test split), {minutes:.1f} "
+            f"minutes for the three models and the export.\n\n| model | accuracy | macro-F1 |\n"
             f"|---|---|---|\n{rows}")
     append_section("demo", body, {
         "demo_fused_accuracy": f"{reports['image + text'].accuracy:.3f}",
