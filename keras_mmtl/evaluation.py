@@ -142,7 +142,7 @@ def classification_report(labels, probabilities, class_names):
 
 def predict_records(model, records, split=None, batch_size=64):
     """Runs a classifier over records: returns `(labels, probabilities)`."""
-    ds = make_dataset(records, split, image_size=image_size(model) or (1, 1),
+    ds = make_dataset(records, split, image_size=image_size(model),
                       modalities=model_modalities(model), batch_size=batch_size)
     probabilities = model.predict(ds.map(lambda features, label: features), verbose=0)
     labels = (records if split is None else records.subset(split)).labels

@@ -541,8 +541,9 @@ def _build_records(table, source, *, class_names, min_class_count, skip_bad_rows
             bad.append(BadRow(source, line, "label", (
                 f"unknown label {label!r}; expected one of {shown}"
                 f"{' ...' if len(known) > 10 else ''} (the classes the model knows)")))
-        elif _check_text(label) is not None and isinstance(label, str):
-            bad.append(BadRow(source, line, "label", "label is not valid UTF-8"))
+        elif _check_text(label):
+            bad.append(BadRow(source, line, "label", "label is not valid UTF-8; save the "
+                              "file as UTF-8"))
         if "text" in fields:
             problem = _check_text(entry["text"])
             if problem:

@@ -12,7 +12,7 @@ def make_dataset(
     records,
     split=None,
     *,
-    image_size=(224, 224),
+    image_size=None,
     modalities=None,
     batch_size=32,
     shuffle=None,
@@ -29,7 +29,8 @@ def make_dataset(
     Args:
         records: `Records` from `read_manifest`, `from_arrays`, ...
         split: `"train"`, `"val"`, `"test"` or `None` for all rows.
-        image_size: `(height, width)`; use `keras_mmtl.models.image_size(model)`.
+        image_size: `(height, width)` of the model's images (see
+            `keras_mmtl.models.image_size(model)`); needed when images are yielded.
         modalities: inputs to yield, e.g. `("text",)`; default what the
             records hold.
         batch_size: samples per batch.
@@ -61,9 +62,10 @@ def make_dataset(
             f"The model needs inputs {sorted(missing)} that the data does not have. "
             f"Data has: {list(records.modalities)}"
         )
+    if "image" in modalities and image_size is None:
+        raise ValueError("Pass image_size=(height, width) (keras_mmtl.models.image_size(model)).")
     if shuffle is None:
         shuffle = split == "train"
-    image_size = tuple(int(x) for x in image_size)
     columns = {"label": records.labels.astype(np.int32)}
     if "text" in modalities:
         columns["text"] = records.texts.astype(str)

@@ -148,7 +148,7 @@ def _clear_run(run_dir):
 
 
 def _datasets(model, records, batch_size, seed):
-    kwargs = dict(image_size=image_size(model) or (1, 1), modalities=model_modalities(model),
+    kwargs = dict(image_size=image_size(model), modalities=model_modalities(model),
                   batch_size=batch_size, seed=seed)
     train_ds = make_dataset(records, "train", **kwargs)
     has_val = (records.splits == "val").any()
