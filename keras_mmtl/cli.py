@@ -98,7 +98,8 @@ def cmd_train(args):
           f"{list(records.modalities)}; run folder {run_dir}")
     model = build_classifier_for(
         records, image_backbone=args.image_backbone, image_weights=args.image_weights,
-        image_size=args.image_size, fusion=args.fusion, dropout=args.dropout)
+        image_size=args.image_size, text_encoder=args.text_encoder,
+        sequence_length=args.sequence_length, fusion=args.fusion, dropout=args.dropout)
     train(model, records, run_dir, epochs=args.epochs, fine_tune_epochs=args.fine_tune_epochs,
           learning_rate=args.learning_rate, fine_tune_learning_rate=args.fine_tune_learning_rate,
           unfreeze_blocks=args.unfreeze_blocks, batch_size=args.batch_size, seed=args.seed)
@@ -179,6 +180,11 @@ def build_parser():
                        help="'imagenet' (downloaded once), a local weights file, or 'none'")
     model.add_argument("--image-size", type=_size, default=None,
                        help="HEIGHTxWIDTH of model images (default: the backbone's own)")
+    model.add_argument("--text-encoder", default="scratch",
+                       help="'scratch' (learned from your texts), or a keras-hub preset name or "
+                            "local directory of a pretrained BERT-family encoder (frozen; "
+                            "needs keras-mmtl[hub])")
+    model.add_argument("--sequence-length", type=int, default=128, help="tokens kept per text")
     model.add_argument("--fusion", default="concat", help="fusion of image and text (concat)")
     model.add_argument("--dropout", type=float, default=0.2)
     fit = train.add_argument_group("training")

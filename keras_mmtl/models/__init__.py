@@ -21,6 +21,7 @@ from keras_mmtl.models.text import (
     TEXT_ENCODERS,
     MaskedMeanPooling,
     TextTokenizer,
+    WordPieceTokenizer,
     learn_vocabulary,
     tokenize,
 )

@@ -5,7 +5,7 @@ import keras
 from keras_mmtl.models.backbones import build_image_backbone
 from keras_mmtl.models.fusion import get_fusion
 from keras_mmtl.models.heads import ClassifierHead
-from keras_mmtl.models.text import build_text_encoder, learn_vocabulary
+from keras_mmtl.models.text import build_text_encoder, learn_vocabulary, needs_vocabulary
 
 MODALITIES = ("image", "text")
 
@@ -43,7 +43,9 @@ def build_classifier(
             transfer learning; `keras_mmtl.training.train` unfreezes its top
             in phase 2). By default frozen when weights are pretrained, and
             trained from the start when `image_weights=None`.
-        text_encoder: a name from `keras_mmtl.models.TEXT_ENCODERS`, or `None`
+        text_encoder: `"scratch"` (learned from the training texts), a
+            keras-hub preset name or local directory of a pretrained BERT-family
+            encoder (frozen, mean-pooled; needs `keras-mmtl[hub]`), or `None`
             for an image-only model.
         text_vocabulary: tokens for the text encoder (`learn_vocabulary`).
         sequence_length: tokens kept per text.
@@ -115,7 +117,8 @@ def build_classifier_for(records, *, modalities=None, max_tokens=20000, **kwargs
         kwargs["image_backbone"] = None
     if "text" not in modalities:
         kwargs["text_encoder"] = None
-    elif kwargs.get("text_vocabulary") is None:
+    elif needs_vocabulary(kwargs.get("text_encoder", "scratch")) and (
+            kwargs.get("text_vocabulary") is None):
         kwargs["text_vocabulary"] = learn_vocabulary(
             records.subset("train").texts, max_tokens=max_tokens)
     return build_classifier(records.class_names, **kwargs)

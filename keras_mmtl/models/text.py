@@ -1,6 +1,7 @@
-"""Text encoders: an in-graph tokenizer and encoders from raw strings to features."""
+"""Text encoders: in-graph tokenizers and encoders from raw strings to features."""
 
 import collections
+import os
 
 import keras
 import numpy as np
@@ -151,19 +152,122 @@ def scratch_encoder(texts, vocabulary, *, embedding_dim=128, hidden_dim=256,
     return keras.layers.Dense(hidden_dim, activation="relu", name="text_features")(pooled)
 
 
+@keras.saving.register_keras_serializable(package="keras_mmtl")
+class WordPieceTokenizer(keras.layers.Layer):
+    """BERT-style WordPiece tokenization into the inputs of a keras-hub BERT backbone.
+
+    Uses tensorflow-text's `FastBertTokenizer` (lower-casing and accent
+    stripping as uncased BERT does), adds `[CLS]`/`[SEP]`, truncates and pads
+    to `sequence_length`. The vocabulary is part of the config.
+
+    Args:
+        vocabulary: the WordPiece vocabulary (a BERT `vocab.txt`, one token per line).
+        sequence_length: ids per text, `[CLS]` and `[SEP]` included.
+        lowercase: lower-case and strip accents first (uncased models).
+
+    Returns (when called):
+        dict of int32 `token_ids`, `segment_ids` and bool `padding_mask`,
+        each `(batch, sequence_length)`.
+
+    Example:
+
+    >>> tokenizer = WordPieceTokenizer(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "red", "shoe"], 5)
+    >>> tokenizer(tf.constant(["Red shoe"]))["token_ids"].numpy().tolist()
+    [[2, 4, 5, 3, 0]]
+    """
+
+    def __init__(self, vocabulary, sequence_length=128, lowercase=True, **kwargs):
+        super().__init__(**kwargs)
+        self.vocabulary = list(vocabulary)
+        self.sequence_length = int(sequence_length)
+        self.lowercase = bool(lowercase)
+        index = {token: i for i, token in enumerate(self.vocabulary)}
+        self.cls_id, self.sep_id, self.pad_id = (index[t] for t in ("[CLS]", "[SEP]", "[PAD]"))
+        self.tokenizer = tf_text.FastBertTokenizer(
+            self.vocabulary, token_out_type=tf.int32, unknown_token="[UNK]",
+            lower_case_nfd_strip_accents=self.lowercase)
+
+    def call(self, texts):
+        ids = self.tokenizer.tokenize(tf.reshape(texts, [-1]))
+        ids = ids[:, : self.sequence_length - 2]
+        batch = ids.nrows()
+        ids = tf.concat([tf.fill([batch, 1], self.cls_id), ids,
+                         tf.fill([batch, 1], self.sep_id)], axis=1)
+        token_ids = ids.to_tensor(default_value=self.pad_id,
+                                  shape=[None, self.sequence_length])
+        return {"token_ids": token_ids, "segment_ids": tf.zeros_like(token_ids),
+                "padding_mask": tf.not_equal(token_ids, self.pad_id)}
+
+    def compute_output_spec(self, texts):
+        shape = (texts.shape[0], self.sequence_length)
+        return {"token_ids": keras.KerasTensor(shape, dtype="int32"),
+                "segment_ids": keras.KerasTensor(shape, dtype="int32"),
+                "padding_mask": keras.KerasTensor(shape, dtype="bool")}
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(vocabulary=self.vocabulary, sequence_length=self.sequence_length,
+                      lowercase=self.lowercase)
+        return config
+
+
+def pretrained_encoder(texts, preset, *, sequence_length=128):
+    """A pretrained BERT-family encoder from keras-hub, frozen, mean-pooled.
+
+    The tokenizer runs in the graph (`WordPieceTokenizer`, with the preset's
+    vocabulary); the sentence embedding is the mean of the token outputs
+    over non-padding positions (as sentence-transformers models are trained).
+
+    Args:
+        texts: symbolic `tf.string` input of shape `(batch,)`.
+        preset: a keras-hub preset name (e.g. `"bert_tiny_en_uncased"`,
+            downloaded once) or a local model directory (keras-hub or Hugging
+            Face format, e.g. the all-MiniLM-L6-v2 folder).
+        sequence_length: ids per text.
+
+    Returns:
+        symbolic features of shape `(batch, hidden_dim)`.
+    """
+    try:
+        import keras_hub
+    except ImportError:
+        raise ImportError(
+            "Pretrained text encoders need keras-hub: pip install 'keras-mmtl[hub]'.") from None
+    try:
+        backbone = keras_hub.models.Backbone.from_preset(preset)
+        vocabulary = keras_hub.tokenizers.Tokenizer.from_preset(preset).get_vocabulary()
+    except Exception as error:  # keras-hub raises several kinds for an unknown preset
+        raise ValueError(
+            f"Unknown text encoder {preset!r}. Expected 'scratch', a keras-hub preset name or "
+            f"a local model directory. Received: text_encoder={preset!r} ({error})"
+        ) from error
+    backbone.trainable = False
+    backbone.name = "text_backbone"
+    inputs = WordPieceTokenizer(vocabulary, sequence_length, name="text_tokenizer")(texts)
+    outputs = backbone({name: inputs[name] for name in backbone.input})
+    return MaskedMeanPooling(name="text_pooling")(outputs["sequence_output"],
+                                                  inputs["token_ids"])
+
+
 TEXT_ENCODERS = {"scratch": scratch_encoder}
 
 
+def needs_vocabulary(name):
+    """Whether the text encoder `name` learns its vocabulary from the training texts."""
+    return name in TEXT_ENCODERS
+
+
 def build_text_encoder(name, texts, vocabulary, **kwargs):
-    """Applies the registered text encoder `name` to the symbolic `texts` input."""
-    if name not in TEXT_ENCODERS:
-        raise ValueError(
-            f"Unknown text encoder {name!r}. Expected one of {sorted(TEXT_ENCODERS)}. "
-            f"Received: text_encoder={name!r}"
-        )
+    """Applies text encoder `name` to the symbolic `texts` input.
+
+    `name` is a registered encoder (`"scratch"`) or a keras-hub preset name or
+    local directory (see `pretrained_encoder`).
+    """
+    if not needs_vocabulary(name):
+        return pretrained_encoder(texts, os.fspath(name), **kwargs)
     if vocabulary is None or len(vocabulary) == 0:
         raise ValueError(
             "The text encoder needs a vocabulary learned from the training texts: "
-            "pass text_vocabulary=learn_vocabulary(train_texts) or use classifier_for()."
+            "pass text_vocabulary=learn_vocabulary(train_texts) or use build_classifier_for()."
         )
     return TEXT_ENCODERS[name](texts, np.asarray(vocabulary).tolist(), **kwargs)
