@@ -35,7 +35,8 @@ def test_two_phases_train_head_then_top_blocks(tmp_path, product_records):
     assert _changed(head, model.get_layer("head").get_weights())
     assert _changed(top, _weights(model, "block4_conv"))
     assert not _changed(bottom, _weights(model, "block1_conv"))
-    for name in ("model.keras", "state.json", "checkpoints/best.weights.h5"):
+    for name in ("model.keras", "state.json", "phase1.weights.h5", "phase2.weights.h5",
+                 "checkpoints/phase2.weights.h5"):
         assert os.path.exists(tmp_path / name)
     assert any(files for _, _, files in os.walk(tmp_path / "logs"))
 

@@ -244,7 +244,8 @@ def pretrained_encoder(texts, preset, *, sequence_length=128):
     backbone.trainable = False
     backbone.name = "text_backbone"
     inputs = WordPieceTokenizer(vocabulary, sequence_length, name="text_tokenizer")(texts)
-    outputs = backbone({name: inputs[name] for name in backbone.input})
+    # training=False: the frozen encoder's dropout stays off, as in its cached features.
+    outputs = backbone({name: inputs[name] for name in backbone.input}, training=False)
     return MaskedMeanPooling(name="text_pooling")(outputs["sequence_output"],
                                                   inputs["token_ids"])
 

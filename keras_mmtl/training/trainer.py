@@ -9,10 +9,9 @@ import keras
 from keras_mmtl.data.pipeline import make_dataset
 from keras_mmtl.models.backbones import BACKBONE_NAME, unfreeze_top_blocks
 from keras_mmtl.models.builder import image_size, model_modalities
+from keras_mmtl.training.cache import cached_dataset, compute_features, frozen_branches, split_model
 
 STATE_FILE = "state.json"
-PHASE1_WEIGHTS = "phase1.weights.h5"
-BEST_WEIGHTS = os.path.join("checkpoints", "best.weights.h5")
 MODEL_FILE = "model.keras"
 
 
@@ -37,22 +36,29 @@ def train(
     unfreeze_blocks=3,
     batch_size=32,
     patience=3,
+    cache_features=True,
+    cache_dir=None,
     resume=True,
     seed=0,
     verbose="auto",
 ):
     """Trains a classifier the way transfer learning is done, in two phases.
 
-    Phase 1 trains everything but the image backbone, which stays frozen
-    (as `build_classifier` leaves a pretrained one). Phase 2 unfreezes the backbone's top `unfreeze_blocks` blocks (BatchNorm
-    stays frozen, in inference mode) and goes on at `fine_tune_learning_rate`.
-    Each phase stops early when validation loss stops improving; at the end
-    the model holds the weights of the best validation epoch of either phase.
+    Phase 1 trains everything but the frozen pretrained backbones (as
+    `build_classifier` leaves them). With `cache_features`, their outputs are
+    computed once per sample and phase 1 trains the layers above them on
+    those features, which is many times faster and gives the same model.
+    Phase 2 unfreezes the image backbone's top `unfreeze_blocks` blocks
+    (BatchNorm stays frozen, in inference mode) and goes on end to end at
+    `fine_tune_learning_rate`. Each phase stops early when validation loss
+    stops improving and keeps its best epoch; the model ends with the better
+    of the two phases.
 
-    Everything lands in `run_dir`: TensorBoard logs (`logs/`), the best
-    checkpoint (`checkpoints/best.weights.h5`), the final model
-    (`model.keras`) and `state.json`. A run that was interrupted resumes from
-    its last finished epoch when called again with the same `run_dir`.
+    Everything lands in `run_dir`: TensorBoard logs (`logs/`), each phase's
+    best checkpoint (`checkpoints/`, then `phase<N>.weights.h5`), the final
+    model (`model.keras`), `state.json`, and the feature cache (`cache/`). A
+    run that was interrupted resumes from its last finished epoch when called
+    again with the same `run_dir`.
 
     Args:
         model: a classifier from `keras_mmtl.models.build_classifier`.
@@ -67,6 +73,10 @@ def train(
         unfreeze_blocks: top backbone blocks to train in phase 2, or `"all"`.
         batch_size: samples per batch.
         patience: epochs without validation improvement before a phase stops.
+        cache_features: train phase 1 on cached frozen-backbone features.
+        cache_dir: where cached features are kept, keyed by the frozen
+            weights and the data (default `run_dir/cache`), so a stale cache
+            is never read.
         resume: continue an interrupted run found in `run_dir`.
         seed: seed of shuffling and weight initialisation.
         verbose: Keras progress output (`"auto"`, 0, 1, 2).
@@ -85,52 +95,78 @@ def train(
     if not resume:
         _clear_run(run_dir)
     state = _read_state(state_path)
-    datasets = _datasets(model, records, batch_size, seed)
-    monitor = "val_loss" if datasets[1] is not None else "loss"
+    has_val = bool((records.splits == "val").any())
+    monitor = "val_loss" if has_val else "loss"
     backbone = _image_backbone(model)
-    # Two phases when the model starts with a frozen backbone; a backbone
-    # that trains from the start (random weights) needs only one.
+    # Two phases when the model starts with a frozen image backbone; a
+    # backbone that trains from the start (random weights) needs only one.
     two_phase = backbone is not None and not backbone.trainable and fine_tune_epochs > 0
-    phases = [("frozen backbone" if backbone is not None and not backbone.trainable
-               else "all layers", epochs, learning_rate)]
-    if two_phase:
-        phases.append((None, fine_tune_epochs, fine_tune_learning_rate))
+    phases = [(epochs, learning_rate)] + ([(fine_tune_epochs, fine_tune_learning_rate)]
+                                          if two_phase else [])
     if state.get("phases_done", 0) >= len(phases):
         print(f"The run in {run_dir} is finished; loading its best weights "
               "(resume=False trains again).")
-    for number, (title, phase_epochs, rate) in enumerate(phases, start=1):
-        if number == 2:
-            unfrozen = unfreeze_top_blocks(model, unfreeze_blocks)
-            title = f"fine-tuning backbone blocks {', '.join(unfrozen)}"
+    for number, (phase_epochs, rate) in enumerate(phases, start=1):
         if state.get("phases_done", 0) >= number:
             continue
-        if number == 2 and os.path.exists(os.path.join(run_dir, PHASE1_WEIGHTS)):
-            model.load_weights(os.path.join(run_dir, PHASE1_WEIGHTS))
-        compile_classifier(model, rate)
+        if number == 2:
+            model.load_weights(_phase_weights(run_dir, 1))
+            unfrozen = unfreeze_top_blocks(model, unfreeze_blocks)
+            title = f"fine-tuning backbone blocks {', '.join(unfrozen)}"
+        fit_model, clone, train_ds, val_ds = model, None, None, None
+        if number == 1 and cache_features and frozen_branches(model):
+            fit_model, clone, train_ds, val_ds = _cached(
+                model, records, cache_dir or os.path.join(run_dir, "cache"), has_val,
+                batch_size, seed)
+            title = f"training on cached {' and '.join(frozen_branches(model))} features"
+        elif number == 1:
+            title = "frozen backbone" if frozen_branches(model) else "all layers"
+        if train_ds is None:
+            train_ds, val_ds = _datasets(model, records, has_val, batch_size, seed)
+        compile_classifier(fit_model, rate)
         start = len(state.get("history", {}).get("loss", []))
         print(f"Phase {number}/{len(phases)}: {title}; {phase_epochs} epochs at most, "
-              f"learning rate {rate:g}, {_count(model.trainable_weights):,} trainable "
+              f"learning rate {rate:g}, {_count(fit_model.trainable_weights):,} trainable "
               f"parameters.")
-        history = model.fit(
-            datasets[0],
-            validation_data=datasets[1],
+        best = os.path.join(run_dir, "checkpoints", f"phase{number}.weights.h5")
+        history = fit_model.fit(
+            train_ds,
+            validation_data=val_ds,
             initial_epoch=start,
             epochs=start + phase_epochs,
-            callbacks=_callbacks(run_dir, number, monitor, patience, state.get("best")),
+            callbacks=_callbacks(run_dir, number, monitor, patience, best),
             shuffle=False,  # the dataset shuffles itself
             verbose=verbose,
         )
+        if os.path.exists(best):
+            fit_model.load_weights(best)
+        if clone is not None:
+            model.set_weights(clone.get_weights())
+        _save_atomic(model.save_weights, _phase_weights(run_dir, number))
+        values = history.history.get(monitor, [])
+        state.setdefault("best", {})[str(number)] = min(values) if values else float("inf")
         _append_history(state, history.history, number)
-        state["best"] = min(state["history"][monitor])
-        if number == 1 and two_phase:
-            _save_atomic(model.save_weights, os.path.join(run_dir, PHASE1_WEIGHTS))
         state["phases_done"] = number
         _write_state(state_path, state)
-    best = os.path.join(run_dir, BEST_WEIGHTS)
-    if os.path.exists(best):
-        model.load_weights(best)
+    if state.get("best"):
+        best_phase = min(state["best"], key=state["best"].get)
+        model.load_weights(_phase_weights(run_dir, best_phase))
     _save_atomic(model.save, os.path.join(run_dir, MODEL_FILE))
     return state.get("history", {})
+
+
+def _phase_weights(run_dir, phase):
+    return os.path.join(run_dir, f"phase{phase}.weights.h5")
+
+
+def _cached(model, records, cache_dir, has_val, batch_size, seed):
+    """The top model, the clone it shares layers with, and datasets of cached features."""
+    extractor, top, clone = split_model(model)
+    datasets = []
+    for split in ("train", "val") if has_val else ("train",):
+        features = compute_features(extractor, records, split, cache_dir)
+        datasets.append(cached_dataset(top, features, records, split, batch_size, seed))
+    return top, clone, datasets[0], datasets[1] if has_val else None
 
 
 def _image_backbone(model):
@@ -142,23 +178,21 @@ def _clear_run(run_dir):
     """Forgets an earlier run in `run_dir`: backups, state and checkpoints."""
     for name in ("backup", "checkpoints"):
         shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)
-    for name in (STATE_FILE, PHASE1_WEIGHTS):
+    for name in (STATE_FILE, _phase_weights("", 1), _phase_weights("", 2)):
         if os.path.exists(os.path.join(run_dir, name)):
             os.remove(os.path.join(run_dir, name))
 
 
-def _datasets(model, records, batch_size, seed):
+def _datasets(model, records, has_val, batch_size, seed):
     kwargs = dict(image_size=image_size(model), modalities=model_modalities(model),
                   batch_size=batch_size, seed=seed)
     train_ds = make_dataset(records, "train", **kwargs)
-    has_val = (records.splits == "val").any()
     return train_ds, make_dataset(records, "val", **kwargs) if has_val else None
 
 
 def _callbacks(run_dir, phase, monitor, patience, best):
     checkpoint = keras.callbacks.ModelCheckpoint(
-        os.path.join(run_dir, BEST_WEIGHTS), monitor=monitor, save_best_only=True,
-        save_weights_only=True, initial_value_threshold=best)
+        best, monitor=monitor, save_best_only=True, save_weights_only=True)
     return [
         keras.callbacks.BackupAndRestore(os.path.join(run_dir, "backup", f"phase{phase}")),
         keras.callbacks.TensorBoard(os.path.join(run_dir, "logs")),
