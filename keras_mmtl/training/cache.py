@@ -1,8 +1,9 @@
 """Cached frozen-backbone features: compute each sample's backbone output once, train the top.
 
 While a backbone is frozen (and nothing random touches its input), its output for a sample
-never changes: phase 1 can train the layers above it on features computed once. The top
-model shares its layers with the full classifier, so what it learns is the classifier's.
+never changes: phase 1 can train the layers above it on features computed once. The same
+holds for the token ids of the from-scratch text encoder's tokenizer. The top model shares
+its layers with (a clone of) the classifier, so what it learns is the classifier's.
 """
 
 import hashlib
@@ -17,9 +18,12 @@ import tensorflow as tf
 from keras_mmtl.data.pipeline import make_dataset
 from keras_mmtl.models.builder import image_size
 
-# Output layer of each frozen branch, and the backbone that must be frozen for it.
-FROZEN_BRANCHES = {"image": ("image_backbone", "image_backbone"),
-                   "text": ("text_pooling", "text_backbone")}
+# Per modality, in order of preference: (layer whose output is cached, layer that must be
+# frozen for it, or None when the output never changes in training).
+CACHEABLE = {
+    "image": [("image_backbone", "image_backbone")],
+    "text": [("text_pooling", "text_backbone"), ("text_tokenizer", None)],
+}
 
 
 def _call_output(model, layer_name):
@@ -28,15 +32,21 @@ def _call_output(model, layer_name):
     return layer._inbound_nodes[0].output_tensors[0]
 
 
-def frozen_branches(model):
-    """Modalities whose branch ends in a frozen pretrained backbone, e.g. `("image",)`."""
+def cacheable_outputs(model):
+    """`{modality: layer name}` of the outputs that stay fixed while phase 1 trains."""
     names = {layer.name for layer in model.layers}
-    return tuple(m for m, (output, backbone) in FROZEN_BRANCHES.items()
-                 if backbone in names and not model.get_layer(backbone).trainable)
+    found = {}
+    for modality, choices in CACHEABLE.items():
+        for output, frozen in choices:
+            if output in names and (frozen is None or (
+                    frozen in names and not model.get_layer(frozen).trainable)):
+                found[modality] = output
+                break
+    return found
 
 
 def split_model(model):
-    """Splits a copy of a classifier at its frozen backbones.
+    """Splits a copy of a classifier after its cacheable outputs (`cacheable_outputs`).
 
     The split works on a clone (same weights) so the classifier's own graph
     stays as built and saves cleanly; copy the clone's weights back with
@@ -44,14 +54,14 @@ def split_model(model):
 
     Returns:
         `(extractor, top, clone)`: `extractor` maps the raw inputs of the
-        frozen branches to `{"<modality>_features": ...}`; `top` maps those
+        cached branches to `{"<modality>_features": ...}`; `top` maps those
         features plus the other raw inputs to the output, sharing the layers
         of `clone`.
     """
     clone = keras.models.clone_model(model)
     clone.set_weights(model.get_weights())
-    branches = frozen_branches(clone)
-    features = {f"{m}_features": _call_output(clone, FROZEN_BRANCHES[m][0]) for m in branches}
+    branches = cacheable_outputs(clone)
+    features = {f"{m}_features": _call_output(clone, layer) for m, layer in branches.items()}
     top_inputs = {**features, **{m: t for m, t in clone.input.items() if m not in branches}}
     with warnings.catch_warnings():  # feature keys differ from the tensors' own names
         warnings.simplefilter("ignore", UserWarning)

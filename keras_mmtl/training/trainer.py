@@ -9,7 +9,12 @@ import keras
 from keras_mmtl.data.pipeline import make_dataset
 from keras_mmtl.models.backbones import BACKBONE_NAME, unfreeze_top_blocks
 from keras_mmtl.models.builder import image_size, model_modalities
-from keras_mmtl.training.cache import cached_dataset, compute_features, frozen_branches, split_model
+from keras_mmtl.training.cache import (
+    cacheable_outputs,
+    cached_dataset,
+    compute_features,
+    split_model,
+)
 
 STATE_FILE = "state.json"
 MODEL_FILE = "model.keras"
@@ -100,7 +105,8 @@ def train(
     backbone = _image_backbone(model)
     # Two phases when the model starts with a frozen image backbone; a
     # backbone that trains from the start (random weights) needs only one.
-    two_phase = backbone is not None and not backbone.trainable and fine_tune_epochs > 0
+    frozen = backbone is not None and not backbone.trainable
+    two_phase = frozen and fine_tune_epochs > 0
     phases = [(epochs, learning_rate)] + ([(fine_tune_epochs, fine_tune_learning_rate)]
                                           if two_phase else [])
     if state.get("phases_done", 0) >= len(phases):
@@ -114,13 +120,13 @@ def train(
             unfrozen = unfreeze_top_blocks(model, unfreeze_blocks)
             title = f"fine-tuning backbone blocks {', '.join(unfrozen)}"
         fit_model, clone, train_ds, val_ds = model, None, None, None
-        if number == 1 and cache_features and frozen_branches(model):
+        if number == 1:
+            title = "frozen image backbone" if frozen else "all layers"
+        if number == 1 and cache_features and cacheable_outputs(model):
             fit_model, clone, train_ds, val_ds = _cached(
                 model, records, cache_dir or os.path.join(run_dir, "cache"), has_val,
                 batch_size, seed)
-            title = f"training on cached {' and '.join(frozen_branches(model))} features"
-        elif number == 1:
-            title = "frozen backbone" if frozen_branches(model) else "all layers"
+            title += f", on cached {' and '.join(cacheable_outputs(model).values())} outputs"
         if train_ds is None:
             train_ds, val_ds = _datasets(model, records, has_val, batch_size, seed)
         compile_classifier(fit_model, rate)
