@@ -16,7 +16,7 @@ def test_top_on_cached_features_equals_the_full_model(product_records):
     extractor, top, _ = split_model(model)
     features = compute_features(extractor, product_records, "test")
     assert set(features) == {"image_features", "text_features"}
-    inputs, labels = next(iter(cached_dataset(top, features, product_records, "test", 100)))
+    inputs, labels = next(iter(cached_dataset(features, product_records, "test", 100)))
     test = product_records.subset("test")
     images = tf.stack([tf.image.resize(tf.io.decode_jpeg(tf.io.read_file(p)), (16, 16))
                        for p in test.images])

@@ -33,7 +33,10 @@ def _call_output(model, layer_name):
 
 
 def cacheable_outputs(model):
-    """`{modality: layer name}` of the outputs that stay fixed while phase 1 trains."""
+    """`{modality: layer name}` of the outputs that stay fixed while phase 1 trains.
+
+    Phase 1 runs on cached outputs when every input of the model has one.
+    """
     names = {layer.name for layer in model.layers}
     found = {}
     for modality, choices in CACHEABLE.items():
@@ -118,13 +121,10 @@ def compute_features(extractor, records, split, cache_dir=None, batch_size=64):
     return features
 
 
-def cached_dataset(top, features, records, split, batch_size=32, seed=0):
-    """Batches of `(top model inputs, label)` from cached features (+ raw texts if used)."""
+def cached_dataset(features, records, split, batch_size=32, seed=0):
+    """Batches of `(cached features, label)` for a top model whose inputs are all cached."""
     rows = records.subset(split)
-    columns = dict(features)
-    if "text" in top.input:
-        columns["text"] = rows.texts.astype(str)
-    ds = tf.data.Dataset.from_tensor_slices((columns, rows.labels.astype(np.int32)))
+    ds = tf.data.Dataset.from_tensor_slices((dict(features), rows.labels.astype(np.int32)))
     if split == "train":
         ds = ds.shuffle(len(rows), seed=seed, reshuffle_each_iteration=True)
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)

@@ -122,7 +122,8 @@ def train(
         fit_model, clone, train_ds, val_ds = model, None, None, None
         if number == 1:
             title = "frozen image backbone" if frozen else "all layers"
-        if number == 1 and cache_features and cacheable_outputs(model):
+        if number == 1 and cache_features and (
+                set(cacheable_outputs(model)) == set(model_modalities(model))):
             fit_model, clone, train_ds, val_ds = _cached(
                 model, records, cache_dir or os.path.join(run_dir, "cache"), has_val,
                 batch_size, seed)
@@ -171,7 +172,7 @@ def _cached(model, records, cache_dir, has_val, batch_size, seed):
     datasets = []
     for split in ("train", "val") if has_val else ("train",):
         features = compute_features(extractor, records, split, cache_dir)
-        datasets.append(cached_dataset(top, features, records, split, batch_size, seed))
+        datasets.append(cached_dataset(features, records, split, batch_size, seed))
     return top, clone, datasets[0], datasets[1] if has_val else None
 
 
