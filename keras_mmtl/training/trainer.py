@@ -115,21 +115,10 @@ def train(
     for number, (phase_epochs, rate) in enumerate(phases, start=1):
         if state.get("phases_done", 0) >= number:
             continue
-        if number == 2:
-            model.load_weights(_phase_weights(run_dir, 1))
-            unfrozen = unfreeze_top_blocks(model, unfreeze_blocks)
-            title = f"fine-tuning backbone blocks {', '.join(unfrozen)}"
-        fit_model, clone, train_ds, val_ds = model, None, None, None
-        if number == 1:
-            title = "frozen image backbone" if frozen else "all layers"
-        if number == 1 and cache_features and (
-                set(cacheable_outputs(model)) == set(model_modalities(model))):
-            fit_model, clone, train_ds, val_ds = _cached(
-                model, records, cache_dir or os.path.join(run_dir, "cache"), has_val,
-                batch_size, seed)
-            title += f", on cached {' and '.join(cacheable_outputs(model).values())} outputs"
-        if train_ds is None:
-            train_ds, val_ds = _datasets(model, records, has_val, batch_size, seed)
+        fit_model, clone, train_ds, val_ds, title = _prepare_phase(
+            number, model, records, run_dir, frozen=frozen, unfreeze_blocks=unfreeze_blocks,
+            cache=cache_features, cache_dir=cache_dir, has_val=has_val,
+            batch_size=batch_size, seed=seed)
         compile_classifier(fit_model, rate)
         start = len(state.get("history", {}).get("loss", []))
         print(f"Phase {number}/{len(phases)}: {title}; {phase_epochs} epochs at most, "
@@ -162,18 +151,29 @@ def train(
     return state.get("history", {})
 
 
+def _prepare_phase(number, model, records, run_dir, *, frozen, unfreeze_blocks, cache,
+                   cache_dir, has_val, batch_size, seed):
+    """What phase `number` fits: `(fit model, its clone or None, train/val data, title)`."""
+    if number == 2:
+        model.load_weights(_phase_weights(run_dir, 1))
+        unfrozen = unfreeze_top_blocks(model, unfreeze_blocks)
+        return (model, None, *_datasets(model, records, has_val, batch_size, seed),
+                f"fine-tuning backbone blocks {', '.join(unfrozen)}")
+    title = "frozen image backbone" if frozen else "all layers"
+    cacheable = cacheable_outputs(model)
+    if not cache or set(cacheable) != set(model_modalities(model)):
+        return (model, None, *_datasets(model, records, has_val, batch_size, seed), title)
+    extractor, top, clone = split_model(model)
+    cache_dir = cache_dir or os.path.join(run_dir, "cache")
+    datasets = [cached_dataset(compute_features(extractor, records, split, cache_dir),
+                               records, split, batch_size, seed)
+                for split in (("train", "val") if has_val else ("train",))]
+    return (top, clone, datasets[0], datasets[1] if has_val else None,
+            f"{title}, on cached {' and '.join(cacheable.values())} outputs")
+
+
 def _phase_weights(run_dir, phase):
     return os.path.join(run_dir, f"phase{phase}.weights.h5")
-
-
-def _cached(model, records, cache_dir, has_val, batch_size, seed):
-    """The top model, the clone it shares layers with, and datasets of cached features."""
-    extractor, top, clone = split_model(model)
-    datasets = []
-    for split in ("train", "val") if has_val else ("train",):
-        features = compute_features(extractor, records, split, cache_dir)
-        datasets.append(cached_dataset(features, records, split, batch_size, seed))
-    return top, clone, datasets[0], datasets[1] if has_val else None
 
 
 def _image_backbone(model):
