@@ -102,7 +102,8 @@ def cmd_train(args):
         sequence_length=args.sequence_length, fusion=args.fusion, dropout=args.dropout)
     train(model, records, run_dir, epochs=args.epochs, fine_tune_epochs=args.fine_tune_epochs,
           learning_rate=args.learning_rate, fine_tune_learning_rate=args.fine_tune_learning_rate,
-          unfreeze_blocks=args.unfreeze_blocks, batch_size=args.batch_size, seed=args.seed)
+          unfreeze_blocks=args.unfreeze_blocks, batch_size=args.batch_size, seed=args.seed,
+          verbose=1 if sys.stdout.isatty() else 2)  # progress bars only on a terminal
     _report(evaluate(model, records, "test", out_dir=os.path.join(run_dir, "eval")),
             os.path.join(run_dir, "eval"))
     print(f"Model saved to {os.path.join(run_dir, 'model.keras')}")
