@@ -72,9 +72,7 @@ def _read(args, class_names=None):
 def _load(path):
     import keras
 
-    import keras_mmtl  # noqa: F401  (registers the layers)
-
-    return keras.models.load_model(path)
+    return keras.models.load_model(path)  # keras_mmtl's layers are registered on import
 
 
 def cmd_demo(args):

@@ -109,7 +109,9 @@ class Records:
 
     def select(self, mask):
         """The records where the boolean (or index) array `mask` selects."""
-        pick = lambda values: None if values is None else values[mask]  # noqa: E731
+        def pick(values):
+            return None if values is None else values[mask]
+
         return dataclasses.replace(
             self,
             images=pick(self.images),

@@ -83,15 +83,15 @@ def cache_key(extractor, records, split):
     rows = records.subset(split)
     digest.update(f"{split}:{len(rows)}:{rows.image_kind}".encode())
     names = extractor.input.keys()
-    if "image" in names:
-        if rows.image_kind == "array":
-            digest.update(np.ascontiguousarray(rows.images).tobytes())
-        for image in rows.images if rows.image_kind != "array" else ():
-            if rows.image_kind == "path":
-                stat = os.stat(image)
-                digest.update(f"{image}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-            else:
-                digest.update(hashlib.sha256(image).digest())
+    if "image" in names and rows.image_kind == "array":
+        digest.update(np.ascontiguousarray(rows.images).tobytes())
+    elif "image" in names and rows.image_kind == "path":
+        for path in rows.images:  # a replaced file changes size or modification time
+            stat = os.stat(path)
+            digest.update(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    elif "image" in names:
+        for data in rows.images:
+            digest.update(hashlib.sha256(data).digest())
     if "text" in names:
         for text in rows.texts:
             digest.update(text.encode("utf-8") + b"\0")
