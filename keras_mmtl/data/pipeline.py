@@ -18,6 +18,7 @@ def make_dataset(
     shuffle=None,
     seed=0,
     drop_remainder=False,
+    features=None,
 ):
     """Builds the input pipeline of a model: `({"image", "text"}, label)` batches.
 
@@ -37,6 +38,9 @@ def make_dataset(
         shuffle: reshuffle every epoch; by default only the train split.
         seed: shuffle seed.
         drop_remainder: drop the last incomplete batch.
+        features: more inputs precomputed per row of the split, such as
+            cached backbone outputs (`keras_mmtl.training.compute_features`):
+            dict of name -> array whose first axis follows the split's rows.
 
     Returns:
         a batched, prefetched `tf.data.Dataset`.
@@ -66,31 +70,32 @@ def make_dataset(
         raise ValueError("Pass image_size=(height, width) (keras_mmtl.models.image_size(model)).")
     if shuffle is None:
         shuffle = split == "train"
-    columns = {"label": records.labels.astype(np.int32)}
+    inputs = {name: np.asarray(values) for name, values in (features or {}).items()}
+    for name, values in inputs.items():
+        if len(values) != len(records):
+            raise ValueError(f"features[{name!r}] has {len(values)} rows; the split has "
+                             f"{len(records)}.")
     if "text" in modalities:
-        columns["text"] = records.texts.astype(str)
+        inputs["text"] = records.texts.astype(str)
     if "image" in modalities:
-        columns["image"] = (
+        inputs["image"] = (
             records.images if records.image_kind == "array" else list(records.images)
         )
 
-    def load(row):
-        features = {}
-        if "image" in modalities:
-            if records.image_kind == "array":
-                features["image"] = resize_image(row["image"], image_size)
-            else:
-                data = row["image"]
-                if records.image_kind == "path":
-                    data = tf.io.read_file(data)
-                features["image"] = decode_image(data, image_size)
-        if "text" in modalities:
-            features["text"] = row["text"]
-        return features, row["label"]
+    def load_image(row, label):
+        data = row["image"]
+        if records.image_kind == "array":
+            image = resize_image(data, image_size)
+        else:
+            if records.image_kind == "path":
+                data = tf.io.read_file(data)
+            image = decode_image(data, image_size)
+        return {**row, "image": image}, label
 
-    ds = tf.data.Dataset.from_tensor_slices(columns)
+    ds = tf.data.Dataset.from_tensor_slices((inputs, records.labels.astype(np.int32)))
     if shuffle:
         ds = ds.shuffle(len(records), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.map(load, num_parallel_calls=AUTOTUNE)
+    if "image" in modalities:  # nothing else needs work per sample
+        ds = ds.map(load_image, num_parallel_calls=AUTOTUNE)
     ds = ds.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=AUTOTUNE)
     return ds.prefetch(AUTOTUNE)

@@ -24,4 +24,5 @@ from keras_mmtl.models.text import (
     WordPieceTokenizer,
     learn_vocabulary,
     tokenize,
+    unfreeze_text_layers,
 )

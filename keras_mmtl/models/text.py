@@ -9,6 +9,7 @@ import tensorflow as tf
 import tensorflow_text as tf_text
 
 PAD, OOV = "", "[UNK]"
+TEXT_BACKBONE = "text_backbone"
 
 
 def tokenize(texts, lowercase=True):
@@ -157,8 +158,10 @@ class WordPieceTokenizer(keras.layers.Layer):
     """BERT-style WordPiece tokenization into the inputs of a keras-hub BERT backbone.
 
     Uses tensorflow-text's `FastBertTokenizer` (lower-casing and accent
-    stripping as uncased BERT does), adds `[CLS]`/`[SEP]`, truncates and pads
-    to `sequence_length`. The vocabulary is part of the config.
+    stripping as uncased BERT does), adds `[CLS]`/`[SEP]`, truncates to
+    `sequence_length` and pads to the longest text of the batch, so a batch
+    of short titles runs the encoder over a few positions, not all of
+    `sequence_length`. The vocabulary is part of the config.
 
     Args:
         vocabulary: the WordPiece vocabulary (a BERT `vocab.txt`, one token per line).
@@ -167,13 +170,13 @@ class WordPieceTokenizer(keras.layers.Layer):
 
     Returns (when called):
         dict of int32 `token_ids`, `segment_ids` and bool `padding_mask`,
-        each `(batch, sequence_length)`.
+        each `(batch, length)` with `length <= sequence_length`.
 
     Example:
 
     >>> tokenizer = WordPieceTokenizer(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "red", "shoe"], 5)
-    >>> tokenizer(tf.constant(["Red shoe"]))["token_ids"].numpy().tolist()
-    [[2, 4, 5, 3, 0]]
+    >>> tokenizer(tf.constant(["Red shoe", "shoe"]))["token_ids"].numpy().tolist()
+    [[2, 4, 5, 3], [2, 5, 3, 0]]
     """
 
     def __init__(self, vocabulary, sequence_length=128, lowercase=True, **kwargs):
@@ -193,13 +196,13 @@ class WordPieceTokenizer(keras.layers.Layer):
         batch = ids.nrows()
         ids = tf.concat([tf.fill([batch, 1], self.cls_id), ids,
                          tf.fill([batch, 1], self.sep_id)], axis=1)
-        token_ids = ids.to_tensor(default_value=self.pad_id,
-                                  shape=[None, self.sequence_length])
+        # Padded to the longest text of the batch: short texts cost little.
+        token_ids = ids.to_tensor(default_value=self.pad_id)
         return {"token_ids": token_ids, "segment_ids": tf.zeros_like(token_ids),
                 "padding_mask": tf.not_equal(token_ids, self.pad_id)}
 
     def compute_output_spec(self, texts):
-        shape = (texts.shape[0], self.sequence_length)
+        shape = (texts.shape[0], None)
         return {"token_ids": keras.KerasTensor(shape, dtype="int32"),
                 "segment_ids": keras.KerasTensor(shape, dtype="int32"),
                 "padding_mask": keras.KerasTensor(shape, dtype="bool")}
@@ -242,7 +245,7 @@ def pretrained_encoder(texts, preset, *, sequence_length=128):
             f"a local model directory. Received: text_encoder={preset!r} ({error})"
         ) from error
     backbone.trainable = False
-    backbone.name = "text_backbone"
+    backbone.name = TEXT_BACKBONE
     inputs = WordPieceTokenizer(vocabulary, sequence_length, name="text_tokenizer")(texts)
     # training=False: the frozen encoder's dropout stays off, as in its cached features.
     outputs = backbone({name: inputs[name] for name in backbone.input}, training=False)
@@ -272,3 +275,26 @@ def build_text_encoder(name, texts, vocabulary, **kwargs):
             "pass text_vocabulary=learn_vocabulary(train_texts) or use build_classifier_for()."
         )
     return TEXT_ENCODERS[name](texts, np.asarray(vocabulary).tolist(), **kwargs)
+
+
+def unfreeze_text_layers(model, num_layers):
+    """Makes the top `num_layers` transformer layers of the pretrained text encoder trainable.
+
+    The layers below them and the embeddings stay frozen. The encoder keeps
+    running with `training=False` (no dropout), as when it was frozen.
+
+    Args:
+        model: a classifier holding a `"text_backbone"` (see `pretrained_encoder`).
+        num_layers: number of top transformer layers to train; `"all"` for all.
+
+    Returns:
+        names of the unfrozen layers.
+    """
+    backbone = model.get_layer(TEXT_BACKBONE)
+    layers = list(backbone.transformer_layers)
+    count = len(layers) if num_layers == "all" else int(num_layers)
+    top = layers[len(layers) - count:] if count > 0 else []
+    backbone.trainable = bool(top)
+    for layer in backbone.layers:
+        layer.trainable = any(layer is chosen for chosen in top)
+    return [layer.name for layer in top]

@@ -1,4 +1,9 @@
 """Training: two-phase transfer learning with checkpoints, TensorBoard and resume."""
 
 from keras_mmtl.training.cache import compute_features, split_model
+from keras_mmtl.training.optimizers import (
+    LayerwiseAdam,
+    fine_tuning_optimizer,
+    layerwise_multipliers,
+)
 from keras_mmtl.training.trainer import compile_classifier, train

@@ -1,9 +1,11 @@
 """Cached frozen-backbone features: compute each sample's backbone output once, train the top.
 
 While a backbone is frozen (and nothing random touches its input), its output for a sample
-never changes: phase 1 can train the layers above it on features computed once. The same
-holds for the token ids of the from-scratch text encoder's tokenizer. The top model shares
-its layers with (a clone of) the classifier, so what it learns is the classifier's.
+never changes: a phase can train the layers above it on features computed once. The same
+holds for the token ids of the from-scratch text encoder's tokenizer. Phase 1 caches every
+frozen branch; phase 2 still caches the ones it does not fine-tune (a frozen text encoder
+while the image backbone is fine-tuned). The top model shares its layers with (a clone
+of) the classifier, so what it learns is the classifier's.
 """
 
 import hashlib
@@ -13,7 +15,6 @@ import warnings
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from keras_mmtl.data.pipeline import make_dataset
 from keras_mmtl.models.builder import image_size
@@ -26,10 +27,9 @@ CACHEABLE = {
 }
 
 
-def _call_output(model, layer_name):
-    """The tensor a layer outputs inside `model`'s graph (not inside its own)."""
-    layer = model.get_layer(layer_name)
-    return layer._inbound_nodes[0].output_tensors[0]
+def _outputs(model, layer_name):
+    """The tensors a layer outputs inside `model`'s graph (not inside its own)."""
+    return model.get_layer(layer_name)._inbound_nodes[0].output_tensors
 
 
 def cacheable_outputs(model):
@@ -41,7 +41,8 @@ def cacheable_outputs(model):
     found = {}
     for modality, choices in CACHEABLE.items():
         for output, frozen in choices:
-            if output in names and (frozen is None or (
+            # One output tensor only: a WordPiece tokenizer's dict of ids is cheap anyway.
+            if output in names and len(_outputs(model, output)) == 1 and (frozen is None or (
                     frozen in names and not model.get_layer(frozen).trainable)):
                 found[modality] = output
                 break
@@ -51,27 +52,34 @@ def cacheable_outputs(model):
 def split_model(model):
     """Splits a copy of a classifier after its cacheable outputs (`cacheable_outputs`).
 
-    The split works on a clone (same weights) so the classifier's own graph
-    stays as built and saves cleanly; copy the clone's weights back with
-    `model.set_weights(clone.get_weights())` after training the top.
+    The split works on a clone (same weights and trainable flags) so the
+    classifier's own graph stays as built and saves cleanly; copy the clone's
+    weights back with `model.set_weights(clone.get_weights())` after training
+    the top.
 
     Returns:
-        `(extractor, top, clone)`: `extractor` maps the raw inputs of the
-        cached branches to `{"<modality>_features": ...}`; `top` maps those
-        features plus the other raw inputs to the output, sharing the layers
-        of `clone`.
+        `(extractors, top, clone)`: `extractors` maps each cached modality to
+        a model from its raw input to `{"<modality>_features": ...}`; `top`
+        maps those features plus the other raw inputs to the output, sharing
+        the layers of `clone`.
     """
     clone = keras.models.clone_model(model)
     clone.set_weights(model.get_weights())
+    # Layers of a subclassed backbone (keras-hub) are rebuilt by its constructor, not
+    # from their configs: copy every layer's trainable flag, parents before children.
+    for source, copy in zip(model._flatten_layers(), clone._flatten_layers()):
+        copy.trainable = source.trainable
     branches = cacheable_outputs(clone)
-    features = {f"{m}_features": _call_output(clone, layer) for m, layer in branches.items()}
-    top_inputs = {**features, **{m: t for m, t in clone.input.items() if m not in branches}}
+    features = {m: _outputs(clone, layer)[0] for m, layer in branches.items()}
+    top_inputs = {f"{m}_features": t for m, t in features.items()}
+    top_inputs.update({m: t for m, t in clone.input.items() if m not in branches})
     with warnings.catch_warnings():  # feature keys differ from the tensors' own names
         warnings.simplefilter("ignore", UserWarning)
-        extractor = keras.Model({m: clone.input[m] for m in branches}, features,
-                                name="frozen_features")
+        extractors = {m: keras.Model({m: clone.input[m]}, {f"{m}_features": t},
+                                     name=f"frozen_{m}_features")
+                      for m, t in features.items()}
         top = keras.Model(top_inputs, clone.output, name="cached_top")
-    return extractor, top, clone
+    return extractors, top, clone
 
 
 def cache_key(extractor, records, split):
@@ -98,12 +106,30 @@ def cache_key(extractor, records, split):
     return digest.hexdigest()[:24]
 
 
-def compute_features(extractor, records, split, cache_dir=None, batch_size=64):
+def compute_features(extractors, records, split, cache_dir=None, batch_size=64):
     """The frozen features of one split, read from `cache_dir` when already computed.
 
+    Each extractor's features are cached in their own file, keyed by
+    `cache_key`, so phase 2 reuses what phase 1 computed for a branch that
+    stays frozen.
+
+    Args:
+        extractors: dict modality -> extractor, as `split_model` returns.
+        records: the `Records`.
+        split: `"train"`, `"val"` or `"test"`.
+        cache_dir: folder of cached features, or `None` to compute without caching.
+        batch_size: samples per batch while computing.
+
     Returns:
-        dict `"<modality>_features"` -> float array, in the split's row order.
+        dict `"<modality>_features"` -> array, in the split's row order.
     """
+    features = {}
+    for extractor in extractors.values():
+        features.update(_features(extractor, records, split, cache_dir, batch_size))
+    return features
+
+
+def _features(extractor, records, split, cache_dir, batch_size):
     path = None
     if cache_dir is not None:
         path = os.path.join(cache_dir, f"{split}-{cache_key(extractor, records, split)}.npz")
@@ -119,12 +145,3 @@ def compute_features(extractor, records, split, cache_dir=None, batch_size=64):
         np.savez(tmp, **features)
         os.replace(tmp, path)
     return features
-
-
-def cached_dataset(features, records, split, batch_size=32, seed=0):
-    """Batches of `(cached features, label)` for a top model whose inputs are all cached."""
-    rows = records.subset(split)
-    ds = tf.data.Dataset.from_tensor_slices((dict(features), rows.labels.astype(np.int32)))
-    if split == "train":
-        ds = ds.shuffle(len(rows), seed=seed, reshuffle_each_iteration=True)
-    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)

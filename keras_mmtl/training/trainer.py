@@ -1,6 +1,7 @@
 """Two-phase transfer learning: train the head on a frozen backbone, then fine-tune its top."""
 
 import json
+import math
 import os
 import shutil
 
@@ -9,23 +10,31 @@ import keras
 from keras_mmtl.data.pipeline import make_dataset
 from keras_mmtl.models.backbones import BACKBONE_NAME, unfreeze_top_blocks
 from keras_mmtl.models.builder import image_size, model_modalities
-from keras_mmtl.training.cache import (
-    cacheable_outputs,
-    cached_dataset,
-    compute_features,
-    split_model,
-)
+from keras_mmtl.models import text
+from keras_mmtl.training.cache import cacheable_outputs, compute_features, split_model
+from keras_mmtl.training.optimizers import LayerwiseAdam, fine_tuning_optimizer
 
 STATE_FILE = "state.json"
 MODEL_FILE = "model.keras"
 
 
-def compile_classifier(model, learning_rate):
-    """Compiles a classifier with Adam, sparse cross-entropy and accuracy."""
+def compile_classifier(model, optimizer, steps_per_execution=1):
+    """Compiles a classifier with sparse cross-entropy and accuracy.
+
+    Args:
+        model: the classifier.
+        optimizer: a Keras optimizer, or a learning rate for `LayerwiseAdam`
+            (Adam with fused and lazy updates, no multipliers).
+        steps_per_execution: batches per compiled call; more cuts Python
+            overhead where a step is tiny (a head on cached features).
+    """
+    if not isinstance(optimizer, keras.optimizers.Optimizer):
+        optimizer = LayerwiseAdam(learning_rate=optimizer)
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate),
+        optimizer=optimizer,
         loss=keras.losses.SparseCategoricalCrossentropy(),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+        steps_per_execution=steps_per_execution,
     )
 
 
@@ -39,12 +48,16 @@ def train(
     learning_rate=1e-3,
     fine_tune_learning_rate=1e-4,
     unfreeze_blocks=3,
+    unfreeze_text_layers=0,
+    warmup=0.1,
+    layer_decay=0.8,
     batch_size=32,
     patience=3,
     cache_features=True,
     cache_dir=None,
     resume=True,
     seed=0,
+    callbacks=(),
     verbose="auto",
 ):
     """Trains a classifier the way transfer learning is done, in two phases.
@@ -54,10 +67,13 @@ def train(
     computed once per sample and phase 1 trains the layers above them on
     those features, which is many times faster and gives the same model.
     Phase 2 unfreezes the image backbone's top `unfreeze_blocks` blocks
-    (BatchNorm stays frozen, in inference mode) and goes on end to end at
-    `fine_tune_learning_rate`. Each phase stops early when validation loss
-    stops improving and keeps its best epoch; the model ends with the better
-    of the two phases.
+    (BatchNorm stays frozen, in inference mode) and, optionally, the top
+    `unfreeze_text_layers` layers of a pretrained text encoder; a text
+    encoder left frozen stays cached. It trains at `fine_tune_learning_rate`
+    after a linear warmup, with cosine decay, and with layer-wise decay
+    (each block down a backbone learns `layer_decay` times slower). Each
+    phase stops early when validation loss stops improving and keeps its
+    best epoch; the model ends with the better of the two phases.
 
     Everything lands in `run_dir`: TensorBoard logs (`logs/`), each phase's
     best checkpoint (`checkpoints/`, then `phase<N>.weights.h5`), the final
@@ -73,9 +89,15 @@ def train(
         fine_tune_epochs: maximum epochs of phase 2 (0 skips it; models
             without a frozen image backbone have no phase 2).
         learning_rate: Adam learning rate of phase 1.
-        fine_tune_learning_rate: Adam learning rate of phase 2, lower so the
+        fine_tune_learning_rate: peak learning rate of phase 2, lower so the
             pretrained features are adjusted, not overwritten.
         unfreeze_blocks: top backbone blocks to train in phase 2, or `"all"`.
+        unfreeze_text_layers: top transformer layers of a pretrained text
+            encoder to train in phase 2, or `"all"`; 0 keeps it frozen (and
+            cached), the fast choice on a CPU.
+        warmup: fraction of phase 2's steps that ramp the learning rate up.
+        layer_decay: learning-rate factor per block down each backbone in
+            phase 2; 1 gives every layer the same rate.
         batch_size: samples per batch.
         patience: epochs without validation improvement before a phase stops.
         cache_features: train phase 1 on cached frozen-backbone features.
@@ -84,6 +106,7 @@ def train(
             is never read.
         resume: continue an interrupted run found in `run_dir`.
         seed: seed of shuffling and weight initialisation.
+        callbacks: more Keras callbacks, run in both phases (after ours).
         verbose: Keras progress output (`"auto"`, 0, 1, 2).
 
     Returns:
@@ -115,22 +138,37 @@ def train(
     for number, (phase_epochs, rate) in enumerate(phases, start=1):
         if state.get("phases_done", 0) >= number:
             continue
-        fit_model, clone, train_ds, val_ds, title = _prepare_phase(
-            number, model, records, run_dir, frozen=frozen, unfreeze_blocks=unfreeze_blocks,
-            cache=cache_features, cache_dir=cache_dir, has_val=has_val,
-            batch_size=batch_size, seed=seed)
-        compile_classifier(fit_model, rate)
+        if number == 2:
+            model.load_weights(_phase_weights(run_dir, 1))
+            title = _unfreeze(model, unfreeze_blocks, unfreeze_text_layers)
+        else:
+            title = "frozen image backbone" if frozen else "all layers"
+        fit_model, clone, train_ds, val_ds, cached = _fit_setup(
+            model, records, run_dir, cache=cache_features, cache_dir=cache_dir,
+            has_val=has_val, batch_size=batch_size, seed=seed)
+        if number == 2:
+            steps = phase_epochs * math.ceil(len(records.subset("train")) / batch_size)
+            optimizer = fine_tuning_optimizer(fit_model, rate, steps, warmup=warmup,
+                                              layer_decay=layer_decay)
+            schedule = (f"peak learning rate {rate:g} (warmup {warmup:g}, cosine, "
+                        f"layer decay {layer_decay:g})")
+        else:
+            optimizer, schedule = rate, f"learning rate {rate:g}"
+        # A head on cached features takes a few ms a step: run many steps per call.
+        compile_classifier(fit_model, optimizer,
+                           steps_per_execution=32 if cached == model_modalities(model) else 1)
+        if cached:
+            title += f", on cached {' and '.join(cached)} features"
         start = len(state.get("history", {}).get("loss", []))
         print(f"Phase {number}/{len(phases)}: {title}; {phase_epochs} epochs at most, "
-              f"learning rate {rate:g}, {_count(fit_model.trainable_weights):,} trainable "
-              f"parameters.")
+              f"{schedule}, {_count(fit_model.trainable_weights):,} trainable parameters.")
         best = os.path.join(run_dir, "checkpoints", f"phase{number}.weights.h5")
         history = fit_model.fit(
             train_ds,
             validation_data=val_ds,
             initial_epoch=start,
             epochs=start + phase_epochs,
-            callbacks=_callbacks(run_dir, number, monitor, patience, best),
+            callbacks=[*_callbacks(run_dir, number, monitor, patience, best), *callbacks],
             shuffle=False,  # the dataset shuffles itself
             verbose=verbose,
         )
@@ -151,25 +189,38 @@ def train(
     return state.get("history", {})
 
 
-def _prepare_phase(number, model, records, run_dir, *, frozen, unfreeze_blocks, cache,
-                   cache_dir, has_val, batch_size, seed):
-    """What phase `number` fits: `(fit model, its clone or None, train/val data, title)`."""
-    if number == 2:
-        model.load_weights(_phase_weights(run_dir, 1))
-        unfrozen = unfreeze_top_blocks(model, unfreeze_blocks)
-        return (model, None, *_datasets(model, records, has_val, batch_size, seed),
-                f"fine-tuning backbone blocks {', '.join(unfrozen)}")
-    title = "frozen image backbone" if frozen else "all layers"
-    cacheable = cacheable_outputs(model)
-    if not cache or set(cacheable) != set(model_modalities(model)):
-        return (model, None, *_datasets(model, records, has_val, batch_size, seed), title)
-    extractor, top, clone = split_model(model)
+def _unfreeze(model, unfreeze_blocks, text_layers):
+    """Unfreezes what phase 2 fine-tunes; returns a title for it."""
+    blocks = unfreeze_top_blocks(model, unfreeze_blocks)
+    title = f"fine-tuning image backbone blocks {', '.join(blocks)}"
+    if text_layers and text.TEXT_BACKBONE in {layer.name for layer in model.layers}:
+        layers = text.unfreeze_text_layers(model, text_layers)
+        title += f" and text encoder layers {', '.join(layers)}"
+    return title
+
+
+def _fit_setup(model, records, run_dir, *, cache, cache_dir, has_val, batch_size, seed):
+    """What a phase fits: `(fit model, its clone or None, train/val data, cached modalities)`.
+
+    With `cache`, the branches that stay frozen in this phase are read from
+    cached features and a top model sharing a clone's layers is fitted.
+    """
+    cacheable = cacheable_outputs(model) if cache else {}
+    splits = ("train", "val") if has_val else ("train",)
+    if not cacheable:
+        datasets = [make_dataset(records, split, image_size=image_size(model),
+                                 modalities=model_modalities(model), batch_size=batch_size,
+                                 seed=seed) for split in splits]
+        return model, None, datasets[0], datasets[1] if has_val else None, ()
+    extractors, top, clone = split_model(model)
     cache_dir = cache_dir or os.path.join(run_dir, "cache")
-    datasets = [cached_dataset(compute_features(extractor, records, split, cache_dir),
-                               records, split, batch_size, seed)
-                for split in (("train", "val") if has_val else ("train",))]
+    raw = tuple(m for m in model_modalities(model) if m not in cacheable)
+    datasets = [make_dataset(records, split, image_size=image_size(model), modalities=raw,
+                             batch_size=batch_size, seed=seed,
+                             features=compute_features(extractors, records, split, cache_dir))
+                for split in splits]
     return (top, clone, datasets[0], datasets[1] if has_val else None,
-            f"{title}, on cached {' and '.join(cacheable.values())} outputs")
+            tuple(m for m in model_modalities(model) if m in cacheable))
 
 
 def _phase_weights(run_dir, phase):
@@ -188,13 +239,6 @@ def _clear_run(run_dir):
     for name in (STATE_FILE, _phase_weights("", 1), _phase_weights("", 2)):
         if os.path.exists(os.path.join(run_dir, name)):
             os.remove(os.path.join(run_dir, name))
-
-
-def _datasets(model, records, has_val, batch_size, seed):
-    kwargs = dict(image_size=image_size(model), modalities=model_modalities(model),
-                  batch_size=batch_size, seed=seed)
-    train_ds = make_dataset(records, "train", **kwargs)
-    return train_ds, make_dataset(records, "val", **kwargs) if has_val else None
 
 
 def _callbacks(run_dir, phase, monitor, patience, best):
