@@ -42,7 +42,9 @@ def test_cache_is_reused_then_invalidated_by_weights_or_data(tmp_path, product_r
     np.testing.assert_array_equal(again["image_features"], first["image_features"])
 
     key = cache_key(extractor, product_records, "train")
-    other = build_classifier_for(product_records, **FROZEN)
+    other = build_classifier_for(product_records, **FROZEN)  # other random weights
     assert cache_key(split_model(other)[0]["image"], product_records, "train") != key
+    other.set_weights(model.get_weights())  # the same backbone, built again
+    assert cache_key(split_model(other)[0]["image"], product_records, "train") == key
     os.utime(product_records.images[0], ns=(1, 1))  # an image file was replaced
     assert cache_key(extractor, product_records, "train") != key

@@ -11,6 +11,7 @@ of) the classifier, so what it learns is the classifier's.
 import hashlib
 import json
 import os
+import re
 import warnings
 
 import keras
@@ -85,7 +86,7 @@ def split_model(model):
 def cache_key(extractor, records, split):
     """A digest of the frozen weights, their input spec and the split's samples."""
     digest = hashlib.sha256()
-    digest.update(json.dumps(extractor.get_config(), sort_keys=True, default=str).encode())
+    digest.update(_canonical_config(extractor).encode())
     for weight in extractor.weights:
         digest.update(np.ascontiguousarray(keras.ops.convert_to_numpy(weight)).tobytes())
     rows = records.subset(split)
@@ -104,6 +105,30 @@ def cache_key(extractor, records, split):
         for text in rows.texts:
             digest.update(text.encode("utf-8") + b"\0")
     return digest.hexdigest()[:24]
+
+
+def _canonical_config(model):
+    """The model's config as JSON with layer names replaced by their order of appearance.
+
+    Keras numbers automatic names per process (`input_layer_3`), so the same
+    architecture built twice would otherwise get another key.
+    """
+    text = json.dumps(model.get_config(), sort_keys=True, default=str)
+    names = []
+
+    def collect(node):
+        if isinstance(node, dict):
+            if isinstance(node.get("name"), str) and node["name"] not in names:
+                names.append(node["name"])
+            for value in node.values():
+                collect(value)
+        elif isinstance(node, list):
+            for value in node:
+                collect(value)
+
+    collect(json.loads(text))
+    index = {json.dumps(name): f'"#{i}"' for i, name in enumerate(names)}
+    return re.sub(r'"(?:[^"\\]|\\.)*"', lambda m: index.get(m.group(0), m.group(0)), text)
 
 
 def compute_features(extractors, records, split, cache_dir=None, batch_size=64):
