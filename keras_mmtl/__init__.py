@@ -30,6 +30,6 @@ from keras_mmtl.models import (
     build_classifier_for,
     class_names,
 )
-from keras_mmtl.training import train
+from keras_mmtl.training import train, transfer, with_new_head
 
 __version__ = "0.1.0"

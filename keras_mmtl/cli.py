@@ -59,11 +59,11 @@ def _manifest_arguments(parser):
     group.add_argument("--seed", type=int, default=0, help="seed of splits and training")
 
 
-def _read(args, class_names=None):
+def _read(args, class_names=None, manifest=None):
     from keras_mmtl.data import read_manifest
 
     return read_manifest(
-        args.manifest, args.image_column, args.text_column, args.label_column,
+        manifest or args.manifest, args.image_column, args.text_column, args.label_column,
         args.split_column, class_names=class_names,
         min_class_count=args.min_class_count if class_names is None else 0,
         skip_bad_rows=args.skip_bad_rows, seed=args.seed)
@@ -87,27 +87,51 @@ def cmd_train(args):
     from keras_mmtl.evaluation import evaluate
     from keras_mmtl.export import export_saved_model
     from keras_mmtl.models import build_classifier_for
-    from keras_mmtl.training import train
+    from keras_mmtl.training import train, transfer
 
     records = _read(args)
     name = args.name or os.path.splitext(os.path.basename(args.manifest))[0]
     run_dir = args.run_dir or os.path.join("runs", name)
     print(f"{len(records)} rows, {len(records.class_names)} classes, inputs "
           f"{list(records.modalities)}; run folder {run_dir}")
-    model = build_classifier_for(
-        records, image_backbone=args.image_backbone, image_weights=args.image_weights,
-        image_size=args.image_size, text_encoder=args.text_encoder,
-        sequence_length=args.sequence_length, fusion=args.fusion, dropout=args.dropout)
-    train(model, records, run_dir, epochs=args.epochs, fine_tune_epochs=args.fine_tune_epochs,
-          learning_rate=args.learning_rate, fine_tune_learning_rate=args.fine_tune_learning_rate,
-          unfreeze_blocks=args.unfreeze_blocks, batch_size=args.batch_size, seed=args.seed,
-          verbose=1 if sys.stdout.isatty() else 2)  # progress bars only on a terminal
+    source = _read(args, manifest=args.source_manifest) if args.source_manifest else None
+    build = dict(image_backbone=args.image_backbone, image_weights=args.image_weights,
+                 image_size=args.image_size, text_encoder=args.text_encoder,
+                 sequence_length=args.sequence_length, fusion=args.fusion, dropout=args.dropout)
+    fit = dict(epochs=args.epochs, learning_rate=args.learning_rate, batch_size=args.batch_size,
+               seed=args.seed, verbose=1 if sys.stdout.isatty() else 2)  # bars on a terminal
+    if not args.joint:
+        fit.update(fine_tune_epochs=args.fine_tune_epochs,
+                   fine_tune_learning_rate=args.fine_tune_learning_rate,
+                   unfreeze_blocks=args.unfreeze_blocks,
+                   unfreeze_text_layers=args.unfreeze_text_layers, warmup=args.warmup,
+                   layer_decay=args.layer_decay)
+    if source is None:
+        model = build_classifier_for(records, **build)
+        train(model, records, run_dir, **fit)
+    else:
+        model = transfer(
+            build_classifier_for(source, text_vocabulary=_shared_vocabulary(args, source, records),
+                                 **build),
+            source, records, run_dir, joint=args.joint, alpha=args.alpha,
+            domain_adversarial=args.domain_adversarial, freeze=args.freeze, **fit)
     _report(evaluate(model, records, "test", out_dir=os.path.join(run_dir, "eval")),
             os.path.join(run_dir, "eval"))
-    print(f"Model saved to {os.path.join(run_dir, 'model.keras')}")
+    sequential = source is not None and not args.joint
+    print(f"Model saved to {os.path.join(run_dir, 'target' if sequential else '', 'model.keras')}")
     if not args.no_export:
         path = export_saved_model(model, args.export_dir or os.path.join("saved_models", name))
         print(f"Exported to {path}")
+
+
+def _shared_vocabulary(args, source, target):
+    """The text vocabulary learned from the source and target training texts, if one is needed."""
+    from keras_mmtl.models.text import needs_vocabulary, vocabulary_learner
+
+    if not needs_vocabulary(args.text_encoder) or "text" not in source.modalities:
+        return None
+    texts = [*source.subset("train").texts, *target.subset("train").texts]
+    return vocabulary_learner(args.text_encoder)(texts)
 
 
 def cmd_evaluate(args):
@@ -180,9 +204,10 @@ def build_parser():
     model.add_argument("--image-size", type=_size, default=None,
                        help="HEIGHTxWIDTH of model images (default: the backbone's own)")
     model.add_argument("--text-encoder", default="scratch",
-                       help="'scratch' (learned from your texts), or a keras-hub preset name or "
-                            "local directory of a pretrained BERT-family encoder (frozen; "
-                            "needs keras-mmtl[hub])")
+                       help="'scratch' (word embeddings learned from your texts), 'tfidf' (a "
+                            "TF-IDF bag of words), or a keras-hub preset name or local "
+                            "directory of a pretrained BERT-family encoder (frozen; needs "
+                            "keras-mmtl[hub])")
     model.add_argument("--sequence-length", type=int, default=128, help="tokens kept per text")
     model.add_argument("--fusion", default="concat", help="fusion of image and text (concat)")
     model.add_argument("--dropout", type=float, default=0.2)
@@ -193,7 +218,27 @@ def build_parser():
     fit.add_argument("--fine-tune-learning-rate", type=float, default=1e-4)
     fit.add_argument("--unfreeze-blocks", type=_blocks, default=3,
                      help="top backbone blocks trained in fine-tuning, or 'all'")
+    fit.add_argument("--unfreeze-text-layers", type=_blocks, default=0,
+                     help="top layers of a pretrained text encoder trained in fine-tuning, or "
+                          "'all' (default: 0, frozen)")
+    fit.add_argument("--warmup", type=float, default=0.1,
+                     help="fraction of fine-tuning steps that ramp the learning rate up")
+    fit.add_argument("--layer-decay", type=float, default=0.8,
+                     help="learning-rate factor per block down each backbone in fine-tuning")
     fit.add_argument("--batch-size", type=int, default=32)
+    domain = train.add_argument_group(
+        "domain transfer", "Train on --source-manifest first (same columns), then adapt to "
+                           "--manifest: in turn with a new head, or jointly.")
+    domain.add_argument("--source-manifest", help="manifest of the source dataset")
+    domain.add_argument("--joint", action="store_true",
+                        help="train source and target together: alpha * source loss + "
+                             "(1 - alpha) * target loss")
+    domain.add_argument("--alpha", type=float, default=0.5, help="source loss weight (--joint)")
+    domain.add_argument("--domain-adversarial", action="store_true",
+                        help="add a domain classifier behind gradient reversal (with --joint)")
+    domain.add_argument("--freeze", nargs="*", default=["image_backbone"], metavar="LAYER",
+                        help="layers frozen for the target training (default: image_backbone; "
+                             "e.g. fusion text_embedding)")
     out = train.add_argument_group("outputs")
     out.add_argument("--name", help="run name (default: the manifest's file name)")
     out.add_argument("--run-dir", help="run folder (default: runs/NAME)")
@@ -233,7 +278,11 @@ def build_parser():
 
 def main(argv=None):
     """Entry point of the `keras-mmtl` command."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "joint", False) or getattr(args, "domain_adversarial", False):
+        if not args.source_manifest:
+            parser.error("--joint and --domain-adversarial need --source-manifest")
     from keras_mmtl.data import DataValidationError
     from keras_mmtl.models import WeightsUnavailableError
 

@@ -50,3 +50,27 @@ def test_train_evaluate_export_predict(tmp_path, products, capsys):
                  "a nice cotton thing", "--top-k", "2"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2 and all(" " in line for line in lines)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", [[], ["--joint", "--domain-adversarial"]])
+def test_train_transfers_from_a_source_manifest(tmp_path, products, capsys, mode):
+    rows = product_rows(str(tmp_path))
+    for row in rows:
+        row["label"] = f"new {row['label']}"
+    target = write_manifest(str(tmp_path), rows, name="target.csv")
+    run_dir = tmp_path / "run"
+    assert main(["train", "--manifest", target, "--source-manifest", products,
+                 "--split-column", "split", "--image-backbone", "small_cnn",
+                 "--image-weights", "none", "--image-size", "16x16", "--epochs", "1",
+                 "--fine-tune-epochs", "1", "--batch-size", "4", "--run-dir", str(run_dir),
+                 "--no-export", *mode]) == 0
+    out = capsys.readouterr().out
+    assert "accuracy" in out
+    model = run_dir / ("model.keras" if mode else os.path.join("target", "model.keras"))
+    assert model.exists() and f"Model saved to {model}" in out
+
+
+def test_joint_needs_a_source_manifest(tmp_path, products):
+    with pytest.raises(SystemExit):
+        main(["train", "--manifest", products, "--joint"])

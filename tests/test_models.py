@@ -7,6 +7,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import MOBILENET_WEIGHTS
+from keras_mmtl.export import export_saved_model, predict
 from keras_mmtl.models import (
     BACKBONES,
     ClassifierHead,
@@ -17,9 +18,11 @@ from keras_mmtl.models import (
     backbone_blocks,
     backbone_network,
     build_classifier,
+    build_classifier_for,
     build_image_backbone,
     class_names,
     image_size,
+    learn_tfidf,
     learn_vocabulary,
     model_modalities,
     unfreeze_top_blocks,
@@ -165,3 +168,29 @@ def test_head_outputs_float32_under_mixed_precision():
         assert model({"text": tf.constant(["a wool"])}).dtype == tf.float32
     finally:
         keras.mixed_precision.set_global_policy("float32")
+
+
+def test_learn_tfidf_weights_rare_tokens_higher():
+    weights = learn_tfidf(["Red shirt!", "red shoe", "RED shirt", "blue"], max_tokens=3)
+    assert list(weights) == ["red", "shirt", "shoe"]
+    assert weights["red"] < weights["shirt"] < weights["shoe"]
+
+
+def test_tfidf_text_encoder_trains_saves_and_exports(tmp_path, product_records):
+    model = build_classifier_for(product_records, image_backbone=None, text_encoder="tfidf")
+    assert model.get_layer("text_vectorizer").get_config()["output_mode"] == "tf_idf"
+    texts = tf.constant(["red cotton", "blue wool"])
+    probabilities = model({"text": texts}).numpy()
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    np.testing.assert_allclose(loaded({"text": texts}).numpy(), probabilities, atol=1e-6)
+    served = predict(export_saved_model(model, str(tmp_path / "saved")),
+                     texts=["red cotton", "blue wool"], top_k=1)
+    np.testing.assert_allclose([top[0][1] for top in served], probabilities.max(axis=1),
+                               atol=1e-5)
+
+
+def test_tfidf_encoder_needs_idf_weights():
+    with pytest.raises(ValueError, match="learn_tfidf"):
+        build_classifier(["a", "b"], image_backbone=None, text_encoder="tfidf",
+                         text_vocabulary=VOCAB)

@@ -12,16 +12,18 @@ from keras_mmtl.models.builder import (
     build_classifier,
     build_classifier_for,
     class_names,
+    clone_classifier,
     image_size,
     model_modalities,
 )
 from keras_mmtl.models.fusion import FUSIONS, ConcatFusion
-from keras_mmtl.models.heads import ClassifierHead
+from keras_mmtl.models.heads import ClassifierHead, GradientReversal
 from keras_mmtl.models.text import (
     TEXT_ENCODERS,
     MaskedMeanPooling,
     TextTokenizer,
     WordPieceTokenizer,
+    learn_tfidf,
     learn_vocabulary,
     tokenize,
     unfreeze_text_layers,

@@ -5,7 +5,7 @@ import keras
 from keras_mmtl.models.backbones import build_image_backbone
 from keras_mmtl.models.fusion import get_fusion
 from keras_mmtl.models.heads import ClassifierHead
-from keras_mmtl.models.text import build_text_encoder, learn_vocabulary, needs_vocabulary
+from keras_mmtl.models.text import build_text_encoder, needs_vocabulary, vocabulary_learner
 
 MODALITIES = ("image", "text")
 
@@ -43,11 +43,14 @@ def build_classifier(
             transfer learning; `keras_mmtl.training.train` unfreezes its top
             in phase 2). By default frozen when weights are pretrained, and
             trained from the start when `image_weights=None`.
-        text_encoder: `"scratch"` (learned from the training texts), a
+        text_encoder: `"scratch"` (word embeddings learned from the training
+            texts), `"tfidf"` (a TF-IDF bag of words and a dense layer), a
             keras-hub preset name or local directory of a pretrained BERT-family
             encoder (frozen, mean-pooled; needs `keras-mmtl[hub]`), or `None`
             for an image-only model.
-        text_vocabulary: tokens for the text encoder (`learn_vocabulary`).
+        text_vocabulary: what the text encoder learned from the training
+            texts: tokens for `"scratch"` (`learn_vocabulary`), token -> IDF
+            weight for `"tfidf"` (`learn_tfidf`); `build_classifier_for` learns it.
         sequence_length: tokens kept per text.
         fusion: a name from `keras_mmtl.models.FUSIONS`.
         fusion_units: per-modality projection size inside the fusion.
@@ -119,9 +122,20 @@ def build_classifier_for(records, *, modalities=None, max_tokens=20000, **kwargs
         kwargs["text_encoder"] = None
     elif needs_vocabulary(kwargs.get("text_encoder", "scratch")) and (
             kwargs.get("text_vocabulary") is None):
-        kwargs["text_vocabulary"] = learn_vocabulary(
-            records.subset("train").texts, max_tokens=max_tokens)
+        learn = vocabulary_learner(kwargs.get("text_encoder", "scratch"))
+        kwargs["text_vocabulary"] = learn(records.subset("train").texts, max_tokens=max_tokens)
     return build_classifier(records.class_names, **kwargs)
+
+
+def clone_classifier(model):
+    """A copy of a classifier with the same weights and trainable flags, sharing no layers."""
+    clone = keras.models.clone_model(model)
+    clone.set_weights(model.get_weights())
+    # Layers of a subclassed backbone (keras-hub) are rebuilt by its constructor, not
+    # from their configs: copy every layer's trainable flag, parents before children.
+    for source, copy in zip(model._flatten_layers(), clone._flatten_layers()):
+        copy.trainable = source.trainable
+    return clone
 
 
 def class_names(model):

@@ -1,6 +1,7 @@
-"""Classification heads: fused features -> class probabilities, in float32."""
+"""Heads on the fused features: class probabilities (in float32), and gradient reversal."""
 
 import keras
+import tensorflow as tf
 
 
 @keras.saving.register_keras_serializable(package="keras_mmtl")
@@ -43,3 +44,40 @@ class ClassifierHead(keras.layers.Layer):
     def get_config(self):
         return {**super().get_config(), "class_names": self.class_names,
                 "dropout": self.dropout_rate}
+
+
+@keras.saving.register_keras_serializable(package="keras_mmtl")
+class GradientReversal(keras.layers.Layer):
+    """Identity going forward; multiplies the gradient by `-weight` going back.
+
+    Put between shared features and a domain classifier, it makes the shared
+    layers learn features the domain classifier cannot tell apart
+    (domain-adversarial training, Ganin et al. 2016).
+
+    Args:
+        weight: how strongly the reversed gradient pushes the shared layers.
+
+    Example:
+
+    >>> import tensorflow as tf
+    >>> x = tf.constant([1.0, 2.0])
+    >>> with tf.GradientTape() as tape:
+    ...     tape.watch(x)
+    ...     y = tf.reduce_sum(GradientReversal(0.5)(x))
+    >>> tape.gradient(y, x).numpy().tolist()
+    [-0.5, -0.5]
+    """
+
+    def __init__(self, weight=1.0, **kwargs):
+        super().__init__(**kwargs)
+        self.weight = float(weight)
+
+    def call(self, features):
+        @tf.custom_gradient
+        def reverse(x):
+            return tf.identity(x), lambda upstream: -self.weight * upstream
+
+        return reverse(features)
+
+    def get_config(self):
+        return {**super().get_config(), "weight": self.weight}

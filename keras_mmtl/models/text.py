@@ -214,19 +214,22 @@ class WordPieceTokenizer(keras.layers.Layer):
         return config
 
 
-def pretrained_encoder(texts, preset, *, sequence_length=128):
-    """A pretrained BERT-family encoder from keras-hub, frozen, mean-pooled.
+def pretrained_encoder(texts, preset, *, sequence_length=128, hidden_dim=256, dropout=0.1):
+    """A pretrained BERT-family encoder from keras-hub, frozen, mean-pooled, projected.
 
     The tokenizer runs in the graph (`WordPieceTokenizer`, with the preset's
     vocabulary); the sentence embedding is the mean of the token outputs
-    over non-padding positions (as sentence-transformers models are trained).
+    over non-padding positions (as sentence-transformers models are trained),
+    followed by dropout and a trainable dense layer, as in the other encoders.
 
     Args:
         texts: symbolic `tf.string` input of shape `(batch,)`.
         preset: a keras-hub preset name (e.g. `"bert_tiny_en_uncased"`,
             downloaded once) or a local model directory (keras-hub or Hugging
             Face format, e.g. the all-MiniLM-L6-v2 folder).
-        sequence_length: ids per text.
+        sequence_length: ids per text, at most.
+        hidden_dim: size of the output features.
+        dropout: dropout on the sentence embedding.
 
     Returns:
         symbolic features of shape `(batch, hidden_dim)`.
@@ -249,32 +252,99 @@ def pretrained_encoder(texts, preset, *, sequence_length=128):
     inputs = WordPieceTokenizer(vocabulary, sequence_length, name="text_tokenizer")(texts)
     # training=False: the frozen encoder's dropout stays off, as in its cached features.
     outputs = backbone({name: inputs[name] for name in backbone.input}, training=False)
-    return MaskedMeanPooling(name="text_pooling")(outputs["sequence_output"],
-                                                  inputs["token_ids"])
+    pooled = MaskedMeanPooling(name="text_pooling")(outputs["sequence_output"],
+                                                    inputs["token_ids"])
+    pooled = keras.layers.Dropout(dropout, name="text_dropout")(pooled)
+    return keras.layers.Dense(hidden_dim, activation="relu", name="text_features")(pooled)
 
 
-TEXT_ENCODERS = {"scratch": scratch_encoder}
+def learn_tfidf(texts, max_tokens=20000):
+    """The vocabulary and inverse document frequencies of the training texts, for `"tfidf"`.
+
+    Texts are lower-cased, stripped of punctuation and split on whitespace, as
+    `keras.layers.TextVectorization` does by default. The weight of a token
+    is `log(1 + n_texts / (1 + n_texts_with_token))`, Keras' TF-IDF weight.
+
+    Args:
+        texts: the training texts.
+        max_tokens: vocabulary size cap (the most frequent tokens are kept).
+
+    Returns:
+        dict token -> IDF weight, most frequent token first.
+
+    Example:
+
+    >>> {token: round(w, 2) for token, w in learn_tfidf(["red shirt", "blue shirt"]).items()}
+    {'shirt': 0.51, 'red': 0.69, 'blue': 0.69}
+    """
+    texts = tf.constant([str(t) for t in texts])
+    counter = keras.layers.TextVectorization(max_tokens=max_tokens + 1, output_mode="multi_hot")
+    counter.adapt(texts, batch_size=1024)
+    frequencies = sum(np.asarray(counter(texts[start:start + 1024])).sum(axis=0)
+                      for start in range(0, len(texts), 1024))
+    weights = np.log(1 + len(texts) / (1 + frequencies))
+    # Index 0 is the out-of-vocabulary token.
+    return dict(zip(map(str, counter.get_vocabulary()[1:]), weights[1:].tolist()))
+
+
+def tfidf_encoder(texts, vocabulary, *, hidden_dim=256, dropout=0.1, sequence_length=None):
+    """The tutorials' cheapest text branch: a TF-IDF bag of words and a dense layer.
+
+    Args:
+        texts: symbolic `tf.string` input of shape `(batch,)`.
+        vocabulary: dict token -> IDF weight (`learn_tfidf`).
+        hidden_dim: size of the output features.
+        dropout: dropout on the TF-IDF vector.
+        sequence_length: unused (a bag of words has no length); accepted so
+            every encoder takes the builder's arguments.
+
+    Returns:
+        symbolic features of shape `(batch, hidden_dim)`.
+    """
+    if not isinstance(vocabulary, dict):
+        raise ValueError("The 'tfidf' text encoder needs text_vocabulary=learn_tfidf(train_texts) "
+                         "(a dict of token -> IDF weight).")
+    vectorizer = keras.layers.TextVectorization(
+        output_mode="tf_idf", vocabulary=list(vocabulary),
+        idf_weights=list(vocabulary.values()), name="text_vectorizer")
+    vectors = keras.layers.Dropout(dropout, name="text_dropout")(vectorizer(texts))
+    return keras.layers.Dense(hidden_dim, activation="relu", name="text_features")(vectors)
+
+
+# name -> (encoder, what learns its vocabulary from the training texts)
+TEXT_ENCODERS = {
+    "scratch": (scratch_encoder, learn_vocabulary),
+    "tfidf": (tfidf_encoder, learn_tfidf),
+}
 
 
 def needs_vocabulary(name):
     """Whether the text encoder `name` learns its vocabulary from the training texts."""
-    return name in TEXT_ENCODERS
+    return isinstance(name, str) and name in TEXT_ENCODERS
+
+
+def vocabulary_learner(name):
+    """The function that learns text encoder `name`'s vocabulary: `f(texts, max_tokens)`."""
+    return TEXT_ENCODERS[name][1]
 
 
 def build_text_encoder(name, texts, vocabulary, **kwargs):
     """Applies text encoder `name` to the symbolic `texts` input.
 
-    `name` is a registered encoder (`"scratch"`) or a keras-hub preset name or
-    local directory (see `pretrained_encoder`).
+    `name` is a registered encoder (`"scratch"`, `"tfidf"`) or a keras-hub
+    preset name or local directory (see `pretrained_encoder`).
     """
     if not needs_vocabulary(name):
         return pretrained_encoder(texts, os.fspath(name), **kwargs)
     if vocabulary is None or len(vocabulary) == 0:
         raise ValueError(
-            "The text encoder needs a vocabulary learned from the training texts: "
-            "pass text_vocabulary=learn_vocabulary(train_texts) or use build_classifier_for()."
+            f"The {name!r} text encoder needs a vocabulary learned from the training texts: pass "
+            f"text_vocabulary={vocabulary_learner(name).__name__}(train_texts) or use "
+            "build_classifier_for()."
         )
-    return TEXT_ENCODERS[name](texts, np.asarray(vocabulary).tolist(), **kwargs)
+    if not isinstance(vocabulary, dict):
+        vocabulary = np.asarray(vocabulary).tolist()
+    return TEXT_ENCODERS[name][0](texts, vocabulary, **kwargs)
 
 
 def unfreeze_text_layers(model, num_layers):

@@ -1,4 +1,4 @@
-"""Training: two-phase transfer learning with checkpoints, TensorBoard and resume."""
+"""Training: two-phase transfer learning with checkpoints, TensorBoard and resume; domain transfer."""
 
 from keras_mmtl.training.cache import compute_features, split_model
 from keras_mmtl.training.optimizers import (
@@ -7,3 +7,4 @@ from keras_mmtl.training.optimizers import (
     layerwise_multipliers,
 )
 from keras_mmtl.training.trainer import compile_classifier, train
+from keras_mmtl.training.transfer import train_joint, transfer, with_new_head

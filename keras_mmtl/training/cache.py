@@ -18,7 +18,7 @@ import keras
 import numpy as np
 
 from keras_mmtl.data.pipeline import make_dataset
-from keras_mmtl.models.builder import image_size
+from keras_mmtl.models.builder import clone_classifier, image_size
 
 # Per modality, in order of preference: (layer whose output is cached, layer that must be
 # frozen for it, or None when the output never changes in training).
@@ -64,12 +64,7 @@ def split_model(model):
         maps those features plus the other raw inputs to the output, sharing
         the layers of `clone`.
     """
-    clone = keras.models.clone_model(model)
-    clone.set_weights(model.get_weights())
-    # Layers of a subclassed backbone (keras-hub) are rebuilt by its constructor, not
-    # from their configs: copy every layer's trainable flag, parents before children.
-    for source, copy in zip(model._flatten_layers(), clone._flatten_layers()):
-        copy.trainable = source.trainable
+    clone = clone_classifier(model)
     branches = cacheable_outputs(clone)
     features = {m: _outputs(clone, layer)[0] for m, layer in branches.items()}
     top_inputs = {f"{m}_features": t for m, t in features.items()}

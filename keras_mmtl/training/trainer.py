@@ -125,11 +125,15 @@ def train(
     state = _read_state(state_path)
     has_val = bool((records.splits == "val").any())
     monitor = "val_loss" if has_val else "loss"
-    backbone = _image_backbone(model)
-    # Two phases when the model starts with a frozen image backbone; a
-    # backbone that trains from the start (random weights) needs only one.
-    frozen = backbone is not None and not backbone.trainable
-    two_phase = frozen and fine_tune_epochs > 0
+    # Two phases when the model starts with a frozen pretrained backbone that
+    # phase 2 fine-tunes; a backbone that trains from the start (random
+    # weights) needs only one.
+    frozen = [name for name, layer in (("image backbone", BACKBONE_NAME),
+                                       ("text encoder", text.TEXT_BACKBONE))
+              if _frozen(model, layer)]
+    image_frozen = "image backbone" in frozen
+    two_phase = fine_tune_epochs > 0 and (image_frozen or (
+        "text encoder" in frozen and unfreeze_text_layers))
     phases = [(epochs, learning_rate)] + ([(fine_tune_epochs, fine_tune_learning_rate)]
                                           if two_phase else [])
     if state.get("phases_done", 0) >= len(phases):
@@ -140,9 +144,9 @@ def train(
             continue
         if number == 2:
             model.load_weights(_phase_weights(run_dir, 1))
-            title = _unfreeze(model, unfreeze_blocks, unfreeze_text_layers)
+            title = _unfreeze(model, image_frozen and unfreeze_blocks, unfreeze_text_layers)
         else:
-            title = "frozen image backbone" if frozen else "all layers"
+            title = f"frozen {' and '.join(frozen)}" if frozen else "all layers"
         fit_model, clone, train_ds, val_ds, cached = _fit_setup(
             model, records, run_dir, cache=cache_features, cache_dir=cache_dir,
             has_val=has_val, batch_size=batch_size, seed=seed)
@@ -189,14 +193,15 @@ def train(
     return state.get("history", {})
 
 
-def _unfreeze(model, unfreeze_blocks, text_layers):
+def _unfreeze(model, image_blocks, text_layers):
     """Unfreezes what phase 2 fine-tunes; returns a title for it."""
-    blocks = unfreeze_top_blocks(model, unfreeze_blocks)
-    title = f"fine-tuning image backbone blocks {', '.join(blocks)}"
-    if text_layers and text.TEXT_BACKBONE in {layer.name for layer in model.layers}:
+    parts = []
+    if image_blocks:
+        parts.append(f"image backbone blocks {', '.join(unfreeze_top_blocks(model, image_blocks))}")
+    if text_layers and _frozen(model, text.TEXT_BACKBONE):
         layers = text.unfreeze_text_layers(model, text_layers)
-        title += f" and text encoder layers {', '.join(layers)}"
-    return title
+        parts.append(f"text encoder layers {', '.join(layers)}")
+    return f"fine-tuning {' and '.join(parts)}"
 
 
 def _fit_setup(model, records, run_dir, *, cache, cache_dir, has_val, batch_size, seed):
@@ -227,9 +232,9 @@ def _phase_weights(run_dir, phase):
     return os.path.join(run_dir, f"phase{phase}.weights.h5")
 
 
-def _image_backbone(model):
-    names = [layer.name for layer in model.layers]
-    return model.get_layer(BACKBONE_NAME) if BACKBONE_NAME in names else None
+def _frozen(model, name):
+    """Whether the model holds layer `name` and it is frozen."""
+    return name in {layer.name for layer in model.layers} and not model.get_layer(name).trainable
 
 
 def _clear_run(run_dir):

@@ -1,0 +1,107 @@
+import keras
+import numpy as np
+import pytest
+
+from keras_mmtl.data import from_arrays
+from keras_mmtl.evaluation import evaluate
+from keras_mmtl.models import (
+    backbone_network,
+    build_classifier,
+    build_classifier_for,
+    class_names,
+    learn_vocabulary,
+)
+from keras_mmtl.training import train, transfer, with_new_head
+
+COLOURS = {"red": (200, 60, 60), "green": (60, 170, 60), "blue": (60, 60, 200)}
+MATERIALS = ("cotton", "wool", "leather")
+SMALL = dict(image_backbone="small_cnn", image_weights=None, image_size=(16, 16))
+TRAINING = dict(epochs=10, fine_tune_epochs=2, batch_size=8, verbose=0)
+
+
+def _domain(num_train, num_test, seed, brightness=1.0, words=("new", "classic"), prefix=""):
+    """Colour (photo) x material (text) products; the target domain is darker, other words."""
+    rng = np.random.default_rng(seed)
+    n = num_train + num_test
+    colours = np.arange(n) % 3
+    materials = (np.arange(n) // 3) % 3
+    pixels = np.array([COLOURS[c] for c in COLOURS])[colours][:, None, None, :] * brightness
+    images = np.clip(pixels + rng.normal(0, 40, (n, 16, 16, 3)), 0, 255).astype("uint8")
+    texts = [f"{rng.choice(words)} {MATERIALS[m]} item" for m in materials]
+    labels = [f"{prefix}{list(COLOURS)[c]} {MATERIALS[m]}" for c, m in zip(colours, materials)]
+    splits = ["train"] * num_train + ["test"] * num_test
+    return from_arrays(labels, images=images, texts=texts, splits=splits)
+
+
+@pytest.fixture(scope="module")
+def domains():
+    source = _domain(270, 0, seed=0)
+    target = _domain(18, 180, seed=1, brightness=0.7, words=("urban", "soft"), prefix="t:")
+    vocabulary = learn_vocabulary(list(source.texts) + list(target.subset("train").texts))
+    return source, target, vocabulary
+
+
+def _accuracy(model, records):
+    return evaluate(model, records, "test").accuracy
+
+
+@pytest.mark.slow
+def test_source_to_target_transfer_beats_training_on_the_target_alone(tmp_path, domains):
+    source, target, vocabulary = domains
+    alone = build_classifier(target.class_names, text_vocabulary=vocabulary, **SMALL)
+    train(alone, target, str(tmp_path / "alone"), **TRAINING)
+    model = build_classifier(source.class_names, text_vocabulary=vocabulary, **SMALL)
+    adapted = transfer(model, source, target, str(tmp_path / "transfer"), **TRAINING)
+    assert class_names(adapted) == target.class_names
+    assert not backbone_network(adapted).get_layer("block1_conv").trainable
+    baseline, transferred = _accuracy(alone, target), _accuracy(adapted, target)
+    assert transferred > 0.8 and transferred > baseline + 0.2, (transferred, baseline)
+    reloaded = keras.models.load_model(tmp_path / "transfer" / "target" / "model.keras")
+    assert class_names(reloaded) == target.class_names
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("domain_adversarial", [False, True])
+def test_joint_training_adapts_to_the_target(tmp_path, domains, domain_adversarial):
+    source, target, vocabulary = domains
+    model = build_classifier(source.class_names, text_vocabulary=vocabulary, **SMALL)
+    adapted = transfer(model, source, target, str(tmp_path), joint=True, alpha=0.5,
+                       domain_adversarial=domain_adversarial, unlabeled=target.subset("test"),
+                       epochs=6, batch_size=9, verbose=0)
+    assert class_names(adapted) == target.class_names
+    assert _accuracy(adapted, target) > 0.8
+    reloaded = keras.models.load_model(tmp_path / "model.keras")
+    assert class_names(reloaded) == target.class_names
+
+
+@pytest.mark.slow
+def test_unsupervised_adaptation_keeps_the_source_classes(tmp_path, domains):
+    source, target, vocabulary = domains
+    shifted = _domain(90, 90, seed=2, brightness=0.7, words=("urban", "soft"))
+    model = build_classifier(source.class_names, text_vocabulary=vocabulary, **SMALL)
+    adapted = transfer(model, source, None, str(tmp_path), joint=True, domain_adversarial=True,
+                       unlabeled=shifted.subset("train"), epochs=4, batch_size=16, verbose=0)
+    assert class_names(adapted) == source.class_names
+    assert _accuracy(adapted, shifted) > 0.5  # its labels were never seen
+
+
+def test_new_head_freezes_what_is_asked(product_records):
+    model = build_classifier_for(product_records, **SMALL)
+    adapted = with_new_head(model, ["x", "y", "z"], freeze=("image_backbone", "fusion"))
+    assert adapted.output_shape == (None, 3)
+    assert not adapted.get_layer("image_backbone").trainable
+    assert not adapted.get_layer("fusion").trainable
+    assert adapted.get_layer("text_embedding").trainable
+    assert model.get_layer("fusion").trainable  # the source model is untouched
+    with pytest.raises(ValueError, match="no such layer"):
+        with_new_head(model, ["x"], freeze=("encoder",))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(domain_adversarial=True), "joint=True"),
+    (dict(joint=True, alpha=1.5), "alpha"),
+])
+def test_bad_transfer_settings_are_refused(tmp_path, product_records, kwargs, message):
+    model = build_classifier_for(product_records, **SMALL)
+    with pytest.raises(ValueError, match=message):
+        transfer(model, product_records, product_records, str(tmp_path), **kwargs)
