@@ -20,6 +20,7 @@ It takes about 45 minutes on 2 CPU cores. Run from the repository root:
 """
 
 import argparse
+import inspect
 import os
 import statistics
 import tempfile
@@ -114,6 +115,13 @@ def cache_comparison(records, work, cache_dir, epochs):
     return rows
 
 
+def _defaults():
+    """`train`'s default settings, as `name=value` pairs."""
+    skip = {"cache_dir", "resume", "verbose", "callbacks", "seed", "cache_features"}
+    return ", ".join(f"{name}={p.default}" for name, p in inspect.signature(train).parameters.items()
+                     if p.default is not inspect.Parameter.empty and name not in skip)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache-epochs", type=int, default=6,
@@ -158,9 +166,7 @@ def main():
         f"Fashion benchmark task: {len(records.subset('train'))} train, "
         f"{len(records.subset('val'))} val, {len(records.subset('test'))} test rows, "
         f"{len(records.class_names)} classes; MobileNetV2-0.35 (ImageNet, local file) at "
-        f"128x96; `train` defaults (phase 1 up to 10 epochs at 1e-3, phase 2 up to 5 epochs, "
-        f"top 3 blocks, peak 1e-4, warmup 0.1, cosine, layer decay 0.8, patience 3, batch 32). "
-        f"{total:.0f} minutes in all.\n\n"
+        f"128x96; `train` defaults ({_defaults()}). {total:.0f} minutes in all.\n\n"
         f"Phase 1 of the default model (image + text from scratch), {args.cache_epochs} epochs "
         f"each, epoch time with validation; median over the epochs after the first:\n\n"
         f"| phase 1 | first epoch (s) | median epoch (s) | feature extraction (s) | "

@@ -212,7 +212,8 @@ def build_parser():
     model.add_argument("--fusion", default="concat", help="fusion of image and text (concat)")
     model.add_argument("--dropout", type=float, default=0.2)
     fit = train.add_argument_group("training")
-    fit.add_argument("--epochs", type=int, default=10, help="max epochs, frozen backbone")
+    fit.add_argument("--epochs", type=int, default=30,
+                     help="max epochs, frozen backbone (early stopping ends most sooner)")
     fit.add_argument("--fine-tune-epochs", type=int, default=5, help="max epochs, fine-tuning")
     fit.add_argument("--learning-rate", type=float, default=1e-3)
     fit.add_argument("--fine-tune-learning-rate", type=float, default=1e-4)

@@ -43,7 +43,7 @@ def train(
     records,
     run_dir,
     *,
-    epochs=10,
+    epochs=30,
     fine_tune_epochs=5,
     learning_rate=1e-3,
     fine_tune_learning_rate=1e-4,
