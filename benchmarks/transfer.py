@@ -14,7 +14,7 @@ in one run:
    trained for the wall time the image + MiniLM model took, feature extraction included.
 
 Prints the tables and appends a section to `benchmarks/RESULTS.md` with the headline figures.
-It takes about 45 minutes on 2 CPU cores. Run from the repository root:
+It takes about 30 minutes on 2 CPU cores. Run from the repository root:
 
     python benchmarks/transfer.py
 """
