@@ -8,10 +8,11 @@ import shutil
 import keras
 
 from keras_mmtl.data.pipeline import make_dataset
+from keras_mmtl.models import text
 from keras_mmtl.models.backbones import BACKBONE_NAME, unfreeze_top_blocks
 from keras_mmtl.models.builder import image_size, model_modalities
-from keras_mmtl.models import text
 from keras_mmtl.training.cache import cacheable_outputs, compute_features, split_model
+from keras_mmtl.training.callbacks import StopOnNonFiniteLoss
 from keras_mmtl.training.optimizers import LayerwiseAdam, fine_tuning_optimizer
 
 STATE_FILE = "state.json"
@@ -254,7 +255,7 @@ def _callbacks(run_dir, phase, monitor, patience, best):
         keras.callbacks.TensorBoard(os.path.join(run_dir, "logs")),
         checkpoint,
         keras.callbacks.EarlyStopping(monitor=monitor, patience=patience),
-        keras.callbacks.TerminateOnNaN(),
+        StopOnNonFiniteLoss(run_dir),
     ]
 
 

@@ -24,6 +24,7 @@ from keras_mmtl.models.builder import (
     model_modalities,
 )
 from keras_mmtl.models.heads import ClassifierHead, GradientReversal
+from keras_mmtl.training.callbacks import StopOnNonFiniteLoss
 from keras_mmtl.training.optimizers import LayerwiseAdam
 from keras_mmtl.training.trainer import MODEL_FILE, _save_atomic, train
 
@@ -177,7 +178,7 @@ def train_joint(model, source, target, run_dir, *, alpha=0.5, domain_adversarial
         data, epochs=epochs, steps_per_epoch=steps, verbose=verbose,
         callbacks=[keras.callbacks.BackupAndRestore(os.path.join(run_dir, "backup")),
                    keras.callbacks.TensorBoard(os.path.join(run_dir, "logs")),
-                   keras.callbacks.TerminateOnNaN()])
+                   StopOnNonFiniteLoss(run_dir)])
     adapted = keras.Model(clone.input, outputs["target" if target is not None else "source"],
                           name=model.name)
     _save_atomic(adapted.save, os.path.join(run_dir, MODEL_FILE))
