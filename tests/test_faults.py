@@ -78,7 +78,9 @@ def test_a_run_killed_mid_epoch_resumes_losing_only_that_epoch(tmp_path):
     begun = [int(line.split()[1]) for line in log.read_text().splitlines()
              if line.startswith("begin")]
     assert begun == [2, 3, 4]  # epochs 1 and 2 were kept; epoch 3 starts over
-    assert json.loads((run_dir / "state.json").read_text())["phases_done"] == 1
+    state = json.loads((run_dir / "state.json").read_text())
+    assert state["phases_done"] == 1
+    assert state["history"]["epoch"] == [0, 1, 2, 3, 4]  # the killed run's epochs are kept
     assert (run_dir / "model.keras").exists()
 
 

@@ -112,7 +112,8 @@ def train(
 
     Returns:
         dict of per-epoch metric lists over both phases (`loss`, `accuracy`,
-        `val_loss`, `val_accuracy`, `phase`).
+        `val_loss`, `val_accuracy`, `epoch`, `phase`), also kept in
+        `state.json` after every epoch.
 
     Example:
 
@@ -164,16 +165,18 @@ def train(
                            steps_per_execution=32 if cached == model_modalities(model) else 1)
         if cached:
             title += f", on cached {' and '.join(cached)} features"
-        start = len(state.get("history", {}).get("loss", []))
+        # Epochs of earlier phases; BackupAndRestore resumes inside this one.
+        start = sum(1 for phase in state.get("history", {}).get("phase", []) if phase < number)
         print(f"Phase {number}/{len(phases)}: {title}; {phase_epochs} epochs at most, "
               f"{schedule}, {_count(fit_model.trainable_weights):,} trainable parameters.")
         best = os.path.join(run_dir, "checkpoints", f"phase{number}.weights.h5")
-        history = fit_model.fit(
+        fit_model.fit(
             train_ds,
             validation_data=val_ds,
             initial_epoch=start,
             epochs=start + phase_epochs,
-            callbacks=[*_callbacks(run_dir, number, monitor, patience, best), *callbacks],
+            callbacks=[_RecordEpochs(state, state_path, number),
+                       *_callbacks(run_dir, number, monitor, patience, best), *callbacks],
             shuffle=False,  # the dataset shuffles itself
             verbose=verbose,
         )
@@ -182,9 +185,10 @@ def train(
         if clone is not None:
             model.set_weights(clone.get_weights())
         _save_atomic(model.save_weights, _phase_weights(run_dir, number))
-        values = history.history.get(monitor, [])
+        recorded = state.get("history", {})
+        values = [value for value, phase in zip(recorded.get(monitor, []),
+                                                recorded.get("phase", [])) if phase == number]
         state.setdefault("best", {})[str(number)] = min(values) if values else float("inf")
-        _append_history(state, history.history, number)
         state["phases_done"] = number
         _write_state(state_path, state)
     if state.get("best"):
@@ -263,12 +267,26 @@ def _count(weights):
     return sum(int(keras.ops.size(w)) for w in weights)
 
 
-def _append_history(state, history, phase):
-    merged = state.setdefault("history", {})
-    epochs = len(next(iter(history.values()), []))
-    for key, values in history.items():
-        merged.setdefault(key, []).extend(float(v) for v in values)
-    merged.setdefault("phase", []).extend([phase] * epochs)
+class _RecordEpochs(keras.callbacks.Callback):
+    """Writes each finished epoch's metrics to `state.json`, so a killed run keeps them.
+
+    Entries are keyed by epoch: an epoch run again after a resume replaces
+    what an interrupted run recorded for it.
+    """
+
+    def __init__(self, state, path, phase):
+        super().__init__()
+        self.state, self.path, self.phase = state, path, phase
+
+    def on_epoch_end(self, epoch, logs=None):
+        history = self.state.setdefault("history", {})
+        keep = sum(1 for done in history.get("epoch", []) if done < epoch)
+        for values in history.values():
+            del values[keep:]
+        for key, value in {**(logs or {}), "epoch": epoch, "phase": self.phase}.items():
+            history.setdefault(key, []).append(
+                value if key in ("epoch", "phase") else float(value))
+        _write_state(self.path, self.state)
 
 
 def _read_state(path):
