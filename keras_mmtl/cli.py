@@ -105,7 +105,7 @@ def cmd_train(args):
                    fine_tune_learning_rate=args.fine_tune_learning_rate,
                    unfreeze_blocks=args.unfreeze_blocks,
                    unfreeze_text_layers=args.unfreeze_text_layers, warmup=args.warmup,
-                   layer_decay=args.layer_decay)
+                   layer_decay=args.layer_decay, class_weight=args.class_weight)
     if source is None:
         model = build_classifier_for(records, **build)
         train(model, records, run_dir, **fit)
@@ -227,6 +227,9 @@ def build_parser():
     fit.add_argument("--layer-decay", type=float, default=0.8,
                      help="learning-rate factor per block down each backbone in fine-tuning")
     fit.add_argument("--batch-size", type=int, default=32)
+    fit.add_argument("--class-weight", choices=["balanced"], default=None,
+                     help="'balanced': rare classes weigh as much as frequent ones (better "
+                          "macro-F1 on imbalanced data)")
     domain = train.add_argument_group(
         "domain transfer", "Train on --source-manifest first (same columns), then adapt to "
                            "--manifest: in turn with a new head, or jointly.")

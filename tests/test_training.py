@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 
 from conftest import MOBILENET_WEIGHTS
+from keras_mmtl.data import from_arrays
 from keras_mmtl.models import backbone_network, build_classifier_for
-from keras_mmtl.training import train
+from keras_mmtl.training import class_weights, train
 
 # A frozen random small CNN stands in for a pretrained backbone: two phases,
 # healthy gradients, fast.
@@ -91,3 +92,27 @@ def test_crash_in_phase_two_keeps_phase_one(tmp_path, product_records, monkeypat
     again = train(fresh, product_records, str(tmp_path), epochs=2, fine_tune_epochs=1,
                   batch_size=8, verbose=0)
     assert again == history
+
+
+@pytest.mark.parametrize("class_weight, expected", [
+    (None, None),
+    ("balanced", {0: 0.75, 1: 1.5}),
+    ({"b": 3.0}, {0: 1.0, 1: 3.0}),
+])
+def test_class_weights(class_weight, expected):
+    records = from_arrays(["a", "a", "a", "a", "b", "b", "a"], texts=["x"] * 7,
+                          splits=["train"] * 6 + ["test"])
+    assert class_weights(records, class_weight) == expected
+
+
+@pytest.mark.parametrize("class_weight, message", [("rare", "'balanced'"), ({"c": 2}, "'c'")])
+def test_bad_class_weights_are_refused(class_weight, message, product_records):
+    with pytest.raises(ValueError, match=message):
+        class_weights(product_records, class_weight)
+
+
+def test_balanced_class_weights_train(tmp_path, product_records):
+    model = build_classifier_for(product_records, **SMALL)
+    history = train(model, product_records, str(tmp_path), epochs=1, fine_tune_epochs=1,
+                    batch_size=8, class_weight="balanced", verbose=0)
+    assert history["phase"] == [1, 2]

@@ -6,6 +6,7 @@ import os
 import shutil
 
 import keras
+import numpy as np
 
 from keras_mmtl.data.pipeline import make_dataset
 from keras_mmtl.models import text
@@ -54,6 +55,7 @@ def train(
     layer_decay=0.8,
     batch_size=32,
     patience=3,
+    class_weight=None,
     cache_features=True,
     cache_dir=None,
     resume=True,
@@ -101,6 +103,10 @@ def train(
             phase 2; 1 gives every layer the same rate.
         batch_size: samples per batch.
         patience: epochs without validation improvement before a phase stops.
+        class_weight: `None`, `"balanced"` (each class weighs
+            `rows / (classes * rows of the class)`, so rare classes count as
+            much as frequent ones: better macro-F1 on imbalanced data), or a
+            dict of class name -> weight (see `class_weights`).
         cache_features: train phase 1 on cached frozen-backbone features.
         cache_dir: where cached features are kept, keyed by the frozen
             weights and the data (default `run_dir/cache`), so a stale cache
@@ -172,6 +178,7 @@ def train(
         best = os.path.join(run_dir, "checkpoints", f"phase{number}.weights.h5")
         fit_model.fit(
             train_ds,
+            class_weight=class_weights(records, class_weight),
             validation_data=val_ds,
             initial_epoch=start,
             epochs=start + phase_epochs,
@@ -196,6 +203,42 @@ def train(
         model.load_weights(_phase_weights(run_dir, best_phase))
     _save_atomic(model.save, os.path.join(run_dir, MODEL_FILE))
     return state.get("history", {})
+
+
+def class_weights(records, class_weight):
+    """The `fit` class weights (by class index) that `class_weight` asks for.
+
+    Args:
+        records: `Records`; "balanced" counts the classes of its train split.
+        class_weight: `None`, `"balanced"`, or a dict of class name -> weight
+            (classes left out weigh 1).
+
+    Returns:
+        `None` or a dict of class index -> weight.
+
+    Example:
+
+    >>> import numpy as np
+    >>> from keras_mmtl.data import from_arrays
+    >>> records = from_arrays(["a", "a", "a", "b"], texts=["x"] * 4, splits=["train"] * 4)
+    >>> class_weights(records, "balanced")
+    {0: 0.6666666666666666, 1: 2.0}
+    """
+    if class_weight is None:
+        return None
+    names = list(records.class_names)
+    if isinstance(class_weight, str):
+        if class_weight != "balanced":
+            raise ValueError(f"class_weight must be None, 'balanced' or a dict of class name -> "
+                             f"weight. Received: class_weight={class_weight!r}")
+        counts = np.bincount(records.subset("train").labels, minlength=len(names))
+        return {i: float(counts.sum() / (len(names) * max(count, 1)))
+                for i, count in enumerate(counts)}
+    unknown = sorted(set(class_weight) - set(names))
+    if unknown:
+        raise ValueError(f"class_weight names classes {unknown} that the data does not have; "
+                         f"its classes: {names}")
+    return {i: float(class_weight.get(name, 1.0)) for i, name in enumerate(names)}
 
 
 def _unfreeze(model, image_blocks, text_layers):
