@@ -87,8 +87,9 @@ def cmd_train(args):
     from keras_mmtl.evaluation import evaluate
     from keras_mmtl.export import export_saved_model
     from keras_mmtl.models import build_classifier_for
-    from keras_mmtl.training import train, transfer
+    from keras_mmtl.training import setup_precision, train, transfer
 
+    setup_precision(args.precision)
     records = _read(args)
     name = args.name or os.path.splitext(os.path.basename(args.manifest))[0]
     run_dir = args.run_dir or os.path.join("runs", name)
@@ -227,6 +228,9 @@ def build_parser():
     fit.add_argument("--layer-decay", type=float, default=0.8,
                      help="learning-rate factor per block down each backbone in fine-tuning")
     fit.add_argument("--batch-size", type=int, default=32)
+    fit.add_argument("--precision", default="auto",
+                     help="'auto' (mixed_float16 on a GPU with tensor cores, else float32), or a "
+                          "Keras policy such as float32 or mixed_float16")
     fit.add_argument("--class-weight", choices=["balanced"], default=None,
                      help="'balanced': rare classes weigh as much as frequent ones (better "
                           "macro-F1 on imbalanced data)")

@@ -7,7 +7,7 @@ import pytest
 from conftest import MOBILENET_WEIGHTS
 from keras_mmtl.data import from_arrays
 from keras_mmtl.models import backbone_network, build_classifier_for
-from keras_mmtl.training import class_weights, train
+from keras_mmtl.training import class_weights, setup_precision, train
 
 # A frozen random small CNN stands in for a pretrained backbone: two phases,
 # healthy gradients, fast.
@@ -116,3 +116,17 @@ def test_balanced_class_weights_train(tmp_path, product_records):
     history = train(model, product_records, str(tmp_path), epochs=1, fine_tune_epochs=1,
                     batch_size=8, class_weight="balanced", verbose=0)
     assert history["phase"] == [1, 2]
+
+
+def test_mixed_precision_trains_with_a_float32_head(tmp_path, product_records):
+    assert setup_precision("auto") == "float32"  # no GPU here
+    try:
+        setup_precision("mixed_float16")
+        model = build_classifier_for(product_records, **SMALL)
+        assert model.get_layer("fusion").compute_dtype == "float16"
+        history = train(model, product_records, str(tmp_path), epochs=2, fine_tune_epochs=1,
+                        batch_size=8, verbose=0)
+    finally:
+        setup_precision("float32")
+    assert np.isfinite(history["loss"]).all() and history["phase"] == [1, 1, 2]
+    assert model.output.dtype == "float32"

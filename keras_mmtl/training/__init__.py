@@ -6,5 +6,6 @@ from keras_mmtl.training.optimizers import (
     fine_tuning_optimizer,
     layerwise_multipliers,
 )
+from keras_mmtl.training.precision import setup_precision
 from keras_mmtl.training.trainer import class_weights, compile_classifier, train
 from keras_mmtl.training.transfer import train_joint, transfer, with_new_head
