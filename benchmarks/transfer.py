@@ -180,7 +180,7 @@ def main():
     print(body)
     append_section("transfer", body, {
         "cache_speedup_phase1": f"{speedup:.1f}",
-        "cache_accuracy_delta_points": f"{delta:+.2f}",
+        "cache_accuracy_delta_points": f"{delta:.2f}",
         "text_scratch_macro_f1": f"{by_name['text, from scratch']['macro_f1']:.3f}",
         "text_minilm_macro_f1": f"{by_name['text, MiniLM']['macro_f1']:.3f}",
         "fused_macro_f1": f"{by_name['image + MiniLM']['macro_f1']:.3f}",
