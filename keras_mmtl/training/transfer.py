@@ -172,7 +172,7 @@ def train_joint(model, source, target, run_dir, *, alpha=0.5, domain_adversarial
     )
     parts = [("source", source)] + ([("target", target)] if target is not None else [])
     parts += [("unlabeled", unlabeled)] if unlabeled is not None else []
-    data, steps = _joint_dataset(joint_model, model, parts, tuple(outputs), batch_size, seed)
+    data, steps = _joint_dataset(model, parts, tuple(outputs), batch_size, seed)
     os.makedirs(run_dir, exist_ok=True)
     joint_model.fit(
         data, epochs=epochs, steps_per_epoch=steps, verbose=verbose,
@@ -185,7 +185,7 @@ def train_joint(model, source, target, run_dir, *, alpha=0.5, domain_adversarial
     return adapted
 
 
-def _joint_dataset(joint_model, model, parts, outputs, batch_size, seed):
+def _joint_dataset(model, parts, outputs, batch_size, seed):
     """Endless batches of `(inputs, labels, sample weights)` over all parts, and steps per epoch."""
     kwargs = dict(image_size=image_size(model), modalities=model_modalities(model),
                   batch_size=batch_size, seed=seed, shuffle=True, drop_remainder=True)
