@@ -15,7 +15,7 @@ import pytest
 from keras_mmtl.data import from_arrays
 from keras_mmtl.models import build_classifier_for
 from keras_mmtl.training import train
-from keras_mmtl.training.callbacks import NonFiniteLossError
+from keras_mmtl.training.callbacks import BestWeights, NonFiniteLossError
 
 SMALL = dict(image_backbone="small_cnn", image_weights=None, image_size=(16, 16),
              freeze_backbone=True)
@@ -103,3 +103,26 @@ def test_nan_loss_stops_with_epoch_and_batch_then_resumes(tmp_path):
     history = train(build_classifier_for(records, **SMALL), records, str(tmp_path), epochs=3,
                     fine_tune_epochs=0, batch_size=8, verbose=0)
     assert np.isfinite(history["loss"]).all()
+
+
+def test_best_weights_are_written_atomically_and_respect_the_resumed_best(tmp_path):
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    path = str(tmp_path / "best.weights.h5")
+    callback = BestWeights(path, "val_loss", best=0.5)
+    callback.set_model(model)
+    callback.on_epoch_end(0, {"val_loss": 0.7})  # worse than before the resume
+    assert not os.path.exists(path)
+    callback.on_epoch_end(1, {"val_loss": 0.4})
+    with open(path, "rb") as f:
+        saved = f.read()
+
+    def crash(filepath):
+        with open(filepath, "wb") as f:
+            f.write(b"half a file")
+        raise OSError("killed while writing")
+
+    model.save_weights = crash
+    with pytest.raises(OSError):
+        callback.on_epoch_end(2, {"val_loss": 0.3})
+    with open(path, "rb") as f:
+        assert f.read() == saved  # the previous best is whole

@@ -1,6 +1,7 @@
-"""Callbacks of the trainer beyond Keras' own."""
+"""Callbacks of the trainer beyond Keras' own, and the atomic writes they use."""
 
 import math
+import os
 
 import keras
 
@@ -49,3 +50,36 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
             "call resumes from the last finished epoch. Usual causes: a learning rate too "
             "high for this model (lower learning_rate / fine_tune_learning_rate), inputs with "
             "NaN or infinite values, or float16 overflow (use float32).")
+
+
+def save_atomic(save, path):
+    """Calls `save(tmp_path)`, then renames into place: never a half-written file."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    base, name = os.path.split(path)
+    tmp = os.path.join(base, f".tmp-{name}")
+    save(tmp)
+    os.replace(tmp, path)
+
+
+class BestWeights(keras.callbacks.Callback):
+    """Keeps the weights of the best epoch so far (lowest `monitor`), written atomically.
+
+    Unlike `keras.callbacks.ModelCheckpoint`, a run killed while it writes
+    leaves the previous best file whole, and a resumed run passes the best
+    value it had reached (`best`) so a worse epoch does not replace it.
+
+    Args:
+        path: the `.weights.h5` file.
+        monitor: the logged value to minimise, e.g. `"val_loss"`.
+        best: the best value reached before (a resumed run), or infinity.
+    """
+
+    def __init__(self, path, monitor="val_loss", best=math.inf):
+        super().__init__()
+        self.path, self.monitor, self.best = path, monitor, best
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get(self.monitor)
+        if value is not None and value < self.best:
+            self.best = float(value)
+            save_atomic(self.model.save_weights, self.path)

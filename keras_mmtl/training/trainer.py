@@ -13,7 +13,7 @@ from keras_mmtl.models import text
 from keras_mmtl.models.backbones import BACKBONE_NAME, unfreeze_top_blocks
 from keras_mmtl.models.builder import image_size, model_modalities
 from keras_mmtl.training.cache import cacheable_outputs, compute_features, split_model
-from keras_mmtl.training.callbacks import StopOnNonFiniteLoss
+from keras_mmtl.training.callbacks import BestWeights, StopOnNonFiniteLoss, save_atomic
 from keras_mmtl.training.optimizers import LayerwiseAdam, fine_tuning_optimizer
 
 STATE_FILE = "state.json"
@@ -183,7 +183,8 @@ def train(
             initial_epoch=start,
             epochs=start + phase_epochs,
             callbacks=[_RecordEpochs(state, state_path, number),
-                       *_callbacks(run_dir, number, monitor, patience, best), *callbacks],
+                       *_callbacks(run_dir, number, monitor, patience, best,
+                                   _best(state, monitor, number)), *callbacks],
             shuffle=False,  # the dataset shuffles itself
             verbose=verbose,
         )
@@ -191,17 +192,14 @@ def train(
             fit_model.load_weights(best)
         if clone is not None:
             model.set_weights(clone.get_weights())
-        _save_atomic(model.save_weights, _phase_weights(run_dir, number))
-        recorded = state.get("history", {})
-        values = [value for value, phase in zip(recorded.get(monitor, []),
-                                                recorded.get("phase", [])) if phase == number]
-        state.setdefault("best", {})[str(number)] = min(values) if values else float("inf")
+        save_atomic(model.save_weights, _phase_weights(run_dir, number))
+        state.setdefault("best", {})[str(number)] = _best(state, monitor, number)
         state["phases_done"] = number
         _write_state(state_path, state)
     if state.get("best"):
         best_phase = min(state["best"], key=state["best"].get)
         model.load_weights(_phase_weights(run_dir, best_phase))
-    _save_atomic(model.save, os.path.join(run_dir, MODEL_FILE))
+    save_atomic(model.save, os.path.join(run_dir, MODEL_FILE))
     return state.get("history", {})
 
 
@@ -294,16 +292,22 @@ def _clear_run(run_dir):
             os.remove(os.path.join(run_dir, name))
 
 
-def _callbacks(run_dir, phase, monitor, patience, best):
-    checkpoint = keras.callbacks.ModelCheckpoint(
-        best, monitor=monitor, save_best_only=True, save_weights_only=True)
+def _callbacks(run_dir, phase, monitor, patience, best, best_value):
     return [
         keras.callbacks.BackupAndRestore(os.path.join(run_dir, "backup", f"phase{phase}")),
         keras.callbacks.TensorBoard(os.path.join(run_dir, "logs")),
-        checkpoint,
+        BestWeights(best, monitor, best_value),
         keras.callbacks.EarlyStopping(monitor=monitor, patience=patience),
         StopOnNonFiniteLoss(run_dir),
     ]
+
+
+def _best(state, monitor, phase):
+    """The best (lowest) `monitor` value recorded in `phase`, or infinity."""
+    history = state.get("history", {})
+    values = [value for value, done in zip(history.get(monitor, []), history.get("phase", []))
+              if done == phase]
+    return min(values, default=float("inf"))
 
 
 def _count(weights):
@@ -343,13 +347,4 @@ def _write_state(path, state):
     def write(tmp):
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(state, f, indent=2)
-    _save_atomic(write, path)
-
-
-def _save_atomic(save, path):
-    """Calls `save(tmp_path)`, then renames into place: never a half-written file."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    base, name = os.path.split(path)
-    tmp = os.path.join(base, f".tmp-{name}")
-    save(tmp)
-    os.replace(tmp, path)
+    save_atomic(write, path)

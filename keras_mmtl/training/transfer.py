@@ -24,9 +24,9 @@ from keras_mmtl.models.builder import (
     model_modalities,
 )
 from keras_mmtl.models.heads import ClassifierHead, GradientReversal
-from keras_mmtl.training.callbacks import StopOnNonFiniteLoss
+from keras_mmtl.training.callbacks import StopOnNonFiniteLoss, save_atomic
 from keras_mmtl.training.optimizers import LayerwiseAdam
-from keras_mmtl.training.trainer import MODEL_FILE, _save_atomic, train
+from keras_mmtl.training.trainer import MODEL_FILE, train
 
 HEAD = "head"
 
@@ -181,7 +181,7 @@ def train_joint(model, source, target, run_dir, *, alpha=0.5, domain_adversarial
                    StopOnNonFiniteLoss(run_dir)])
     adapted = keras.Model(clone.input, outputs["target" if target is not None else "source"],
                           name=model.name)
-    _save_atomic(adapted.save, os.path.join(run_dir, MODEL_FILE))
+    save_atomic(adapted.save, os.path.join(run_dir, MODEL_FILE))
     return adapted
 
 
