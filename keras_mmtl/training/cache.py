@@ -34,9 +34,10 @@ def _outputs(model, layer_name):
 
 
 def cacheable_outputs(model):
-    """`{modality: layer name}` of the outputs that stay fixed while phase 1 trains.
+    """`{modality: layer name}` of the outputs that stay fixed while the model trains.
 
-    Phase 1 runs on cached outputs when every input of the model has one.
+    A phase reads these branches from the cache and the other inputs raw;
+    when every input is cached, the fitted top is tiny.
     """
     names = {layer.name for layer in model.layers}
     found = {}
