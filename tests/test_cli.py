@@ -71,6 +71,6 @@ def test_train_transfers_from_a_source_manifest(tmp_path, products, capsys, mode
     assert model.exists() and f"Model saved to {model}" in out
 
 
-def test_joint_needs_a_source_manifest(tmp_path, products):
-    with pytest.raises(SystemExit):
-        main(["train", "--manifest", products, "--joint"])
+def test_joint_needs_a_source_manifest(tmp_path, products, capsys):
+    assert main(["train", "--manifest", products, "--joint"]) == 2
+    assert "need transfer.source_manifest (--source-manifest)" in capsys.readouterr().err

@@ -54,6 +54,13 @@ def test_unfreezing_keeps_batchnorm_frozen_and_lower_blocks_frozen():
     assert trainable == {"block_16_expand", "block_16_depthwise", "block_16_project", "Conv_1"}
 
 
+@pytest.mark.parametrize("count", ["all", 1000])
+def test_unfreezing_more_blocks_than_there_are_unfreezes_all(count):
+    model = build_classifier(["a", "b"], text_encoder=None, freeze_backbone=True, **SMALL)
+    blocks = backbone_blocks(backbone_network(model))
+    assert unfreeze_top_blocks(model, count) == [block for block, _ in blocks]
+
+
 def test_offline_imagenet_download_fails_with_instructions(monkeypatch, tmp_path):
     def no_network(*args, **kwargs):
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")

@@ -1,5 +1,6 @@
 """Data: manifests, TFDS, arrays and folders -> validated records -> tf.data."""
 
+from keras_mmtl.data.augmentation import ImageAugmentation, TextAugmentation, make_augmentation
 from keras_mmtl.data.demo import make_demo_dataset
 from keras_mmtl.data.images import decode_image
 from keras_mmtl.data.manifest import (

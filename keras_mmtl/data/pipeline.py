@@ -1,8 +1,9 @@
-"""Records -> tf.data: read, decode, resize, shuffle, batch, prefetch."""
+"""Records -> tf.data: read, decode, resize, shuffle, batch, augment, prefetch."""
 
 import numpy as np
 import tensorflow as tf
 
+from keras_mmtl.data.augmentation import MODALITIES as AUGMENTED_MODALITIES
 from keras_mmtl.data.images import decode_image, resize_image
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -19,6 +20,7 @@ def make_dataset(
     seed=0,
     drop_remainder=False,
     features=None,
+    augment=None,
 ):
     """Builds the input pipeline of a model: `({"image", "text"}, label)` batches.
 
@@ -41,6 +43,13 @@ def make_dataset(
         features: more inputs precomputed per row of the split, such as
             cached backbone outputs (`keras_mmtl.training.compute_features`):
             dict of name -> array whose first axis follows the split's rows.
+        augment: training-only augmentation, e.g. from `make_augmentation`:
+            dict of modality (`"image"`, `"text"`) -> layer such as
+            `ImageAugmentation` (`None` values are off). Each batch is
+            augmented with `training=True` after decoding and batching, one
+            batch after another so a layer's seed reproduces the run.
+            Modalities the dataset does not yield (images read from cached
+            features) are left out. Pass it for the train split only.
 
     Returns:
         a batched, prefetched `tf.data.Dataset`.
@@ -68,6 +77,7 @@ def make_dataset(
         )
     if "image" in modalities and image_size is None:
         raise ValueError("Pass image_size=(height, width) (keras_mmtl.models.image_size(model)).")
+    augmenters = _augmenters(augment, modalities)
     if shuffle is None:
         shuffle = split == "train"
     inputs = {name: np.asarray(values) for name, values in (features or {}).items()}
@@ -98,4 +108,31 @@ def make_dataset(
     if "image" in modalities:  # nothing else needs work per sample
         ds = ds.map(load_image, num_parallel_calls=AUTOTUNE)
     ds = ds.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=AUTOTUNE)
+    if augmenters:
+
+        def augment_batch(row, label):
+            return {**row, **{name: layer(row[name], training=True)
+                              for name, layer in augmenters.items()}}, label
+
+        # Sequential: parallel calls would draw from the layers' seed state in any order.
+        ds = ds.map(augment_batch)
     return ds.prefetch(AUTOTUNE)
+
+
+def _augmenters(augment, modalities):
+    """The `augment` layers of the modalities the dataset yields."""
+    if augment is None:
+        return {}
+    if not isinstance(augment, dict):
+        raise ValueError(f"augment must be None or a dict of modality -> layer "
+                         f"(see keras_mmtl.data.make_augmentation). Received: augment={augment!r}")
+    unknown = sorted(set(augment) - set(AUGMENTED_MODALITIES))
+    if unknown:
+        raise ValueError(f"Unknown augment keys {unknown}. Expected some of "
+                         f"{list(AUGMENTED_MODALITIES)}. Received: augment={augment!r}")
+    for name, layer in augment.items():
+        if layer is not None and not callable(layer):
+            raise ValueError(f"augment[{name!r}] must be a layer (such as ImageAugmentation) "
+                             f"or None. Received: {layer!r}")
+    return {name: layer for name, layer in augment.items()
+            if layer is not None and name in modalities}

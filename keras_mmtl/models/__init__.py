@@ -13,6 +13,7 @@ from keras_mmtl.models.builder import (
     build_classifier_for,
     class_names,
     clone_classifier,
+    embedding_model,
     image_size,
     model_modalities,
 )

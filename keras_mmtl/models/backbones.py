@@ -204,7 +204,8 @@ def unfreeze_top_blocks(model, num_blocks):
 
     Args:
         model: a classifier (or backbone) holding the `"image_backbone"`.
-        num_blocks: number of top blocks to unfreeze; `"all"` for all.
+        num_blocks: number of top blocks to unfreeze; `"all"`, or more than
+            the backbone has, unfreezes them all.
 
     Returns:
         names of the unfrozen blocks.
@@ -213,7 +214,7 @@ def unfreeze_top_blocks(model, num_blocks):
     backbone = model.get_layer(BACKBONE_NAME) if model.name != BACKBONE_NAME else model
     backbone.trainable = True
     blocks = backbone_blocks(network)
-    count = len(blocks) if num_blocks == "all" else int(num_blocks)
+    count = len(blocks) if num_blocks == "all" else min(int(num_blocks), len(blocks))
     top = blocks[len(blocks) - count:] if count > 0 else []
     unfrozen = {id(layer) for _, layers in top for layer in layers}
     for layer in network.layers:

@@ -138,6 +138,22 @@ def clone_classifier(model):
     return clone
 
 
+def embedding_model(model):
+    """A model from a classifier's inputs to its fused embedding (the head's input).
+
+    The embedding is what the classifier's softmax reads: useful for
+    retrieval, clustering, monitoring drift and TensorBoard's Projector.
+
+    Example:
+
+    >>> model = build_classifier(["cat", "dog"], image_backbone=None,
+    ...                          text_vocabulary=["a", "cat", "dog"])
+    >>> embedding_model(model).output_shape
+    (None, 256)
+    """
+    return keras.Model(model.input, model.get_layer("head").input, name=f"{model.name}_embedding")
+
+
 def class_names(model):
     """The class names a classifier was built with."""
     return list(model.get_layer("head").class_names)

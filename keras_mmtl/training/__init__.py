@@ -1,8 +1,11 @@
 """Training: two-phase transfer learning with checkpoints, TensorBoard and resume; domain transfer."""
 
 from keras_mmtl.training.cache import compute_features, split_model
+from keras_mmtl.training.distribute import distribution_strategy
+from keras_mmtl.training.losses import ClassificationLoss
 from keras_mmtl.training.optimizers import (
     LayerwiseAdam,
+    decoupled_weight_decay,
     fine_tuning_optimizer,
     layerwise_multipliers,
 )

@@ -33,15 +33,21 @@ def _outputs(model, layer_name):
     return model.get_layer(layer_name)._inbound_nodes[0].output_tensors
 
 
-def cacheable_outputs(model):
+def cacheable_outputs(model, exclude=()):
     """`{modality: layer name}` of the outputs that stay fixed while the model trains.
 
     A phase reads these branches from the cache and the other inputs raw;
     when every input is cached, the fitted top is tiny.
+
+    Args:
+        model: the classifier.
+        exclude: modalities never cached, such as those augmented in training.
     """
     names = {layer.name for layer in model.layers}
     found = {}
     for modality, choices in CACHEABLE.items():
+        if modality in exclude:
+            continue
         for output, frozen in choices:
             # One output tensor only: a WordPiece tokenizer's dict of ids is cheap anyway.
             if output in names and len(_outputs(model, output)) == 1 and (frozen is None or (
@@ -51,13 +57,17 @@ def cacheable_outputs(model):
     return found
 
 
-def split_model(model):
+def split_model(model, exclude=()):
     """Splits a copy of a classifier after its cacheable outputs (`cacheable_outputs`).
 
     The split works on a clone (same weights and trainable flags) so the
     classifier's own graph stays as built and saves cleanly; copy the clone's
     weights back with `model.set_weights(clone.get_weights())` after training
     the top.
+
+    Args:
+        model: the classifier.
+        exclude: modalities left raw (see `cacheable_outputs`).
 
     Returns:
         `(extractors, top, clone)`: `extractors` maps each cached modality to
@@ -66,7 +76,7 @@ def split_model(model):
         the layers of `clone`.
     """
     clone = clone_classifier(model)
-    branches = cacheable_outputs(clone)
+    branches = cacheable_outputs(clone, exclude)
     features = {m: _outputs(clone, layer)[0] for m, layer in branches.items()}
     top_inputs = {f"{m}_features": t for m, t in features.items()}
     top_inputs.update({m: t for m, t in clone.input.items() if m not in branches})

@@ -124,7 +124,36 @@ def layerwise_multipliers(model, decay):
     return multipliers
 
 
-def fine_tuning_optimizer(model, learning_rate, total_steps, *, warmup=0.1, layer_decay=0.8):
+# Weights that weight decay leaves alone, by variable name: biases, normalisation
+# scales and offsets, and embedding tables (decaying rows a batch did not use).
+NO_WEIGHT_DECAY = ("bias", "gamma", "beta", "moving_", "embeddings")
+
+
+def decoupled_weight_decay(optimizer):
+    """Keeps an optimizer's `weight_decay` to kernels, as AdamW is usually run.
+
+    Keras applies `weight_decay` (decoupled: `w -= learning_rate *
+    weight_decay * w` each step, apart from the gradient update) to every
+    variable; this leaves out those named in `NO_WEIGHT_DECAY`.
+
+    Returns:
+        the same optimizer.
+
+    Example:
+
+    >>> optimizer = decoupled_weight_decay(LayerwiseAdam(weight_decay=1e-4))
+    >>> layer = keras.layers.Dense(1)
+    >>> layer.build((None, 2))
+    >>> optimizer.build(layer.trainable_variables)
+    >>> [optimizer._use_weight_decay(v) for v in layer.trainable_variables]
+    [True, False]
+    """
+    optimizer.exclude_from_weight_decay(var_names=list(NO_WEIGHT_DECAY))
+    return optimizer
+
+
+def fine_tuning_optimizer(model, learning_rate, total_steps, *, warmup=0.1, layer_decay=0.8,
+                          weight_decay=0.0):
     """The optimizer of phase 2: linear warmup, cosine decay, layer-wise rates.
 
     The learning rate rises from 0 to `learning_rate` over the first
@@ -138,6 +167,7 @@ def fine_tuning_optimizer(model, learning_rate, total_steps, *, warmup=0.1, laye
         total_steps: optimizer steps of the whole phase (epochs x batches).
         warmup: fraction of the steps spent warming up.
         layer_decay: factor per block down each backbone (`layerwise_multipliers`).
+        weight_decay: decoupled weight decay of kernels (`decoupled_weight_decay`).
 
     Returns:
         a `LayerwiseAdam`.
@@ -152,4 +182,6 @@ def fine_tuning_optimizer(model, learning_rate, total_steps, *, warmup=0.1, laye
         warmup_target=learning_rate if warmup_steps else None,
         warmup_steps=warmup_steps,
     )
-    return LayerwiseAdam(layerwise_multipliers(model, layer_decay), learning_rate=schedule)
+    return decoupled_weight_decay(LayerwiseAdam(
+        layerwise_multipliers(model, layer_decay), learning_rate=schedule,
+        weight_decay=weight_decay or None))

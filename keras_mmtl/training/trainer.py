@@ -1,27 +1,43 @@
 """Two-phase transfer learning: train the head on a frozen backbone, then fine-tune its top."""
 
 import json
-import math
 import os
 import shutil
 
 import keras
 import numpy as np
 
+from keras_mmtl.data.augmentation import make_augmentation
 from keras_mmtl.data.pipeline import make_dataset
 from keras_mmtl.models import text
-from keras_mmtl.models.backbones import BACKBONE_NAME, unfreeze_top_blocks
-from keras_mmtl.models.builder import image_size, model_modalities
+from keras_mmtl.models.backbones import BACKBONE_NAME, backbone_network, unfreeze_top_blocks
+from keras_mmtl.models.builder import class_names, embedding_model, image_size, model_modalities
 from keras_mmtl.training.cache import cacheable_outputs, compute_features, split_model
-from keras_mmtl.training.callbacks import BestWeights, StopOnNonFiniteLoss, save_atomic
-from keras_mmtl.training.optimizers import LayerwiseAdam, fine_tuning_optimizer
+from keras_mmtl.training.callbacks import (
+    BestWeights,
+    ConfusionMatrixImage,
+    StopOnNonFiniteLoss,
+    save_atomic,
+    write_hparams,
+    write_projector,
+)
+from keras_mmtl.training.distribute import describe, is_chief, is_multi_worker, worker_id
+from keras_mmtl.training.losses import ClassificationLoss
+from keras_mmtl.training.metrics import MacroF1
+from keras_mmtl.training.optimizers import (
+    LayerwiseAdam,
+    decoupled_weight_decay,
+    fine_tuning_optimizer,
+)
 
 STATE_FILE = "state.json"
 MODEL_FILE = "model.keras"
+LOGS = "logs"
+PROJECTOR_POINTS = 5000  # the Projector stays responsive up to ~10k points
 
 
-def compile_classifier(model, optimizer, steps_per_execution=1):
-    """Compiles a classifier with sparse cross-entropy and accuracy.
+def compile_classifier(model, optimizer, steps_per_execution=1, loss=None):
+    """Compiles a classifier with cross-entropy, accuracy and macro-F1.
 
     Args:
         model: the classifier.
@@ -29,13 +45,16 @@ def compile_classifier(model, optimizer, steps_per_execution=1):
             (Adam with fused and lazy updates, no multipliers).
         steps_per_execution: batches per compiled call; more cuts Python
             overhead where a step is tiny (a head on cached features).
+        loss: a loss on integer labels; default `ClassificationLoss()`
+            (sparse categorical cross-entropy).
     """
     if not isinstance(optimizer, keras.optimizers.Optimizer):
         optimizer = LayerwiseAdam(learning_rate=optimizer)
     model.compile(
         optimizer=optimizer,
-        loss=keras.losses.SparseCategoricalCrossentropy(),
-        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+        loss=loss or ClassificationLoss(),
+        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
+                 MacroF1(model.output_shape[-1])],
         steps_per_execution=steps_per_execution,
     )
 
@@ -56,6 +75,11 @@ def train(
     batch_size=32,
     patience=3,
     class_weight=None,
+    focal_gamma=0.0,
+    label_smoothing=0.0,
+    weight_decay=0.0,
+    augment_images=False,
+    augment_text=False,
     cache_features=True,
     cache_dir=None,
     resume=True,
@@ -77,6 +101,12 @@ def train(
     (each block down a backbone learns `layer_decay` times slower). Each
     phase stops early when validation loss stops improving and keeps its
     best epoch; the model ends with the better of the two phases.
+
+    A model built inside a `tf.distribute` strategy's scope (see
+    `distribution_strategy`) trains with it: optimizer and metrics are made
+    in the same scope and each step takes `batch_size` samples per replica.
+    With several workers, each trains the same model in step; the chief
+    writes `run_dir` and the others `run_dir/workers/<type><index>`.
 
     Everything lands in `run_dir`: TensorBoard logs (`logs/`), each phase's
     best checkpoint (`checkpoints/`, then `phase<N>.weights.h5`), the final
@@ -101,12 +131,24 @@ def train(
         warmup: fraction of phase 2's steps that ramp the learning rate up.
         layer_decay: learning-rate factor per block down each backbone in
             phase 2; 1 gives every layer the same rate.
-        batch_size: samples per batch.
+        batch_size: samples per batch and replica (the global batch is
+            `batch_size * strategy.num_replicas_in_sync`).
         patience: epochs without validation improvement before a phase stops.
         class_weight: `None`, `"balanced"` (each class weighs
             `rows / (classes * rows of the class)`, so rare classes count as
             much as frequent ones: better macro-F1 on imbalanced data), or a
             dict of class name -> weight (see `class_weights`).
+        focal_gamma: focal loss exponent (0: plain cross-entropy; 2 is
+            usual): concentrates training on hard, often rare, samples.
+        label_smoothing: target mass spread over all classes (e.g. 0.1).
+        weight_decay: decoupled weight decay (AdamW) of kernels; biases,
+            normalisation and embedding weights are not decayed.
+        augment_images: random flip, rotation, zoom, crop and contrast of
+            training images: `True`, or a dict of `ImageAugmentation`
+            arguments. Augmented images go through the image backbone each
+            step, so that branch is not cached.
+        augment_text: random word deletion and swap in training texts:
+            `True`, or a dict of `TextAugmentation` arguments.
         cache_features: train phase 1 on cached frozen-backbone features.
         cache_dir: where cached features are kept, keyed by the frozen
             weights and the data (default `run_dir/cache`), so a stale cache
@@ -125,12 +167,28 @@ def train(
 
     >>> history = train(model, records, "runs/products", epochs=5)  # doctest: +SKIP
     """
+    hparams = {name: value for name, value in locals().items() if name not in (
+        "model", "records", "run_dir", "cache_dir", "resume", "callbacks", "verbose")}
     keras.utils.set_random_seed(seed)
+    strategy = model.distribute_strategy
+    if is_multi_worker(strategy):
+        if not is_chief():
+            run_dir = os.path.join(run_dir, "workers", "".join(map(str, worker_id())))
+        if cache_features:
+            print("Feature cache off: each worker would compute its own.")
+            cache_features = False
+    if strategy.num_replicas_in_sync > 1:
+        print(f"Training with {describe(strategy)}; global batch "
+              f"{batch_size * strategy.num_replicas_in_sync}.")
+    augment = make_augmentation(image=augment_images, text=augment_text, seed=seed)
+    loss = ClassificationLoss(gamma=focal_gamma, label_smoothing=label_smoothing)
     os.makedirs(run_dir, exist_ok=True)
     state_path = os.path.join(run_dir, STATE_FILE)
     if not resume:
         _clear_run(run_dir)
     state = _read_state(state_path)
+    if not state:  # a new run
+        write_hparams(os.path.join(run_dir, LOGS), {**_model_hparams(model), **hparams})
     has_val = bool((records.splits == "val").any())
     monitor = "val_loss" if has_val else "loss"
     # Two phases when the model starts with a frozen pretrained backbone that
@@ -155,20 +213,25 @@ def train(
             title = _unfreeze(model, image_frozen and unfreeze_blocks, unfreeze_text_layers)
         else:
             title = f"frozen {' and '.join(frozen)}" if frozen else "all layers"
-        fit_model, clone, train_ds, val_ds, cached = _fit_setup(
-            model, records, run_dir, cache=cache_features, cache_dir=cache_dir,
-            has_val=has_val, batch_size=batch_size, seed=seed)
-        if number == 2:
-            steps = phase_epochs * math.ceil(len(records.subset("train")) / batch_size)
-            optimizer = fine_tuning_optimizer(fit_model, rate, steps, warmup=warmup,
-                                              layer_decay=layer_decay)
-            schedule = (f"peak learning rate {rate:g} (warmup {warmup:g}, cosine, "
-                        f"layer decay {layer_decay:g})")
-        else:
-            optimizer, schedule = rate, f"learning rate {rate:g}"
-        # A head on cached features takes a few ms a step: run many steps per call.
-        compile_classifier(fit_model, optimizer,
-                           steps_per_execution=32 if cached == model_modalities(model) else 1)
+        with strategy.scope():
+            fit_model, clone, train_ds, val_ds, cached = _fit_setup(
+                model, records, run_dir, cache=cache_features, cache_dir=cache_dir,
+                has_val=has_val, batch_size=batch_size * strategy.num_replicas_in_sync,
+                seed=seed, augment=augment)
+            if number == 2:
+                steps = phase_epochs * len(train_ds)
+                optimizer = fine_tuning_optimizer(fit_model, rate, steps, warmup=warmup,
+                                                  layer_decay=layer_decay,
+                                                  weight_decay=weight_decay)
+                schedule = (f"peak learning rate {rate:g} (warmup {warmup:g}, cosine, "
+                            f"layer decay {layer_decay:g})")
+            else:
+                optimizer = decoupled_weight_decay(
+                    LayerwiseAdam(learning_rate=rate, weight_decay=weight_decay or None))
+                schedule = f"learning rate {rate:g}"
+            # A head on cached features takes a few ms a step: run many steps per call.
+            compile_classifier(fit_model, optimizer, loss=loss,
+                               steps_per_execution=32 if cached == model_modalities(model) else 1)
         if cached:
             title += f", on cached {' and '.join(cached)} features"
         # Epochs of earlier phases; BackupAndRestore resumes inside this one.
@@ -176,6 +239,7 @@ def train(
         print(f"Phase {number}/{len(phases)}: {title}; {phase_epochs} epochs at most, "
               f"{schedule}, {_count(fit_model.trainable_weights):,} trainable parameters.")
         best = os.path.join(run_dir, "checkpoints", f"phase{number}.weights.h5")
+        _build_in_scope(fit_model, train_ds)
         fit_model.fit(
             train_ds,
             class_weight=class_weights(records, class_weight),
@@ -184,7 +248,8 @@ def train(
             epochs=start + phase_epochs,
             callbacks=[_RecordEpochs(state, state_path, number),
                        *_callbacks(run_dir, number, monitor, patience, best,
-                                   _best(state, monitor, number)), *callbacks],
+                                   _best(state, monitor, number), class_names(model)),
+                       *callbacks],
             shuffle=False,  # the dataset shuffles itself
             verbose=verbose,
         )
@@ -200,6 +265,9 @@ def train(
         best_phase = min(state["best"], key=state["best"].get)
         model.load_weights(_phase_weights(run_dir, best_phase))
     save_atomic(model.save, os.path.join(run_dir, MODEL_FILE))
+    if not is_multi_worker(strategy):  # predict would see one worker's share of the data
+        _write_embeddings(model, records.subset("val" if has_val else "train"),
+                          os.path.join(run_dir, LOGS), batch_size)
     return state.get("history", {})
 
 
@@ -250,28 +318,63 @@ def _unfreeze(model, image_blocks, text_layers):
     return f"fine-tuning {' and '.join(parts)}"
 
 
-def _fit_setup(model, records, run_dir, *, cache, cache_dir, has_val, batch_size, seed):
+def _fit_setup(model, records, run_dir, *, cache, cache_dir, has_val, batch_size, seed,
+               augment):
     """What a phase fits: `(fit model, its clone or None, train/val data, cached modalities)`.
 
-    With `cache`, the branches that stay frozen in this phase are read from
-    cached features and a top model sharing a clone's layers is fitted.
+    With `cache`, the branches that stay frozen in this phase (and are not
+    augmented) are read from cached features and a top model sharing a
+    clone's layers is fitted.
     """
-    cacheable = cacheable_outputs(model) if cache else {}
+    cacheable = cacheable_outputs(model, exclude=augment) if cache else {}
     splits = ("train", "val") if has_val else ("train",)
     if not cacheable:
         datasets = [make_dataset(records, split, image_size=image_size(model),
                                  modalities=model_modalities(model), batch_size=batch_size,
-                                 seed=seed) for split in splits]
+                                 seed=seed, augment=augment if split == "train" else None)
+                    for split in splits]
         return model, None, datasets[0], datasets[1] if has_val else None, ()
-    extractors, top, clone = split_model(model)
+    extractors, top, clone = split_model(model, exclude=augment)
     cache_dir = cache_dir or os.path.join(run_dir, "cache")
     raw = tuple(m for m in model_modalities(model) if m not in cacheable)
     datasets = [make_dataset(records, split, image_size=image_size(model), modalities=raw,
                              batch_size=batch_size, seed=seed,
+                             augment=augment if split == "train" else None,
                              features=compute_features(extractors, records, split, cache_dir))
                 for split in splits]
     return (top, clone, datasets[0], datasets[1] if has_val else None,
             tuple(m for m in model_modalities(model) if m in cacheable))
+
+
+def _build_in_scope(model, dataset):
+    """Readies a compiled model made in a strategy's scope for `fit` with that strategy.
+
+    Two Keras 3 steps fail under tf.distribute (keras-team/keras#20585,
+    #20329): `fit` first builds the model from a batch it averages over
+    replicas, which fails for batches of several inputs or of strings; and
+    with several workers it averages each step's logged values "along axis
+    0", which scalars do not have. So the model is built from the dataset's
+    element spec here, and under several workers its steps log each value
+    with a leading axis of 1.
+    """
+    strategy = model._distribute_strategy
+    if strategy is None:  # built in no strategy's scope
+        return
+    with strategy.scope():
+        model._symbolic_build(data_batch=dataset.element_spec)
+    model._maybe_symbolic_build = _built
+    if is_multi_worker(strategy):
+        cls = type(model)
+        model.train_step = lambda data: _with_axis(cls.train_step(model, data))
+        model.test_step = lambda data: _with_axis(cls.test_step(model, data))
+
+
+def _built(*args, **kwargs):
+    """`_maybe_symbolic_build` of a model `_build_in_scope` built: nothing left to do."""
+
+
+def _with_axis(logs):
+    return {name: keras.ops.reshape(value, (1,)) for name, value in logs.items()}
 
 
 def _phase_weights(run_dir, phase):
@@ -292,14 +395,40 @@ def _clear_run(run_dir):
             os.remove(os.path.join(run_dir, name))
 
 
-def _callbacks(run_dir, phase, monitor, patience, best, best_value):
+def _callbacks(run_dir, phase, monitor, patience, best, best_value, names):
     return [
         keras.callbacks.BackupAndRestore(os.path.join(run_dir, "backup", f"phase{phase}")),
-        keras.callbacks.TensorBoard(os.path.join(run_dir, "logs")),
+        keras.callbacks.TensorBoard(os.path.join(run_dir, LOGS)),
+        ConfusionMatrixImage(log_dir=os.path.join(run_dir, LOGS), class_names=names),
         BestWeights(best, monitor, best_value),
         keras.callbacks.EarlyStopping(monitor=monitor, patience=patience),
         StopOnNonFiniteLoss(run_dir),
     ]
+
+
+def _model_hparams(model):
+    """What TensorBoard's HParams dashboard shows of a model besides the training settings."""
+    layers = {layer.name: layer for layer in model.layers}
+    described = {"inputs": "+".join(model_modalities(model)), "classes": model.output_shape[-1]}
+    if BACKBONE_NAME in layers:
+        described["image_backbone"] = backbone_network(model).name
+    if "fusion" in layers:
+        described["fusion"] = type(layers["fusion"]).__name__
+    return described
+
+
+def _write_embeddings(model, records, log_dir, batch_size):
+    """The fused embeddings of `records` (a sample of them) for TensorBoard's Projector."""
+    if len(records) > PROJECTOR_POINTS:
+        keep = np.zeros(len(records), bool)
+        keep[np.random.default_rng(0).choice(len(records), PROJECTOR_POINTS, replace=False)] = True
+        records = records.select(keep)
+    data = make_dataset(records, image_size=image_size(model), modalities=model_modalities(model),
+                        batch_size=batch_size, shuffle=False).map(lambda x, y: x)
+    embeddings = embedding_model(model).predict(data, verbose=0)
+    names = np.asarray(records.class_names)[records.labels]
+    text = {"text": list(records.texts)} if "text" in model_modalities(model) else None
+    write_projector(log_dir, embeddings, names, metadata=text)
 
 
 def _best(state, monitor, phase):

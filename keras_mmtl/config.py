@@ -1,0 +1,295 @@
+"""A run described by one file: data, model, training, transfer and outputs; YAML or JSON."""
+
+import argparse
+import dataclasses
+import json
+import os
+from typing import Optional, Union
+
+import yaml
+
+CONFIG_FILE = "config.yaml"
+
+
+class ConfigError(ValueError):
+    """A run config that cannot be used: unknown key, wrong type, missing manifest..."""
+
+
+def _none_or(value):
+    return None if value.lower() == "none" else value
+
+
+def _size(value):
+    try:
+        height, width = (int(x) for x in value.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH such as 128x96, got {value!r}")
+    return [height, width]
+
+
+def _int_or_all(value):
+    return value if value == "all" else int(value)
+
+
+def _field(default, help, **argument):
+    """A config field: its default, its `--help` and how the CLI parses it."""
+    return dataclasses.field(default=default, metadata={"help": help, **argument})
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Where the samples are and how to read them (see `keras_mmtl.read_manifest`)."""
+
+    manifest: Optional[str] = _field(
+        None, "CSV or JSON Lines file, one row per sample")
+    image_column: Optional[str] = _field(
+        "image", "column of image paths, relative to the manifest ('none' for text-only data)",
+        type=_none_or)
+    text_column: Optional[str] = _field(
+        "text", "column of texts ('none' for image-only data)", type=_none_or)
+    label_column: str = _field("label", "column of labels")
+    split_column: Optional[str] = _field(
+        None, "column of train/val/test; without it a stratified 80/10/10 split is drawn with "
+              "--seed", type=_none_or)
+    min_class_count: int = _field(1, "drop classes with fewer training rows")
+    skip_bad_rows: bool = _field(
+        False, "leave out rows with a missing image, empty text, ... and report them, instead "
+               "of stopping")
+    seed: int = _field(0, "seed of splits, shuffling and weight initialisation")
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """The classifier (see `keras_mmtl.build_classifier`)."""
+
+    image_backbone: str = _field(
+        "mobilenet_v2", "a keras.applications backbone; see keras_mmtl.BACKBONES")
+    image_weights: Optional[str] = _field(
+        "imagenet", "'imagenet' (downloaded once), a local weights file, or 'none'",
+        type=_none_or)
+    image_size: Optional[list] = _field(
+        None, "HEIGHTxWIDTH of model images (default: the backbone's own)", type=_size)
+    text_encoder: str = _field(
+        "scratch", "'scratch' (word embeddings learned from your texts), 'tfidf' (a TF-IDF bag "
+                   "of words), or a keras-hub preset name or local directory of a pretrained "
+                   "BERT-family encoder (needs keras-mmtl[hub])")
+    sequence_length: int = _field(128, "tokens kept per text")
+    fusion: str = _field("concat", "fusion of image and text; see keras_mmtl.models.FUSIONS")
+    dropout: float = _field(0.2, "dropout rate before the softmax")
+
+    def __post_init__(self):
+        if self.image_size is not None:
+            self.image_size = list(self.image_size)
+
+
+@dataclasses.dataclass
+class TrainingConfig:
+    """How the classifier is trained (see `keras_mmtl.train`)."""
+
+    epochs: int = _field(30, "max epochs, frozen backbone (early stopping ends most sooner)")
+    fine_tune_epochs: int = _field(5, "max epochs, fine-tuning")
+    learning_rate: float = _field(1e-3, "learning rate with the backbone frozen")
+    fine_tune_learning_rate: float = _field(1e-4, "peak learning rate of fine-tuning")
+    unfreeze_blocks: Union[int, str] = _field(
+        3, "top backbone blocks trained in fine-tuning, or 'all'", type=_int_or_all)
+    unfreeze_text_layers: Union[int, str] = _field(
+        0, "top layers of a pretrained text encoder trained in fine-tuning, or 'all'",
+        type=_int_or_all)
+    warmup: float = _field(0.1, "fraction of fine-tuning steps that ramp the learning rate up")
+    layer_decay: float = _field(
+        0.8, "learning-rate factor per block down each backbone in fine-tuning")
+    batch_size: int = _field(32, "samples per batch (and per replica with several devices)")
+    patience: int = _field(3, "epochs without validation improvement before a phase stops")
+    class_weight: Optional[str] = _field(
+        None, "'balanced': rare classes weigh as much as frequent ones (better macro-F1 on "
+              "imbalanced data)", choices=["balanced"])
+    focal_gamma: float = _field(0.0, "focal loss exponent (0: cross-entropy; 2 is usual)")
+    label_smoothing: float = _field(0.0, "target mass spread over all classes, e.g. 0.1")
+    weight_decay: float = _field(0.0, "decoupled (AdamW) weight decay of kernels, e.g. 1e-4")
+    augment_images: bool = _field(
+        False, "random flip, rotation, zoom, crop and contrast of training images")
+    augment_text: bool = _field(False, "random word deletion and swap in training texts")
+    cache_features: bool = _field(True, "train on cached features of frozen backbones")
+    precision: str = _field(
+        "auto", "'auto' (mixed_float16 on a GPU with tensor cores, else float32), or a Keras "
+                "policy such as float32 or mixed_float16")
+    strategy: str = _field(
+        "auto", "tf.distribute strategy: 'auto' (several workers in TF_CONFIG: multi-worker; "
+                "several GPUs: mirrored; else one device), 'default', 'mirrored', "
+                "'multi_worker'")
+
+
+@dataclasses.dataclass
+class TransferConfig:
+    """Domain transfer: train on a source dataset first (see `keras_mmtl.transfer`)."""
+
+    source_manifest: Optional[str] = _field(None, "manifest of the source dataset")
+    joint: bool = _field(
+        False, "train source and target together: alpha * source + (1 - alpha) * target loss")
+    alpha: float = _field(0.5, "source loss weight (joint)")
+    domain_adversarial: bool = _field(
+        False, "add a domain classifier behind gradient reversal (joint)")
+    freeze: list = _field(
+        ("image_backbone",), "layers frozen for the target training (e.g. fusion "
+                             "text_embedding)", nargs="*")
+
+    def __post_init__(self):
+        self.freeze = list(self.freeze)
+
+
+@dataclasses.dataclass
+class OutputConfig:
+    """Where a run writes."""
+
+    name: Optional[str] = _field(None, "run name (default: the manifest's file name)")
+    run_dir: Optional[str] = _field(None, "run folder (default: runs/NAME)")
+    export_dir: Optional[str] = _field(
+        None, "TF Serving model folder (default: saved_models/NAME)")
+    export: bool = _field(True, "export a SavedModel after training")
+
+
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "training": TrainingConfig,
+            "transfer": TransferConfig, "output": OutputConfig}
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """Everything a training run depends on, in one file.
+
+    `keras-mmtl train --config run.yaml` reads it (flags given on the command
+    line override it) and writes the complete config back to
+    `<run_dir>/config.yaml`: training again from that file reproduces the
+    run (on a CPU, the same metrics). Sections and keys are those of
+    `keras-mmtl train --help`, with underscores.
+
+    Example:
+
+    >>> config = RunConfig.from_dict({"data": {"manifest": "products.csv"},
+    ...                               "training": {"epochs": 3}})
+    >>> config.training.epochs, config.training.batch_size, config.output_dir
+    (3, 32, 'runs/products')
+    >>> print(config.to_yaml().splitlines()[1])
+      manifest: products.csv
+    """
+
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    training: TrainingConfig = dataclasses.field(default_factory=TrainingConfig)
+    transfer: TransferConfig = dataclasses.field(default_factory=TransferConfig)
+    output: OutputConfig = dataclasses.field(default_factory=OutputConfig)
+
+    @property
+    def name(self):
+        """The run's name: `output.name`, or the manifest's file name."""
+        if self.output.name:
+            return self.output.name
+        if not self.data.manifest:
+            raise ConfigError("The config names no manifest: set data.manifest (--manifest).")
+        return os.path.splitext(os.path.basename(self.data.manifest))[0]
+
+    @property
+    def output_dir(self):
+        """The run folder: `output.run_dir`, or `runs/<name>`."""
+        return self.output.run_dir or os.path.join("runs", self.name)
+
+    @classmethod
+    def from_dict(cls, values, source="the config"):
+        """A config from nested dicts `{section: {key: value}}`; unknown keys are errors."""
+        values = values or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source} must be a mapping of sections {list(SECTIONS)}; "
+                              f"got {type(values).__name__}.")
+        unknown = sorted(set(values) - set(SECTIONS))
+        if unknown:
+            raise ConfigError(f"{source} has unknown sections {unknown}. Expected some of "
+                              f"{list(SECTIONS)}.")
+        sections = {}
+        for name, section in SECTIONS.items():
+            given = values.get(name) or {}
+            known = {f.name for f in dataclasses.fields(section)}
+            unknown = sorted(set(given) - known)
+            if unknown:
+                raise ConfigError(f"{source} has unknown keys {unknown} in section {name!r}. "
+                                  f"Expected some of {sorted(known)}.")
+            for field in dataclasses.fields(section):
+                if field.name in given:
+                    _check_type(field, given[field.name], f"{source}, {name}.{field.name}")
+            sections[name] = section(**given)
+        return cls(**sections)
+
+    @classmethod
+    def from_file(cls, path):
+        """Reads a YAML (`.yaml`, `.yml`) or JSON (`.json`) config file."""
+        with open(path, encoding="utf-8") as f:
+            try:
+                values = json.load(f) if path.endswith(".json") else yaml.safe_load(f)
+            except (json.JSONDecodeError, yaml.YAMLError) as error:
+                raise ConfigError(f"Cannot parse the config file {path}: {error}") from None
+        return cls.from_dict(values, source=f"The config file {path}")
+
+    def to_dict(self):
+        """Nested dicts of plain values (lists, not tuples)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def to_yaml(self):
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path):
+        """Writes the config as YAML, or JSON when `path` ends with `.json`."""
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        text = (json.dumps(self.to_dict(), indent=2) if path.endswith(".json")
+                else self.to_yaml())
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+        return path
+
+    def replace(self, **sections):
+        """A copy with keys changed, e.g. `replace(training={"epochs": 2})`."""
+        values = self.to_dict()
+        for name, changes in sections.items():
+            values.setdefault(name, {}).update(changes)
+        return RunConfig.from_dict(values)
+
+
+def _check_type(field, value, where):
+    """Raises a clear error for a value of the wrong kind (a string where a number goes...)."""
+    expected = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}.get(field.type)
+    if expected is None or value is None and field.default is None:
+        return
+    if not isinstance(value, expected) or (field.type is not bool and isinstance(value, bool)):
+        raise ConfigError(f"{where} must be {field.type.__name__}; got {value!r}.")
+
+
+def add_arguments(parser, section, defaults=True):
+    """Adds one command-line flag per field of a config section to an argparse group.
+
+    With `defaults=False` the flags have no default (argparse.SUPPRESS), so
+    only flags given on the command line land in the parsed namespace and
+    can override a config file.
+    """
+    group = parser.add_argument_group(section.__name__.removesuffix("Config").lower(),
+                                      section.__doc__)
+    for field in dataclasses.fields(section):
+        argument = dict(field.metadata)
+        help = argument.pop("help")
+        default = field.default
+        argument["default"] = default if defaults else argparse.SUPPRESS
+        shown = "x".join(map(str, default)) if field.name == "image_size" and default else default
+        if field.type is bool:
+            argument["action"] = argparse.BooleanOptionalAction
+        elif "type" not in argument and field.type in (int, float):
+            argument["type"] = field.type
+        group.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name,
+                           help=f"{help} (default: {shown})", **argument)
+    return group
+
+
+def from_arguments(args, base=None):
+    """`base` (default `RunConfig()`) with the values of the flags `add_arguments` made."""
+    given = vars(args)
+    changes = {}
+    for name, section in SECTIONS.items():
+        values = {f.name: given[f.name] for f in dataclasses.fields(section) if f.name in given}
+        if values:
+            changes[name] = values
+    return (base or RunConfig()).replace(**changes)

@@ -1,0 +1,109 @@
+"""Which `tf.distribute` strategy a run uses: one device, several GPUs, or several machines."""
+
+import json
+import os
+
+import tensorflow as tf
+
+STRATEGIES = ("auto", "default", "mirrored", "multi_worker")
+
+
+def distribution_strategy(strategy="auto"):
+    """The `tf.distribute` strategy to build and train a model in.
+
+    `"auto"` picks `MultiWorkerMirroredStrategy` when the `TF_CONFIG`
+    environment variable names several workers (each machine runs the same
+    command with its own `TF_CONFIG`), `MirroredStrategy` when this machine
+    has several GPUs, and TensorFlow's default (one device) otherwise. This
+    is plain `tf.distribute`: build the model inside `strategy.scope()` and
+    `keras_mmtl.training.train` does the rest (optimizer and metrics in the
+    same scope, batch size per replica).
+
+    Call it first thing in a program: a multi-worker strategy must exist
+    before TensorFlow runs anything else.
+
+    Args:
+        strategy: `"auto"`, `"default"`, `"mirrored"`, `"multi_worker"` or a
+            `tf.distribute.Strategy`, returned as is.
+
+    Returns:
+        a `tf.distribute.Strategy`.
+
+    Example:
+
+    >>> strategy = distribution_strategy("default")
+    Distribution: one device, 1 replica.
+    >>> strategy.num_replicas_in_sync
+    1
+    >>> with strategy.scope():  # doctest: +SKIP
+    ...     model = keras_mmtl.build_classifier_for(records)
+    """
+    if isinstance(strategy, tf.distribute.Strategy):
+        return strategy
+    if strategy not in STRATEGIES:
+        raise ValueError(f"Unknown strategy {strategy!r}. Expected one of {list(STRATEGIES)} "
+                         f"or a tf.distribute.Strategy. Received: strategy={strategy!r}")
+    if strategy == "auto":
+        if num_workers() > 1:
+            strategy = "multi_worker"
+        elif len(tf.config.list_physical_devices("GPU")) > 1:
+            strategy = "mirrored"
+        else:
+            strategy = "default"
+    if strategy == "multi_worker":
+        chosen = tf.distribute.MultiWorkerMirroredStrategy()
+    elif strategy == "mirrored":
+        chosen = tf.distribute.MirroredStrategy()
+    else:
+        chosen = tf.distribute.get_strategy()
+    print(f"Distribution: {describe(chosen)}.")
+    return chosen
+
+
+def describe(strategy):
+    """A short description of a strategy, e.g. 'MirroredStrategy, 2 replicas'."""
+    replicas = strategy.num_replicas_in_sync
+    workers = f" on {num_workers()} workers" if is_multi_worker(strategy) else ""
+    if is_multi_worker(strategy):
+        name = "MultiWorkerMirroredStrategy"  # its class is CollectiveAllReduceStrategy
+    elif isinstance(strategy, tf.distribute.MirroredStrategy):
+        name = "MirroredStrategy"
+    else:
+        name = "one device" if type(strategy).__name__.startswith("_") else type(strategy).__name__
+    return f"{name}, {replicas} replica{'s' if replicas > 1 else ''}{workers}"
+
+
+def is_multi_worker(strategy):
+    """Whether a strategy spans several workers (machines or processes)."""
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+
+
+def num_workers():
+    """Workers (chief included) that `TF_CONFIG` names; 1 without it."""
+    cluster = _tf_config().get("cluster", {})
+    return max(1, sum(len(cluster.get(kind, [])) for kind in ("chief", "worker")))
+
+
+def worker_id():
+    """`(task type, index)` of this process in `TF_CONFIG`, or `("worker", 0)` without it."""
+    task = _tf_config().get("task", {})
+    return task.get("type", "worker"), int(task.get("index", 0))
+
+
+def is_chief():
+    """Whether this process writes the run's shared outputs (the chief, or worker 0 without one)."""
+    kind, index = worker_id()
+    has_chief = bool(_tf_config().get("cluster", {}).get("chief"))
+    return kind == "chief" or (not has_chief and kind == "worker" and index == 0)
+
+
+def _tf_config():
+    value = os.environ.get("TF_CONFIG")
+    if not value:
+        return {}
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"TF_CONFIG is not valid JSON ({error}). Expected for example "
+                         '{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
+                         '"task": {"type": "worker", "index": 0}}') from None
