@@ -6,10 +6,13 @@ Example:
 >>> records = mm.read_manifest("products.csv", text_column="title")  # doctest: +SKIP
 >>> model = mm.build_classifier_for(records)  # doctest: +SKIP
 >>> mm.train(model, records, "runs/products")  # doctest: +SKIP
+>>> # or all of it (read, build, train, evaluate, export) from one config file:
+>>> mm.run_experiment("runs/products/config.yaml")  # doctest: +SKIP
 >>> print(mm.evaluate(model, records, out_dir="runs/products/eval").summary())  # doctest: +SKIP
 >>> mm.export_saved_model(model, "saved_models/products")  # doctest: +SKIP
 """
 
+from keras_mmtl.config import RunConfig
 from keras_mmtl.data import (
     DataValidationError,
     Records,
@@ -22,6 +25,7 @@ from keras_mmtl.data import (
 )
 from keras_mmtl.demo import run_demo
 from keras_mmtl.evaluation import EvaluationReport, classification_report, evaluate
+from keras_mmtl.experiment import run_experiment
 from keras_mmtl.export import export_saved_model, predict, serving_function
 from keras_mmtl.models import (
     BACKBONES,
@@ -30,6 +34,13 @@ from keras_mmtl.models import (
     build_classifier_for,
     class_names,
 )
-from keras_mmtl.training import train, transfer, with_new_head
+from keras_mmtl.training import (
+    distribution_strategy,
+    setup_precision,
+    train,
+    transfer,
+    tune,
+    with_new_head,
+)
 
 __version__ = "0.1.0"

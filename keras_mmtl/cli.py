@@ -64,6 +64,22 @@ def cmd_train(args):
         print(f"Exported to {result.export_path}")
 
 
+def cmd_tune(args):
+    from keras_mmtl.config import RunConfig, from_arguments
+    from keras_mmtl.experiment import tune_experiment
+
+    config = from_arguments(args, RunConfig.from_file(args.config) if args.config else None)
+    if not config.output.run_dir:
+        config = config.replace(output={"run_dir": os.path.join("runs", f"{config.name}-tuning")})
+    result, best = tune_experiment(
+        config, tuner=args.tuner, max_trials=args.max_trials, objective=args.objective,
+        search=args.search, overwrite=args.overwrite, verbose=1 if sys.stdout.isatty() else 2)
+    print(result.table())
+    print(f"Best {result.objective}: {result.best_score:.4f} with {result.best_hyperparameters}")
+    print(f"Best config written to {best}: train the final model with "
+          f"keras-mmtl train --config {best}")
+
+
 def cmd_evaluate(args):
     from keras_mmtl.evaluation import evaluate
     from keras_mmtl.models import class_names
@@ -133,6 +149,28 @@ def build_parser():
     for section in SECTIONS.values():
         add_arguments(train, section, defaults=False)
     train.set_defaults(func=cmd_train)
+
+    search = commands.add_parser(
+        "tune", help="search hyperparameters with KerasTuner; write the best config",
+        description="Runs whole two-phase trainings (trials) with hyperparameters chosen by "
+                    "KerasTuner, scores each on the val split and writes RUN_DIR/"
+                    "best_config.yaml for `keras-mmtl train --config`. Settings not searched "
+                    "come from --config and the flags, as for train. Run it again to continue "
+                    "an interrupted search.")
+    search.add_argument("--config", help="a run config file (YAML or JSON)")
+    search.add_argument("--tuner", default="random", choices=["random", "bayesian", "hyperband"],
+                        help="search algorithm (default: random)")
+    search.add_argument("--max-trials", type=int, default=None,
+                        help="trials at most (default: 10; hyperband: its whole schedule)")
+    search.add_argument("--objective", default="val_accuracy", choices=["val_accuracy", "val_loss"])
+    search.add_argument("--search", nargs="+", metavar="NAME",
+                        default=["learning_rate", "fusion", "unfreeze_blocks", "dropout"],
+                        help="settings to search (default: learning_rate fusion unfreeze_blocks "
+                             "dropout)")
+    search.add_argument("--overwrite", action="store_true", help="start the search again")
+    for section in SECTIONS.values():
+        add_arguments(search, section, defaults=False)
+    search.set_defaults(func=cmd_tune)
 
     evaluate = commands.add_parser(
         "evaluate", help="evaluate a trained model on a manifest",

@@ -5,13 +5,13 @@ import os
 
 import keras
 
-from keras_mmtl.config import CONFIG_FILE, ConfigError, RunConfig
+from keras_mmtl.config import CONFIG_FILE, SECTIONS, ConfigError, RunConfig
 from keras_mmtl.data import read_manifest
 from keras_mmtl.evaluation import evaluate
 from keras_mmtl.export import export_saved_model
 from keras_mmtl.models import build_classifier_for, clone_classifier
 from keras_mmtl.models.text import needs_vocabulary, vocabulary_learner
-from keras_mmtl.training import distribution_strategy, setup_precision, train, transfer
+from keras_mmtl.training import distribution_strategy, setup_precision, train, transfer, tune
 from keras_mmtl.training.distribute import is_chief, is_multi_worker
 
 
@@ -47,10 +47,7 @@ def run_experiment(config, *, verbose="auto"):
     >>> result = run_experiment("runs/products/config.yaml")  # doctest: +SKIP
     >>> print(result.report.summary())  # doctest: +SKIP
     """
-    if isinstance(config, str):
-        config = RunConfig.from_file(config)
-    elif isinstance(config, dict):
-        config = RunConfig.from_dict(config)
+    config = _as_config(config)
     data, options, fit, moved = config.data, config.model, config.training, config.transfer
     if not data.manifest:
         raise ConfigError("No manifest: set data.manifest (--manifest).")
@@ -69,18 +66,8 @@ def run_experiment(config, *, verbose="auto"):
     print(f"{len(records)} rows, {len(records.class_names)} classes, inputs "
           f"{list(records.modalities)}; run folder {run_dir}")
     source = _read(config, moved.source_manifest) if moved.source_manifest else None
-    build = dict(image_backbone=options.image_backbone, image_weights=options.image_weights,
-                 image_size=options.image_size and tuple(options.image_size),
-                 text_encoder=options.text_encoder, sequence_length=options.sequence_length,
-                 fusion=options.fusion, dropout=options.dropout)
-    kwargs = dict(epochs=fit.epochs, learning_rate=fit.learning_rate,
-                  batch_size=fit.batch_size, seed=data.seed, verbose=verbose)
-    if not moved.joint:
-        kwargs.update({name: getattr(fit, name) for name in (
-            "fine_tune_epochs", "fine_tune_learning_rate", "unfreeze_blocks",
-            "unfreeze_text_layers", "warmup", "layer_decay", "patience", "class_weight",
-            "focal_gamma", "label_smoothing", "weight_decay", "augment_images", "augment_text",
-            "cache_features")})
+    build = build_arguments(config)
+    kwargs = train_arguments(config, verbose=verbose)
     with strategy.scope():
         if source is None:
             model = build_classifier_for(records, **build)
@@ -104,6 +91,85 @@ def run_experiment(config, *, verbose="auto"):
         result.export_path = export_saved_model(
             model, config.output.export_dir or os.path.join("saved_models", config.name))
     return result
+
+
+def build_arguments(config):
+    """The `build_classifier_for` arguments a config gives."""
+    options = config.model
+    return dict(image_backbone=options.image_backbone, image_weights=options.image_weights,
+                image_size=options.image_size and tuple(options.image_size),
+                text_encoder=options.text_encoder, sequence_length=options.sequence_length,
+                fusion=options.fusion, dropout=options.dropout)
+
+
+def train_arguments(config, verbose="auto"):
+    """The `train` arguments a config gives (those `train_joint` takes, for joint transfer)."""
+    fit = config.training
+    kwargs = dict(epochs=fit.epochs, learning_rate=fit.learning_rate,
+                  batch_size=fit.batch_size, seed=config.data.seed, verbose=verbose)
+    if not config.transfer.joint:
+        kwargs.update({name: getattr(fit, name) for name in (
+            "fine_tune_epochs", "fine_tune_learning_rate", "unfreeze_blocks",
+            "unfreeze_text_layers", "warmup", "layer_decay", "patience", "class_weight",
+            "focal_gamma", "label_smoothing", "weight_decay", "augment_images", "augment_text",
+            "cache_features")})
+    return kwargs
+
+
+def tune_experiment(config, *, tuner="random", max_trials=None, objective="val_accuracy",
+                    search=("learning_rate", "fusion", "unfreeze_blocks", "dropout"),
+                    overwrite=False, verbose="auto"):
+    """Searches the hyperparameters `search` names for a config's data; writes the best config.
+
+    Everything not searched is the config's. The search runs in
+    `<run_dir>/` (one `train` folder per trial, see `keras_mmtl.tune`), and
+    `<run_dir>/best_config.yaml` is the config with the best values, its run
+    folder `<run_dir>/best`: `keras-mmtl train --config` it to train, evaluate
+    and export the final model.
+
+    Args:
+        config: a `RunConfig`, dict or YAML/JSON file, as for `run_experiment`.
+        tuner: `"random"`, `"bayesian"` or `"hyperband"`.
+        max_trials: trials at most (see `keras_mmtl.tune`).
+        objective: `"val_accuracy"` or `"val_loss"`.
+        search: names of the model and training settings to search, from
+            `tune`'s default space (those a model does not have, such as
+            fusion without two inputs, are left out).
+        overwrite: start the search again instead of continuing it.
+        verbose: progress output.
+
+    Returns:
+        `(TuningResult, path of best_config.yaml)`.
+
+    Example:
+
+    >>> result, best = tune_experiment("products.yaml", tuner="bayesian")  # doctest: +SKIP
+    """
+    config = _as_config(config)
+    setup_precision(config.training.precision)
+    records = _read(config, config.data.manifest)
+    build, kwargs = build_arguments(config), train_arguments(config, verbose=verbose)
+    for name in search:
+        build.pop(name, None)
+        kwargs.pop(name, None)
+    kwargs.pop("seed")
+    result = tune(records, config.output_dir, tuner=tuner, max_trials=max_trials,
+                  objective=objective, build_kwargs=build, overwrite=overwrite,
+                  seed=config.data.seed, **kwargs)
+    best = {section: {name: value for name, value in result.best_hyperparameters.items()
+                      if name in {f.name for f in dataclasses.fields(cls)}}
+            for section, cls in SECTIONS.items()}
+    best["output"] = {"run_dir": os.path.join(config.output_dir, "best")}
+    path = config.replace(**best).save(os.path.join(config.output_dir, "best_config.yaml"))
+    return result, path
+
+
+def _as_config(config):
+    if isinstance(config, str):
+        return RunConfig.from_file(config)
+    if isinstance(config, dict):
+        return RunConfig.from_dict(config)
+    return config
 
 
 def _read(config, manifest):

@@ -7,7 +7,7 @@ from keras_mmtl.cli import build_parser, main
 
 
 @pytest.mark.parametrize("command", [[], ["demo"], ["train"], ["evaluate"], ["export"],
-                                     ["predict"]])
+                                     ["predict"], ["tune"]])
 def test_help_explains_every_command(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         build_parser().parse_args([*command, "--help"])
@@ -74,3 +74,23 @@ def test_train_transfers_from_a_source_manifest(tmp_path, products, capsys, mode
 def test_joint_needs_a_source_manifest(tmp_path, products, capsys):
     assert main(["train", "--manifest", products, "--joint"]) == 2
     assert "need transfer.source_manifest (--source-manifest)" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_tune_writes_a_best_config_that_train_runs(tmp_path, products, capsys):
+    from keras_mmtl.config import RunConfig
+
+    run_dir = tmp_path / "search"
+    small = ["--manifest", products, "--split-column", "split", "--image-backbone", "small_cnn",
+             "--image-weights", "none", "--image-size", "16x16", "--epochs", "1",
+             "--batch-size", "8"]
+    assert main(["tune", *small, "--run-dir", str(run_dir), "--max-trials", "2",
+                 "--search", "learning_rate", "dropout"]) == 0
+    out = capsys.readouterr().out
+    best = run_dir / "best_config.yaml"
+    assert f"Best config written to {best}" in out
+    config = RunConfig.from_file(str(best))
+    assert 1e-4 <= config.training.learning_rate <= 3e-3 and config.training.epochs == 1
+    assert config.output.run_dir == str(run_dir / "best")
+    assert main(["train", "--config", str(best), "--no-export"]) == 0
+    assert (run_dir / "best" / "model.keras").exists()

@@ -47,3 +47,38 @@ def test_quickstart_notebook(tmp_path):
     versions = [name for name in os.listdir(export_dir) if name.isdigit()]
     assert versions, f"no version folder in {export_dir}: {os.listdir(export_dir)}"
     assert any(os.path.exists(os.path.join(export_dir, v, "saved_model.pb")) for v in versions)
+
+
+@pytest.mark.slow
+def test_training_and_tensorboard_notebook(tmp_path):
+    import tensorflow as tf
+
+    from keras_mmtl.config import RunConfig
+
+    with open(os.path.join(NOTEBOOKS, "03_training_and_tensorboard.ipynb"), encoding="utf-8") as f:
+        nb = nbformat.read(f, as_version=4)
+    run_dir = tmp_path / "runs" / "training"
+    _with_parameters(
+        nb, NUM_SAMPLES=180, EPOCHS=1, FINE_TUNE_EPOCHS=1, IMAGE_WEIGHTS=None, MAX_TRIALS=2,
+        TUNE_EPOCHS=1, TUNE_FINE_TUNE_EPOCHS=0, VERBOSE=0, RUN_DIR=str(run_dir))
+
+    _execute(nb, str(tmp_path))
+
+    errors = [output for cell in nb.cells if cell.cell_type == "code"
+              for output in cell.get("outputs", []) if output.get("output_type") == "error"]
+    assert not errors
+    # The config run_experiment wrote back reloads as the one the notebook saved.
+    saved = RunConfig.from_file(str(run_dir / "baseline.yaml"))
+    assert RunConfig.from_file(str(run_dir / "baseline" / "config.yaml")) == saved
+    assert saved.training.epochs == 1 and saved.data.text_column == "title"
+    # Both runs logged loss curves and confusion-matrix images for TensorBoard.
+    for run in ("baseline", "regularised"):
+        validation = run_dir / run / "logs" / "validation"
+        tags = {value.tag for name in os.listdir(validation) if "tfevents" in name
+                for event in tf.compat.v1.train.summary_iterator(str(validation / name))
+                for value in event.summary.value}
+        assert {"epoch_loss", "confusion_matrix"} <= tags, (run, tags)
+    # The search ran its trials, and the notebook displayed a PNG image.
+    assert len(os.listdir(run_dir / "search" / "trials")) == 2
+    assert any("image/png" in output.get("data", {}) for cell in nb.cells
+               if cell.cell_type == "code" for output in cell.get("outputs", []))

@@ -6,6 +6,7 @@ import tensorflow as tf
 from keras_mmtl.models import backbone_network, build_classifier, unfreeze_top_blocks
 from keras_mmtl.training.optimizers import (
     LayerwiseAdam,
+    decoupled_weight_decay,
     fine_tuning_optimizer,
     layerwise_multipliers,
 )
@@ -76,3 +77,12 @@ def test_fused_and_lazy_updates_match_keras_adam():
         results.append([v.numpy() for v in variables])
     for ours, reference in zip(*results):
         np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-6)
+
+
+def test_weight_decay_shrinks_kernels_not_biases():
+    layer = keras.layers.Dense(2, kernel_initializer="ones", bias_initializer="ones")
+    layer.build((None, 3))
+    optimizer = decoupled_weight_decay(LayerwiseAdam(learning_rate=0.1, weight_decay=0.5))
+    optimizer.apply([keras.ops.zeros((3, 2)), keras.ops.zeros((2,))], layer.trainable_variables)
+    np.testing.assert_allclose(layer.kernel.numpy(), 1 - 0.1 * 0.5, rtol=1e-6)
+    np.testing.assert_allclose(layer.bias.numpy(), 1.0)

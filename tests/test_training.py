@@ -130,3 +130,37 @@ def test_mixed_precision_trains_with_a_float32_head(tmp_path, product_records):
         setup_precision("float32")
     assert np.isfinite(history["loss"]).all() and history["phase"] == [1, 1, 2]
     assert model.output.dtype == "float32"
+
+
+def test_tensorboard_shows_metrics_learning_rate_confusion_hparams_and_embeddings(
+        tmp_path, product_records):
+    from test_tensorboard import summaries
+
+    model = build_classifier_for(product_records, **SMALL)
+    train(model, product_records, str(tmp_path), epochs=2, fine_tune_epochs=1, batch_size=8,
+          verbose=0)
+    logs = summaries(str(tmp_path / "logs"))
+    for tag in ("epoch_loss", "epoch_accuracy", "epoch_macro_f1", "epoch_learning_rate"):
+        assert len(logs["train"][tag]) == 3, tag
+    assert [step for step, _ in logs["validation"]["confusion_matrix"]] == [0, 1, 2]
+    assert "_hparams_/session_start_info" in logs["."]
+    for name in ("projector_config.pbtxt", "metadata.tsv"):
+        assert (tmp_path / "logs" / name).exists()
+    rows = (tmp_path / "logs" / "metadata.tsv").read_text().splitlines()
+    assert rows[0] == "label\ttext" and len(rows) == 1 + (product_records.splits == "val").sum()
+
+
+@pytest.mark.parametrize("options, cached", [
+    (dict(label_smoothing=0.1, focal_gamma=2.0, weight_decay=1e-3), 4),
+    (dict(augment_images=True, augment_text=True), 0),
+    (dict(augment_images=True), 2),
+])
+def test_regularisation_options_train(tmp_path, product_records, options, cached, capsys):
+    model = build_classifier_for(product_records, **SMALL)
+    history = train(model, product_records, str(tmp_path), epochs=2, fine_tune_epochs=0,
+                    batch_size=8, verbose=0, **options)
+    assert len(history["loss"]) == 2 and all(np.isfinite(history["loss"]))
+    # Augmented branches go through the graph each step: only the others are cached
+    # (one file per branch and split).
+    cache = tmp_path / "cache"
+    assert (len(os.listdir(cache)) if cache.exists() else 0) == cached, capsys.readouterr().out
