@@ -22,6 +22,7 @@ class ExperimentResult:
     model: object
     report: object  # None on workers other than the chief
     run_dir: str
+    history: dict = None  # per-epoch metrics of `train` (not of joint transfer)
     export_path: str = None
 
 
@@ -74,19 +75,21 @@ def run_experiment(config, *, verbose="auto"):
         else:
             vocabulary = _shared_vocabulary(options.text_encoder, source, records)
             model = build_classifier_for(source, text_vocabulary=vocabulary, **build)
+    history = None
     if source is None:
-        train(model, records, run_dir, **kwargs)
+        history = train(model, records, run_dir, **kwargs)
     else:
         model = transfer(model, source, records, run_dir, joint=moved.joint, alpha=moved.alpha,
                          domain_adversarial=moved.domain_adversarial,
                          freeze=tuple(moved.freeze), **kwargs)
     if is_multi_worker(strategy):
         if not is_chief():
-            return ExperimentResult(model, None, run_dir)  # the chief evaluates and exports
+            return ExperimentResult(model, None, run_dir, history)  # the chief evaluates
         # Evaluated on one device: predict under the strategy sees this worker's share only.
         model = clone_classifier(model)
     eval_dir = os.path.join(run_dir, "eval")
-    result = ExperimentResult(model, evaluate(model, records, "test", out_dir=eval_dir), run_dir)
+    result = ExperimentResult(model, evaluate(model, records, "test", out_dir=eval_dir), run_dir,
+                              history)
     if config.output.export:
         result.export_path = export_saved_model(
             model, config.output.export_dir or os.path.join("saved_models", config.name))

@@ -15,7 +15,7 @@ import pytest
 from keras_mmtl.data import from_arrays
 from keras_mmtl.models import build_classifier_for
 from keras_mmtl.training import train
-from keras_mmtl.training.callbacks import BestWeights, NonFiniteLossError
+from keras_mmtl.training.callbacks import AtomicBackupAndRestore, BestWeights, NonFiniteLossError
 
 SMALL = dict(image_backbone="small_cnn", image_weights=None, image_size=(16, 16),
              freeze_backbone=True)
@@ -126,3 +126,31 @@ def test_best_weights_are_written_atomically_and_respect_the_resumed_best(tmp_pa
         callback.on_epoch_end(2, {"val_loss": 0.3})
     with open(path, "rb") as f:
         assert f.read() == saved  # the previous best is whole
+
+
+def test_a_kill_while_the_backup_is_written_leaves_the_previous_backup(tmp_path):
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(optimizer="adam", loss="mse")
+    backup = AtomicBackupAndRestore(str(tmp_path / "backup"))
+    backup.set_model(model)
+    backup.on_epoch_end(0)
+    saved = [w.copy() for w in model.get_weights()]
+
+    def crash(filepath, overwrite=True):
+        with open(filepath, "wb") as f:
+            f.write(b"half a file")
+        raise OSError("killed while writing")
+
+    model.set_weights([w + 1 for w in saved])
+    model.save_weights = crash
+    with pytest.raises(OSError):
+        backup.on_epoch_end(1)
+    # A new process resumes from the whole backup of epoch 1.
+    restored = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    restored.compile(optimizer="adam", loss="mse")
+    resumed = AtomicBackupAndRestore(str(tmp_path / "backup"))
+    resumed.set_model(restored)
+    resumed.on_train_begin()
+    assert restored._initial_epoch == 1
+    for got, want in zip(restored.get_weights(), saved):
+        np.testing.assert_array_equal(got, want)

@@ -7,6 +7,7 @@ per epoch, `write_hparams` the run's hyperparameters (HParams dashboard) and
 `write_projector` embeddings with their labels (Projector).
 """
 
+import json
 import math
 import os
 
@@ -70,6 +71,31 @@ def save_atomic(save, path):
     tmp = os.path.join(base, f".tmp-{name}")
     save(tmp)
     os.replace(tmp, path)
+
+
+class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
+    """`keras.callbacks.BackupAndRestore` whose files are replaced atomically.
+
+    Keras writes the backup in place: a run killed while it writes leaves a
+    broken file and cannot resume. Here the weights and then the epoch
+    counter are each written to a temporary file and renamed into place, so
+    a kill leaves the previous backup whole, and the run loses at most the
+    epoch in progress.
+
+    Args:
+        backup_dir: the folder of the backup.
+        **kwargs: arguments of `keras.callbacks.BackupAndRestore`.
+    """
+
+    def _save_model(self):
+        os.makedirs(self.backup_dir, exist_ok=True)
+        save_atomic(lambda tmp: self.model.save_weights(tmp, overwrite=True), self._weights_path)
+
+        def write_metadata(tmp):
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump({"epoch": self._current_epoch, "batch": self._last_batch_seen}, f)
+
+        save_atomic(write_metadata, self._training_metadata_path)
 
 
 class BestWeights(keras.callbacks.Callback):

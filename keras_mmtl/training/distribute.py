@@ -6,6 +6,7 @@ import os
 import tensorflow as tf
 
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker")
+_MADE = {}  # the strategies made in this process, by name
 
 
 def distribution_strategy(strategy="auto"):
@@ -20,7 +21,8 @@ def distribution_strategy(strategy="auto"):
     same scope, batch size per replica).
 
     Call it first thing in a program: a multi-worker strategy must exist
-    before TensorFlow runs anything else.
+    before TensorFlow runs anything else. A strategy is made once per
+    process; calling again returns the same one.
 
     Args:
         strategy: `"auto"`, `"default"`, `"mirrored"`, `"multi_worker"` or a
@@ -50,12 +52,13 @@ def distribution_strategy(strategy="auto"):
             strategy = "mirrored"
         else:
             strategy = "default"
-    if strategy == "multi_worker":
-        chosen = tf.distribute.MultiWorkerMirroredStrategy()
-    elif strategy == "mirrored":
-        chosen = tf.distribute.MirroredStrategy()
-    else:
+    if strategy == "default":
         chosen = tf.distribute.get_strategy()
+    else:  # made once per process: a second multi-worker strategy would fail
+        if strategy not in _MADE:
+            _MADE[strategy] = (tf.distribute.MultiWorkerMirroredStrategy()
+                               if strategy == "multi_worker" else tf.distribute.MirroredStrategy())
+        chosen = _MADE[strategy]
     print(f"Distribution: {describe(chosen)}.")
     return chosen
 

@@ -14,6 +14,7 @@ from keras_mmtl.models.backbones import BACKBONE_NAME, backbone_network, unfreez
 from keras_mmtl.models.builder import class_names, embedding_model, image_size, model_modalities
 from keras_mmtl.training.cache import cacheable_outputs, compute_features, split_model
 from keras_mmtl.training.callbacks import (
+    AtomicBackupAndRestore,
     BestWeights,
     ConfusionMatrixImage,
     StopOnNonFiniteLoss,
@@ -397,7 +398,7 @@ def _clear_run(run_dir):
 
 def _callbacks(run_dir, phase, monitor, patience, best, best_value, names):
     return [
-        keras.callbacks.BackupAndRestore(os.path.join(run_dir, "backup", f"phase{phase}")),
+        AtomicBackupAndRestore(os.path.join(run_dir, "backup", f"phase{phase}")),
         keras.callbacks.TensorBoard(os.path.join(run_dir, LOGS)),
         ConfusionMatrixImage(log_dir=os.path.join(run_dir, LOGS), class_names=names),
         BestWeights(best, monitor, best_value),

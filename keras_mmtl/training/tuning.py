@@ -43,7 +43,7 @@ def default_search_space(model, fine_tune=True):
 
     - `learning_rate` (phase 1): log-uniform in [1e-4, 3e-3];
     - `fusion`: every name in `keras_mmtl.models.FUSIONS`, when the model has
-      both an image and a text branch;
+      both an image and a text branch (and there is more than one fusion);
     - `unfreeze_blocks` (phase 2): an integer in [1, 6] (at most the
       backbone's number of blocks), when the model starts with a frozen image
       backbone and `fine_tune` (phase 2 runs);
@@ -65,7 +65,7 @@ def default_search_space(model, fine_tune=True):
     {'learning_rate': (0.0001, 0.003), 'dropout': (0.0, 0.5, 0.1)}
     """
     space = {"learning_rate": (1e-4, 3e-3)}
-    if len(model_modalities(model)) > 1:
+    if len(model_modalities(model)) > 1 and len(FUSIONS) > 1:
         space["fusion"] = sorted(FUSIONS)
     layers = {layer.name: layer for layer in model.layers}
     if fine_tune and BACKBONE_NAME in layers and not layers[BACKBONE_NAME].trainable:
