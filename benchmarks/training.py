@@ -82,8 +82,8 @@ def throughput(seconds, samples):
                 steady=statistics.median(rates[1:]) if len(rates) > 1 else None)
 
 
-def fashion_records(quick):
-    """The fashion benchmark task's records; with `quick`, a few hundred train and val rows."""
+def fashion_records(quick, rows=QUICK_ROWS):
+    """The fashion benchmark task's records; with `quick`, a seeded sample of `rows` per split."""
     import numpy as np
 
     from keras_mmtl import read_manifest
@@ -94,8 +94,8 @@ def fashion_records(quick):
     if not quick:
         return records
     rng = np.random.default_rng(0)
-    keep = np.concatenate([rng.permutation(np.flatnonzero(records.splits == split))[:rows]
-                           for split, rows in QUICK_ROWS.items()])
+    keep = np.concatenate([rng.permutation(np.flatnonzero(records.splits == split))[:count]
+                           for split, count in rows.items()])
     return records.select(np.sort(keep))
 
 

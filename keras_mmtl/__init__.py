@@ -24,7 +24,13 @@ from keras_mmtl.data import (
     read_manifest,
 )
 from keras_mmtl.demo import run_demo
-from keras_mmtl.evaluation import EvaluationReport, classification_report, evaluate
+from keras_mmtl.evaluation import (
+    EvaluationReport,
+    ModalityReport,
+    classification_report,
+    evaluate,
+    modality_report,
+)
 from keras_mmtl.experiment import run_experiment
 from keras_mmtl.export import export_saved_model, predict, serving_function
 from keras_mmtl.models import (

@@ -29,7 +29,7 @@ def _read(args, class_names):
     return read_manifest(
         args.manifest, args.image_column, args.text_column, args.label_column,
         args.split_column, class_names=class_names, skip_bad_rows=args.skip_bad_rows,
-        seed=args.seed)
+        allow_missing=args.allow_missing, seed=args.seed)
 
 
 def _load(path):
@@ -56,6 +56,8 @@ def cmd_train(args):
         print("Training done; the chief worker evaluates and exports.")
         return
     _report(result.report, os.path.join(result.run_dir, "eval"))
+    if result.modalities is not None:
+        print(result.modalities.table())
     sequential = config.transfer.source_manifest and not config.transfer.joint
     print(f"Model saved to {os.path.join(result.run_dir, 'target' if sequential else '', 'model.keras')}")
     print(f"Config written to {os.path.join(result.run_dir, CONFIG_FILE)}: train again with "
@@ -81,13 +83,15 @@ def cmd_tune(args):
 
 
 def cmd_evaluate(args):
-    from keras_mmtl.evaluation import evaluate
-    from keras_mmtl.models import class_names
+    from keras_mmtl.evaluation import evaluate, modality_report
+    from keras_mmtl.models import class_names, model_modalities
 
     model = _load(args.model)
     records = _read(args, class_names(model))
     out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(args.model)), "eval")
     _report(evaluate(model, records, args.split, out_dir=out_dir), out_dir)
+    if len(model_modalities(model)) > 1:
+        print(modality_report(model, records, args.split, out_dir=out_dir).table())
 
 
 def cmd_export(args):

@@ -55,6 +55,9 @@ class DataConfig:
     skip_bad_rows: bool = _field(
         False, "leave out rows with a missing image, empty text, ... and report them, instead "
                "of stopping")
+    allow_missing: bool = _field(
+        False, "keep rows with an empty image path or an empty text (not both): samples that "
+               "lack a modality (the model is then built with --missing-modalities)")
     seed: int = _field(0, "seed of splits, shuffling and weight initialisation")
 
 
@@ -74,7 +77,13 @@ class ModelConfig:
                    "of words), or a keras-hub preset name or local directory of a pretrained "
                    "BERT-family encoder (needs keras-mmtl[hub])")
     sequence_length: int = _field(128, "tokens kept per text")
-    fusion: str = _field("concat", "fusion of image and text; see keras_mmtl.models.FUSIONS")
+    fusion: str = _field(
+        "concat", "fusion of image and text: concat, gated, attention, hierarchical or late")
+    missing_modalities: bool = _field(
+        False, "accept samples without their image or text (a learned stand-in replaces it)")
+    modality_dropout: float = _field(
+        0.0, "in training, hide each modality of a sample with this probability (e.g. 0.3), so "
+             "the model stays accurate when one is missing")
     dropout: float = _field(0.2, "dropout rate before the softmax")
 
     def __post_init__(self):

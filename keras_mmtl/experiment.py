@@ -7,9 +7,9 @@ import keras
 
 from keras_mmtl.config import CONFIG_FILE, SECTIONS, ConfigError, RunConfig
 from keras_mmtl.data import read_manifest
-from keras_mmtl.evaluation import evaluate
+from keras_mmtl.evaluation import evaluate, modality_report
 from keras_mmtl.export import export_saved_model
-from keras_mmtl.models import build_classifier_for, clone_classifier
+from keras_mmtl.models import build_classifier_for, clone_classifier, model_modalities
 from keras_mmtl.models.text import needs_vocabulary, vocabulary_learner
 from keras_mmtl.training import distribution_strategy, setup_precision, train, transfer, tune
 from keras_mmtl.training.distribute import is_chief, is_multi_worker
@@ -23,6 +23,7 @@ class ExperimentResult:
     report: object  # None on workers other than the chief
     run_dir: str
     history: dict = None  # per-epoch metrics of `train` (not of joint transfer)
+    modalities: object = None  # ModalityReport of a multimodal model
     export_path: str = None
 
 
@@ -90,6 +91,8 @@ def run_experiment(config, *, verbose="auto"):
     eval_dir = os.path.join(run_dir, "eval")
     result = ExperimentResult(model, evaluate(model, records, "test", out_dir=eval_dir), run_dir,
                               history)
+    if len(model_modalities(model)) > 1:
+        result.modalities = modality_report(model, records, "test", out_dir=eval_dir)
     if config.output.export:
         result.export_path = export_saved_model(
             model, config.output.export_dir or os.path.join("saved_models", config.name))
@@ -102,7 +105,9 @@ def build_arguments(config):
     return dict(image_backbone=options.image_backbone, image_weights=options.image_weights,
                 image_size=options.image_size and tuple(options.image_size),
                 text_encoder=options.text_encoder, sequence_length=options.sequence_length,
-                fusion=options.fusion, dropout=options.dropout)
+                fusion=options.fusion, dropout=options.dropout,
+                missing_modalities=options.missing_modalities or config.data.allow_missing,
+                modality_dropout=options.modality_dropout)
 
 
 def train_arguments(config, verbose="auto"):
@@ -179,7 +184,8 @@ def _read(config, manifest):
     data = config.data
     return read_manifest(manifest, data.image_column, data.text_column, data.label_column,
                          data.split_column, min_class_count=data.min_class_count,
-                         skip_bad_rows=data.skip_bad_rows, seed=data.seed)
+                         skip_bad_rows=data.skip_bad_rows, allow_missing=data.allow_missing,
+                         seed=data.seed)
 
 
 def _shared_vocabulary(text_encoder, source, target):

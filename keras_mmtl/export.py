@@ -8,8 +8,14 @@ import keras
 import tensorflow as tf
 import tensorflow_text  # noqa: F401  (registers the tokenizer ops a loaded graph needs)
 
-from keras_mmtl.data.images import decode_image
-from keras_mmtl.models.builder import class_names, image_size, model_modalities
+from keras_mmtl.data.images import decode_image, decode_optional_image
+from keras_mmtl.models.builder import (
+    class_names,
+    image_size,
+    model_modalities,
+    presence_modalities,
+)
+from keras_mmtl.models.missing import presence_input
 
 SIGNATURE = "serving_default"
 
@@ -19,7 +25,9 @@ def serving_function(model, top_k=5):
 
     It decodes JPEG/PNG bytes with the same `decode_image` as training, then
     calls the model, whose graph holds the backbone's preprocessing and the
-    text tokenizer.
+    text tokenizer. For a model built with `missing_modalities=True`, empty
+    image bytes or an empty (or blank) text mark that modality missing for
+    the sample, as in training.
 
     Args:
         model: a classifier from `keras_mmtl.models`.
@@ -34,6 +42,7 @@ def serving_function(model, top_k=5):
         (batch, top_k) the best classes and their probabilities.
     """
     modalities = model_modalities(model)
+    optional = presence_modalities(model)
     size = image_size(model)
     names = tf.constant(class_names(model))
     k = min(top_k, len(class_names(model)))
@@ -41,9 +50,13 @@ def serving_function(model, top_k=5):
 
     def serve(*inputs):
         features = dict(zip(modalities, inputs))
+        for name in optional:
+            raw = features[name] if name == "image" else tf.strings.strip(features[name])
+            features[presence_input(name)] = tf.cast(tf.strings.length(raw) > 0, tf.float32)
         if "image" in features:
+            decode = decode_optional_image if "image" in optional else decode_image
             features["image"] = tf.map_fn(
-                lambda data: decode_image(data, size), features["image"],
+                lambda data: decode(data, size), features["image"],
                 fn_output_signature=tf.TensorSpec((*size, 3), tf.float32))
         probabilities = model(features, training=False)
         top = tf.math.top_k(probabilities, k=k)
@@ -120,8 +133,10 @@ def predict(model, images=None, texts=None, top_k=5):
     Args:
         model: a classifier, or the path of an exported model (a version
             folder, or a TF Serving model folder whose newest version is used).
-        images: list of encoded image files (bytes) or image file paths.
-        texts: list of strings.
+        images: list of encoded image files (bytes) or image file paths;
+            `None` or empty for samples without one (models built with
+            `missing_modalities=True`).
+        texts: list of strings (empty: no text).
         top_k: classes returned per sample (an export returns at most 5).
 
     Returns:
@@ -142,9 +157,11 @@ def predict(model, images=None, texts=None, top_k=5):
         def run(**inputs):
             return serve(*(inputs[name] for name in modalities))
     given = {"image": images, "text": texts}
-    missing = [name for name in modalities if given[name] is None]
-    if missing:
-        raise ValueError(f"This model needs inputs {list(modalities)}; missing: {missing}.")
+    count = max((len(values) for values in given.values() if values is not None), default=0)
+    if not count:
+        raise ValueError(f"Nothing to predict: pass images and/or texts for {list(modalities)}.")
+    # A modality not given at all is missing for every sample.
+    given = {name: [None] * count if values is None else values for name, values in given.items()}
     outputs = run(**{name: tf.constant(_as_bytes(given[name], name)) for name in modalities})
     labels = outputs["top_labels"].numpy()[:, :top_k]
     scores = outputs["top_scores"].numpy()[:, :top_k]
@@ -155,10 +172,12 @@ def predict(model, images=None, texts=None, top_k=5):
 def _as_bytes(values, name):
     """Texts as str; images as encoded bytes, read from disk when given as paths."""
     if name == "text":
-        return [str(v) for v in values]
+        return ["" if v is None else str(v) for v in values]
     out = []
     for value in values:
-        if isinstance(value, bytes):
+        if not value:  # no image for this sample
+            out.append(b"")
+        elif isinstance(value, bytes):
             out.append(value)
         else:
             with open(value, "rb") as f:

@@ -30,6 +30,21 @@ def decode_image(data, image_size):
     return resize_image(image, image_size)
 
 
+def decode_optional_image(data, image_size):
+    """`decode_image`, or a black image for empty `data` (a sample without its image).
+
+    A model built with `missing_modalities=True` ignores that image: its
+    presence input says it is missing. Training and serving both call this.
+
+    Example:
+
+    >>> float(tf.reduce_max(decode_optional_image(tf.constant(b""), (4, 4))))
+    0.0
+    """
+    return tf.cond(tf.strings.length(data) > 0, lambda: decode_image(data, image_size),
+                   lambda: tf.zeros((*image_size, CHANNELS), tf.float32))
+
+
 def resize_image(image, image_size):
     """Resizes a decoded `(h, w, c)` image to `image_size` as float32 RGB."""
     image = tf.convert_to_tensor(image)

@@ -120,6 +120,35 @@ class Records:
             splits=self.splits[mask],
         )
 
+    def present(self, modality):
+        """Per sample, whether it has this modality (not an empty path, bytes or text)."""
+        values = {"image": self.images, "text": self.texts}[modality]
+        if values is None:
+            return np.zeros(len(self), bool)
+        if modality == "image" and self.image_kind == "array":
+            return np.ones(len(self), bool)
+        return np.array([_has_value(value) for value in values], bool)
+
+    def without(self, modality, rows):
+        """A copy in which the samples `rows` (a boolean mask) lack `modality`.
+
+        Example:
+
+        >>> records = from_arrays(["a", "b"], texts=["red", "blue"], splits=["train"] * 2)
+        >>> records.without("text", np.array([True, False])).present("text").tolist()
+        [False, True]
+        """
+        rows = np.asarray(rows, bool)
+        if modality == "image":
+            if self.image_kind == "array":
+                raise ValueError("Images held as an array cannot be missing; use paths or bytes.")
+            images = self.images.copy()
+            images[rows] = "" if self.image_kind == "path" else b""
+            return dataclasses.replace(self, images=images)
+        texts = self.texts.copy()
+        texts[rows] = ""
+        return dataclasses.replace(self, texts=texts)
+
     def class_counts(self, split=None):
         """Number of rows per class name, in one split or overall."""
         labels = self.labels if split is None else self.subset(split).labels
@@ -180,6 +209,7 @@ def read_manifest(
     min_class_count=1,
     skip_bad_rows=False,
     check_images=True,
+    allow_missing=False,
     val_fraction=0.1,
     test_fraction=0.1,
     seed=0,
@@ -205,6 +235,9 @@ def read_manifest(
         min_class_count: drop classes with fewer training rows than this.
         skip_bad_rows: leave bad rows out (and report them) instead of raising.
         check_images: decode every image once to find corrupt files.
+        allow_missing: accept rows whose image path or text is empty (but not
+            both): samples with a missing modality, for a model built with
+            `missing_modalities=True`. A path that is given must still exist.
         val_fraction, test_fraction, seed: the split drawn without `split_column`.
 
     Returns:
@@ -259,7 +292,7 @@ def read_manifest(
         table.append(entry)
     return _build_records(
         table, source, class_names=class_names, min_class_count=min_class_count,
-        skip_bad_rows=skip_bad_rows, check_images=check_images,
+        skip_bad_rows=skip_bad_rows, check_images=check_images, allow_missing=allow_missing,
         val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
         image_kind="path",
     )
@@ -275,6 +308,7 @@ def from_arrays(
     image_kind=None,
     skip_bad_rows=False,
     check_images=True,
+    allow_missing=False,
     min_class_count=1,
     val_fraction=0.1,
     test_fraction=0.1,
@@ -290,8 +324,9 @@ def from_arrays(
         splits: optional list of `train`/`val`/`test`; drawn if absent.
         class_names: label vocabulary; needed when `labels` are integers.
         image_kind: `"array"`, `"path"` or `"bytes"`; inferred by default.
-        skip_bad_rows, check_images, min_class_count, val_fraction,
-        test_fraction, seed: as in `read_manifest`.
+        skip_bad_rows, check_images, allow_missing, min_class_count,
+        val_fraction, test_fraction, seed: as in `read_manifest` (a missing
+        image is an empty path or empty bytes; arrays cannot miss one).
 
     Returns:
         `Records`.
@@ -329,7 +364,7 @@ def from_arrays(
         table.append(entry)
     return _build_records(
         table, ARRAYS_SOURCE, class_names=class_names, min_class_count=min_class_count,
-        skip_bad_rows=skip_bad_rows, check_images=check_images,
+        skip_bad_rows=skip_bad_rows, check_images=check_images, allow_missing=allow_missing,
         val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
         image_kind=image_kind or "path",
         image_array=np.asarray(images) if image_kind == "array" else None,
@@ -526,7 +561,7 @@ def _normalize_split(value):
 
 def _build_records(table, source, *, class_names, min_class_count, skip_bad_rows,
                    check_images, val_fraction, test_fraction, seed, image_kind,
-                   image_array=None):
+                   image_array=None, allow_missing=False):
     """Validates rows (dicts with line, label and optional image/text/split)."""
     bad = []
     fields = set(table[0]) if table else set()
@@ -546,7 +581,12 @@ def _build_records(table, source, *, class_names, min_class_count, skip_bad_rows
         elif _check_text(label):
             bad.append(BadRow(source, line, "label", "label is not valid UTF-8; save the "
                               "file as UTF-8"))
-        if "text" in fields:
+        missing = [field for field in ("image", "text") if field in fields and allow_missing
+                   and not _has_value(entry[field])]
+        if missing and len(missing) == len({"image", "text"} & fields):
+            bad.append(BadRow(source, line, " and ".join(missing), "no input at all; give the "
+                              "row an image or a text"))
+        if "text" in fields and "text" not in missing:
             problem = _check_text(entry["text"])
             if problem:
                 bad.append(BadRow(source, line, "text", problem))
@@ -555,7 +595,9 @@ def _build_records(table, source, *, class_names, min_class_count, skip_bad_rows
             if entry["split"] not in SPLITS:
                 bad.append(BadRow(source, line, "split", (
                     f"unknown split {entry['split']!r}; expected one of {list(SPLITS)}")))
-        if "image" in fields and image_kind == "path":
+        if "image" in missing:
+            entry["image"] = "" if image_kind == "path" else b""
+        elif "image" in fields and image_kind == "path":
             problem = _check_image_path(entry["image"])
             if problem:
                 bad.append(BadRow(source, line, "image", problem))
@@ -563,7 +605,8 @@ def _build_records(table, source, *, class_names, min_class_count, skip_bad_rows
             bad.append(BadRow(source, line, "image", "empty image bytes"))
     if check_images and "image" in fields:
         flagged = {(row.source, row.line) for row in bad}
-        candidates = [e for e in table if (source, e["line"]) not in flagged]
+        candidates = [e for e in table
+                      if (source, e["line"]) not in flagged and _has_value(e["image"])]
         failures = find_undecodable([e["image"] for e in candidates],
                                     read_files=image_kind == "path")
         for index, problem in failures.items():
@@ -611,6 +654,13 @@ def _build_records(table, source, *, class_names, min_class_count, skip_bad_rows
     if records.report.bad_rows or records.report.dropped_classes:
         warnings.warn(records.report.summary(), stacklevel=3)
     return records
+
+
+def _has_value(value):
+    """Whether a text, path or bytes field holds something (not empty or blank)."""
+    if isinstance(value, bytes):
+        return bool(value)
+    return value is not None and bool(str(value).strip())
 
 
 def _as_str(value):

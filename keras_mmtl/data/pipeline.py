@@ -4,7 +4,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_mmtl.data.augmentation import MODALITIES as AUGMENTED_MODALITIES
-from keras_mmtl.data.images import decode_image, resize_image
+from keras_mmtl.data.images import decode_optional_image, resize_image
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -21,6 +21,7 @@ def make_dataset(
     drop_remainder=False,
     features=None,
     augment=None,
+    presence=(),
 ):
     """Builds the input pipeline of a model: `({"image", "text"}, label)` batches.
 
@@ -50,6 +51,10 @@ def make_dataset(
             batch after another so a layer's seed reproduces the run.
             Modalities the dataset does not yield (images read from cached
             features) are left out. Pass it for the train split only.
+        presence: modalities whose presence to yield as `"<modality>_present"`
+            (float32, 1 or 0), for a model built with `missing_modalities=True`;
+            a missing image is then yielded black. Without it, rows lacking an
+            image are an error.
 
     Returns:
         a batched, prefetched `tf.data.Dataset`.
@@ -75,6 +80,14 @@ def make_dataset(
             f"The model needs inputs {sorted(missing)} that the data does not have. "
             f"Data has: {list(records.modalities)}"
         )
+    presence = tuple(presence)
+    for name in ("image",) if "image" in modalities and "image" not in presence else ():
+        absent = np.flatnonzero(~records.present(name))
+        if len(absent):
+            raise ValueError(
+                f"{len(absent)} rows have no {name} (the first is row {absent[0]} of the "
+                f"split). A model for samples that miss a modality is built with "
+                "missing_modalities=True; or leave such rows out.")
     if "image" in modalities and image_size is None:
         raise ValueError("Pass image_size=(height, width) (keras_mmtl.models.image_size(model)).")
     augmenters = _augmenters(augment, modalities)
@@ -91,15 +104,18 @@ def make_dataset(
         inputs["image"] = (
             records.images if records.image_kind == "array" else list(records.images)
         )
+    for name in presence:
+        inputs[f"{name}_present"] = records.present(name).astype(np.float32)
 
     def load_image(row, label):
         data = row["image"]
         if records.image_kind == "array":
             image = resize_image(data, image_size)
         else:
-            if records.image_kind == "path":
-                data = tf.io.read_file(data)
-            image = decode_image(data, image_size)
+            if records.image_kind == "path":  # an empty path is a missing image
+                data = tf.cond(tf.strings.length(data) > 0, lambda: tf.io.read_file(data),
+                               lambda: tf.constant(b""))
+            image = decode_optional_image(data, image_size)
         return {**row, "image": image}, label
 
     ds = tf.data.Dataset.from_tensor_slices((inputs, records.labels.astype(np.int32)))

@@ -13,11 +13,21 @@ from keras_mmtl.models.builder import (
     build_classifier_for,
     class_names,
     clone_classifier,
+    dataset_arguments,
     embedding_model,
     image_size,
     model_modalities,
+    presence_modalities,
 )
-from keras_mmtl.models.fusion import FUSIONS, ConcatFusion
+from keras_mmtl.models.missing import MissingModality, ModalityDropout
+from keras_mmtl.models.fusion import (
+    FUSIONS,
+    AttentionFusion,
+    ConcatFusion,
+    GatedFusion,
+    HierarchicalFusion,
+    LateFusion,
+)
 from keras_mmtl.models.heads import ClassifierHead, GradientReversal
 from keras_mmtl.models.text import (
     TEXT_ENCODERS,

@@ -5,6 +5,7 @@ import keras
 from keras_mmtl.models.backbones import build_image_backbone
 from keras_mmtl.models.fusion import get_fusion
 from keras_mmtl.models.heads import ClassifierHead
+from keras_mmtl.models.missing import MissingModality, ModalityDropout, presence_input
 from keras_mmtl.models.text import build_text_encoder, needs_vocabulary, vocabulary_learner
 
 MODALITIES = ("image", "text")
@@ -22,6 +23,8 @@ def build_classifier(
     sequence_length=128,
     fusion="concat",
     fusion_units=256,
+    missing_modalities=False,
+    modality_dropout=0.0,
     dropout=0.2,
     name="mmtl_classifier",
 ):
@@ -31,6 +34,13 @@ def build_classifier(
     "text": string (batch,)}` and returns class probabilities (float32). The
     backbone's preprocessing, the tokenizer and its vocabulary, and the class
     names are all inside the model.
+
+    With `missing_modalities=True`, the model also takes `"image_present"`
+    and `"text_present"` (float32 (batch,), 1 or 0): a sample may lack its
+    image or its text, whose features are then replaced by a learned
+    embedding (`MissingModality`), and fusions that can (gated, attention,
+    late) leave it out. `make_dataset` and the exported signature fill these
+    inputs from empty paths, bytes and texts.
 
     Args:
         class_names: label of each class, in output order.
@@ -54,6 +64,12 @@ def build_classifier(
         sequence_length: tokens kept per text.
         fusion: a name from `keras_mmtl.models.FUSIONS`.
         fusion_units: per-modality projection size inside the fusion.
+        missing_modalities: accept samples without their image or text
+            (needs both branches); implied by `modality_dropout`.
+        modality_dropout: in training, the probability of hiding each
+            modality of a sample (`ModalityDropout`; a sample keeps at least
+            one), so the model stays accurate when one is absent. 0.3 is a
+            reasonable start.
         dropout: dropout rate before the softmax.
         name: the model's name.
 
@@ -84,7 +100,20 @@ def build_classifier(
         inputs["text"] = keras.Input((), dtype="string", name="text")
         features.append(build_text_encoder(
             text_encoder, inputs["text"], text_vocabulary, sequence_length=sequence_length))
-    if len(features) > 1:
+    modalities = list(inputs)
+    missing_modalities = missing_modalities or modality_dropout > 0
+    if missing_modalities and len(features) < 2:
+        raise ValueError("missing_modalities and modality_dropout need an image and a text "
+                         f"branch; this model has {modalities}.")
+    if len(features) > 1 and missing_modalities:
+        presence = [keras.Input((), name=presence_input(m)) for m in modalities]
+        inputs.update(zip(map(presence_input, modalities), presence))
+        if modality_dropout:
+            presence = ModalityDropout(modality_dropout, name="modality_dropout")(presence)
+        features = [MissingModality(name=f"{m}_missing")([f, p])
+                    for m, f, p in zip(modalities, features, presence)]
+        fused = get_fusion(fusion, units=fusion_units, name="fusion")(features, presence=presence)
+    elif len(features) > 1:
         fused = get_fusion(fusion, units=fusion_units, name="fusion")(features)
     else:
         fused = features[0]
@@ -162,6 +191,24 @@ def class_names(model):
 def model_modalities(model):
     """The inputs a classifier takes, e.g. `("image", "text")`."""
     return tuple(name for name in MODALITIES if name in model.input)
+
+
+def presence_modalities(model):
+    """The modalities whose presence a classifier takes as an input (`missing_modalities`)."""
+    return tuple(name for name in MODALITIES if presence_input(name) in model.input)
+
+
+def dataset_arguments(model):
+    """The `make_dataset` arguments that give a classifier the inputs it takes.
+
+    Example:
+
+    >>> model = build_classifier(["a", "b"], image_backbone=None, text_vocabulary=["x"])
+    >>> dataset_arguments(model)
+    {'image_size': None, 'modalities': ('text',), 'presence': ()}
+    """
+    return {"image_size": image_size(model), "modalities": model_modalities(model),
+            "presence": presence_modalities(model)}
 
 
 def image_size(model):

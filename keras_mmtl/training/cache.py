@@ -102,8 +102,8 @@ def cache_key(extractor, records, split):
         digest.update(np.ascontiguousarray(rows.images).tobytes())
     elif "image" in names and rows.image_kind == "path":
         for path in rows.images:  # a replaced file changes size or modification time
-            stat = os.stat(path)
-            digest.update(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+            stat = os.stat(path) if path else None  # an empty path: a missing image
+            digest.update(f"{path}:{stat and stat.st_size}:{stat and stat.st_mtime_ns}".encode())
     elif "image" in names:
         for data in rows.images:
             digest.update(hashlib.sha256(data).digest())
@@ -167,9 +167,12 @@ def _features(extractor, records, split, cache_dir, batch_size):
         if os.path.exists(path):
             with np.load(path) as stored:
                 return dict(stored)
-    ds = make_dataset(records, split, image_size=image_size(extractor),
-                      modalities=tuple(extractor.input), batch_size=batch_size, shuffle=False)
-    features = extractor.predict(ds.map(lambda x, y: x), verbose=0)
+    names = tuple(extractor.input)
+    # With presence, a missing image comes black (its features are replaced in the model).
+    ds = make_dataset(records, split, image_size=image_size(extractor), modalities=names,
+                      presence=names, batch_size=batch_size, shuffle=False)
+    features = extractor.predict(ds.map(lambda x, y: {name: x[name] for name in names}),
+                                 verbose=0)
     if path is not None:
         os.makedirs(cache_dir, exist_ok=True)
         tmp = f"{path}.tmp.npz"

@@ -11,7 +11,14 @@ from keras_mmtl.data.augmentation import make_augmentation
 from keras_mmtl.data.pipeline import make_dataset
 from keras_mmtl.models import text
 from keras_mmtl.models.backbones import BACKBONE_NAME, backbone_network, unfreeze_top_blocks
-from keras_mmtl.models.builder import class_names, embedding_model, image_size, model_modalities
+from keras_mmtl.models.builder import (
+    class_names,
+    dataset_arguments,
+    embedding_model,
+    image_size,
+    model_modalities,
+    presence_modalities,
+)
 from keras_mmtl.training.cache import cacheable_outputs, compute_features, split_model
 from keras_mmtl.training.callbacks import (
     AtomicBackupAndRestore,
@@ -330,16 +337,16 @@ def _fit_setup(model, records, run_dir, *, cache, cache_dir, has_val, batch_size
     cacheable = cacheable_outputs(model, exclude=augment) if cache else {}
     splits = ("train", "val") if has_val else ("train",)
     if not cacheable:
-        datasets = [make_dataset(records, split, image_size=image_size(model),
-                                 modalities=model_modalities(model), batch_size=batch_size,
-                                 seed=seed, augment=augment if split == "train" else None)
+        datasets = [make_dataset(records, split, **dataset_arguments(model),
+                                 batch_size=batch_size, seed=seed,
+                                 augment=augment if split == "train" else None)
                     for split in splits]
         return model, None, datasets[0], datasets[1] if has_val else None, ()
     extractors, top, clone = split_model(model, exclude=augment)
     cache_dir = cache_dir or os.path.join(run_dir, "cache")
     raw = tuple(m for m in model_modalities(model) if m not in cacheable)
     datasets = [make_dataset(records, split, image_size=image_size(model), modalities=raw,
-                             batch_size=batch_size, seed=seed,
+                             presence=presence_modalities(model), batch_size=batch_size, seed=seed,
                              augment=augment if split == "train" else None,
                              features=compute_features(extractors, records, split, cache_dir))
                 for split in splits]
@@ -424,8 +431,8 @@ def _write_embeddings(model, records, log_dir, batch_size):
         keep = np.zeros(len(records), bool)
         keep[np.random.default_rng(0).choice(len(records), PROJECTOR_POINTS, replace=False)] = True
         records = records.select(keep)
-    data = make_dataset(records, image_size=image_size(model), modalities=model_modalities(model),
-                        batch_size=batch_size, shuffle=False).map(lambda x, y: x)
+    data = make_dataset(records, **dataset_arguments(model), batch_size=batch_size,
+                        shuffle=False).map(lambda x, y: x)
     embeddings = embedding_model(model).predict(data, verbose=0)
     names = np.asarray(records.class_names)[records.labels]
     text = {"text": list(records.texts)} if "text" in model_modalities(model) else None

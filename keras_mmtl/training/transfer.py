@@ -17,12 +17,7 @@ import tensorflow as tf
 
 from keras_mmtl.data.pipeline import make_dataset
 from keras_mmtl.models.backbones import BACKBONE_NAME
-from keras_mmtl.models.builder import (
-    class_names,
-    clone_classifier,
-    image_size,
-    model_modalities,
-)
+from keras_mmtl.models.builder import class_names, clone_classifier, dataset_arguments
 from keras_mmtl.models.heads import ClassifierHead, GradientReversal
 from keras_mmtl.training.callbacks import StopOnNonFiniteLoss, save_atomic
 from keras_mmtl.training.optimizers import LayerwiseAdam
@@ -187,8 +182,8 @@ def train_joint(model, source, target, run_dir, *, alpha=0.5, domain_adversarial
 
 def _joint_dataset(model, parts, outputs, batch_size, seed):
     """Endless batches of `(inputs, labels, sample weights)` over all parts, and steps per epoch."""
-    kwargs = dict(image_size=image_size(model), modalities=model_modalities(model),
-                  batch_size=batch_size, seed=seed, shuffle=True, drop_remainder=True)
+    kwargs = dict(**dataset_arguments(model), batch_size=batch_size, seed=seed, shuffle=True,
+                  drop_remainder=True)
     labelled = [len(records.subset("train")) for name, records in parts if name != "unlabeled"]
     steps = max(max(labelled) // batch_size, 1)
     streams = []
