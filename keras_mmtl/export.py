@@ -157,10 +157,14 @@ def predict(model, images=None, texts=None, top_k=5):
         def run(**inputs):
             return serve(*(inputs[name] for name in modalities))
     given = {"image": images, "text": texts}
+    # A modality not given is missing for every sample: models built with
+    # missing_modalities=True take that (an export cannot tell, and is sent empties).
+    optional = modalities if isinstance(model, (str, os.PathLike)) else presence_modalities(model)
+    missing = [name for name in modalities if given[name] is None and name not in optional]
     count = max((len(values) for values in given.values() if values is not None), default=0)
-    if not count:
-        raise ValueError(f"Nothing to predict: pass images and/or texts for {list(modalities)}.")
-    # A modality not given at all is missing for every sample.
+    if missing or not count:
+        raise ValueError(f"This model needs inputs {list(modalities)}; missing: "
+                         f"{missing or list(modalities)}.")
     given = {name: [None] * count if values is None else values for name, values in given.items()}
     outputs = run(**{name: tf.constant(_as_bytes(given[name], name)) for name in modalities})
     labels = outputs["top_labels"].numpy()[:, :top_k]

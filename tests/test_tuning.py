@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 from keras_mmtl.data import from_arrays
-from keras_mmtl.models import build_classifier_for
+from keras_mmtl.models import FUSIONS, build_classifier_for
 from keras_mmtl.training import tuning
 from keras_mmtl.training.tuning import default_search_space, tune
 
@@ -93,12 +93,12 @@ def test_records_without_val_rows_are_refused(tmp_path, texts):
 
 @pytest.mark.parametrize("build, fine_tune, expected", [
     ({"modalities": ("text",)}, True, {"learning_rate": (1e-4, 3e-3), "dropout": (0.0, 0.5, 0.1)}),
-    (SMALL, True, {"learning_rate": (1e-4, 3e-3), "fusion": ["concat"],
+    (SMALL, True, {"learning_rate": (1e-4, 3e-3), "fusion": sorted(FUSIONS),
                    "unfreeze_blocks": (1, 4), "dropout": (0.0, 0.5, 0.1)}),  # small_cnn: 4 blocks
-    (SMALL, False, {"learning_rate": (1e-4, 3e-3), "fusion": ["concat"],
+    (SMALL, False, {"learning_rate": (1e-4, 3e-3), "fusion": sorted(FUSIONS),
                     "dropout": (0.0, 0.5, 0.1)}),
     ({**SMALL, "freeze_backbone": False}, True,  # trains whole from the start: no phase 2
-     {"learning_rate": (1e-4, 3e-3), "fusion": ["concat"], "dropout": (0.0, 0.5, 0.1)}),
+     {"learning_rate": (1e-4, 3e-3), "fusion": sorted(FUSIONS), "dropout": (0.0, 0.5, 0.1)}),
 ])
 def test_default_search_space(product_records, build, fine_tune, expected):
     model = build_classifier_for(product_records, **build)
@@ -263,7 +263,7 @@ def test_tune_trains_and_loads_the_best_model(tmp_path, product_records, tuner, 
         values = trial.hyperparameters
         assert set(values) - {"epochs"} == set(space)
         assert 1e-4 <= values["learning_rate"] <= 3e-3
-        assert values["fusion"] == "concat"
+        assert values["fusion"] in FUSIONS
         assert 1 <= values["unfreeze_blocks"] <= 4
         assert 0.0 <= values["dropout"] <= 0.5
         assert os.path.exists(tmp_path / "trials" / trial.trial_id / "model.keras")
