@@ -28,7 +28,8 @@ def _read(args, class_names):
 
     return read_manifest(
         args.manifest, args.image_column, args.text_column, args.label_column,
-        args.split_column, class_names=class_names, skip_bad_rows=args.skip_bad_rows,
+        args.split_column, tabular_columns=args.tabular_columns, class_names=class_names,
+        skip_bad_rows=args.skip_bad_rows,
         allow_missing=args.allow_missing, seed=args.seed)
 
 

@@ -51,6 +51,9 @@ class DataConfig:
     split_column: Optional[str] = _field(
         None, "column of train/val/test; without it a stratified 80/10/10 split is drawn with "
               "--seed", type=_none_or)
+    tabular_columns: list = _field(
+        (), "columns of numbers given to the model as a third input (price, size, ...)",
+        nargs="*")
     min_class_count: int = _field(1, "drop classes with fewer training rows")
     skip_bad_rows: bool = _field(
         False, "leave out rows with a missing image, empty text, ... and report them, instead "
@@ -59,6 +62,9 @@ class DataConfig:
         False, "keep rows with an empty image path or an empty text (not both): samples that "
                "lack a modality (the model is then built with --missing-modalities)")
     seed: int = _field(0, "seed of splits, shuffling and weight initialisation")
+
+    def __post_init__(self):
+        self.tabular_columns = list(self.tabular_columns)
 
 
 @dataclasses.dataclass

@@ -183,7 +183,8 @@ def _as_config(config):
 def _read(config, manifest):
     data = config.data
     return read_manifest(manifest, data.image_column, data.text_column, data.label_column,
-                         data.split_column, min_class_count=data.min_class_count,
+                         data.split_column, tabular_columns=data.tabular_columns,
+                         min_class_count=data.min_class_count,
                          skip_bad_rows=data.skip_bad_rows, allow_missing=data.allow_missing,
                          seed=data.seed)
 

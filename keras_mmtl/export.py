@@ -5,6 +5,7 @@ import shutil
 import uuid
 
 import keras
+import numpy as np
 import tensorflow as tf
 import tensorflow_text  # noqa: F401  (registers the tokenizer ops a loaded graph needs)
 
@@ -35,8 +36,9 @@ def serving_function(model, top_k=5):
             of classes).
 
     Returns:
-        `(fn, input_signature)`: `fn` takes one batched `tf.string` tensor
-        per modality (`image`: encoded image files, `text`: UTF-8 strings) and
+        `(fn, input_signature)`: `fn` takes one batched tensor per modality
+        (`image`: encoded image files, `text`: UTF-8 strings, both
+        `tf.string`; `tabular`: float32 numeric features `(batch, k)`) and
         returns a dict: `probabilities` (batch, classes) float32, `label`
         (batch,) the predicted class name, `top_labels` and `top_scores`
         (batch, top_k) the best classes and their probabilities.
@@ -46,13 +48,19 @@ def serving_function(model, top_k=5):
     size = image_size(model)
     names = tf.constant(class_names(model))
     k = min(top_k, len(class_names(model)))
-    signature = [tf.TensorSpec([None], tf.string, name=name) for name in modalities]
+    signature = [tf.TensorSpec(model.input[name].shape, tf.float32, name=name)
+                 if name == "tabular" else tf.TensorSpec([None], tf.string, name=name)
+                 for name in modalities]
 
     def serve(*inputs):
         features = dict(zip(modalities, inputs))
         for name in optional:
-            raw = features[name] if name == "image" else tf.strings.strip(features[name])
-            features[presence_input(name)] = tf.cast(tf.strings.length(raw) > 0, tf.float32)
+            raw = features[name]
+            if name == "tabular":  # numbers are always there
+                present = tf.ones(tf.shape(raw)[:1], tf.bool)
+            else:
+                present = tf.strings.length(tf.strings.strip(raw) if name == "text" else raw) > 0
+            features[presence_input(name)] = tf.cast(present, tf.float32)
         if "image" in features:
             decode = decode_optional_image if "image" in optional else decode_image
             features["image"] = tf.map_fn(
@@ -125,7 +133,7 @@ def latest_version(path):
     return os.path.join(path, str(max(versions)))
 
 
-def predict(model, images=None, texts=None, top_k=5):
+def predict(model, images=None, texts=None, top_k=5, tabular=None):
     """Top classes for raw inputs, from a Keras classifier or an exported SavedModel.
 
     Both go through the same serving function, so they answer alike.
@@ -137,6 +145,7 @@ def predict(model, images=None, texts=None, top_k=5):
             `None` or empty for samples without one (models built with
             `missing_modalities=True`).
         texts: list of strings (empty: no text).
+        tabular: numeric features `(n, k)`, for a model with a tabular input.
         top_k: classes returned per sample (an export returns at most 5).
 
     Returns:
@@ -156,7 +165,7 @@ def predict(model, images=None, texts=None, top_k=5):
 
         def run(**inputs):
             return serve(*(inputs[name] for name in modalities))
-    given = {"image": images, "text": texts}
+    given = {"image": images, "text": texts, "tabular": tabular}
     # A modality not given is missing for every sample: models built with
     # missing_modalities=True take that (an export cannot tell, and is sent empties).
     optional = modalities if isinstance(model, (str, os.PathLike)) else presence_modalities(model)
@@ -166,7 +175,8 @@ def predict(model, images=None, texts=None, top_k=5):
         raise ValueError(f"This model needs inputs {list(modalities)}; missing: "
                          f"{missing or list(modalities)}.")
     given = {name: [None] * count if values is None else values for name, values in given.items()}
-    outputs = run(**{name: tf.constant(_as_bytes(given[name], name)) for name in modalities})
+    outputs = run(**{name: tf.constant(np.asarray(given[name], np.float32)) if name == "tabular"
+                     else tf.constant(_as_bytes(given[name], name)) for name in modalities})
     labels = outputs["top_labels"].numpy()[:, :top_k]
     scores = outputs["top_scores"].numpy()[:, :top_k]
     return [[(label.decode("utf-8"), float(score)) for label, score in zip(row_l, row_s)]

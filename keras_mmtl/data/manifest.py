@@ -82,6 +82,8 @@ class Records:
         class_names: the label vocabulary, sorted; index `i` is class `i`.
         image_kind: how `images` is stored.
         report: rows and classes that were left out.
+        tabular: `None`, or a float32 array `(n, k)` of numeric features.
+        tabular_columns: the names of those `k` features.
     """
 
     images: object
@@ -91,6 +93,8 @@ class Records:
     class_names: list
     image_kind: str = "path"
     report: DataReport = dataclasses.field(default_factory=DataReport)
+    tabular: object = None
+    tabular_columns: tuple = ()
 
     def __len__(self):
         return len(self.labels)
@@ -98,7 +102,8 @@ class Records:
     @property
     def modalities(self):
         """The inputs these records provide, in model order."""
-        present = {"image": self.images is not None, "text": self.texts is not None}
+        present = {"image": self.images is not None, "text": self.texts is not None,
+                   "tabular": self.tabular is not None}
         return tuple(name for name, ok in present.items() if ok)
 
     def subset(self, split):
@@ -116,16 +121,17 @@ class Records:
             self,
             images=pick(self.images),
             texts=pick(self.texts),
+            tabular=pick(self.tabular),
             labels=self.labels[mask],
             splits=self.splits[mask],
         )
 
     def present(self, modality):
         """Per sample, whether it has this modality (not an empty path, bytes or text)."""
-        values = {"image": self.images, "text": self.texts}[modality]
+        values = {"image": self.images, "text": self.texts, "tabular": self.tabular}[modality]
         if values is None:
             return np.zeros(len(self), bool)
-        if modality == "image" and self.image_kind == "array":
+        if modality == "tabular" or modality == "image" and self.image_kind == "array":
             return np.ones(len(self), bool)
         return np.array([_has_value(value) for value in values], bool)
 
@@ -139,6 +145,8 @@ class Records:
         [False, True]
         """
         rows = np.asarray(rows, bool)
+        if modality not in ("image", "text"):
+            raise ValueError(f"Only an image or a text can be missing. Received: {modality!r}")
         if modality == "image":
             if self.image_kind == "array":
                 raise ValueError("Images held as an array cannot be missing; use paths or bytes.")
@@ -205,6 +213,7 @@ def read_manifest(
     label_column="label",
     split_column=None,
     *,
+    tabular_columns=(),
     class_names=None,
     min_class_count=1,
     skip_bad_rows=False,
@@ -230,6 +239,8 @@ def read_manifest(
         label_column: column with label names.
         split_column: optional column with `train`/`val`/`test` per row;
             without it a seeded stratified split is drawn.
+        tabular_columns: columns of numbers (price, size, counts...) given
+            to the model as a third input, `"tabular"`; every row needs them.
         class_names: fixed label vocabulary (for example a trained model's);
             labels outside it are bad rows. By default the sorted labels seen.
         min_class_count: drop classes with fewer training rows than this.
@@ -273,7 +284,8 @@ def read_manifest(
         )
     source = os.path.basename(path)
     header = rows[0][1] if rows else {}
-    missing = [name for name in columns.values() if name not in header]
+    tabular_columns = tuple(tabular_columns or ())
+    missing = [name for name in (*columns.values(), *tabular_columns) if name not in header]
     if missing:
         raise DataValidationError(
             f"{source}: missing column(s) {missing}. Columns found: {sorted(header)}. "
@@ -289,12 +301,14 @@ def read_manifest(
             entry[field] = "" if value is None else str(value)
         if "image" in entry and entry["image"].strip():
             entry["image"] = os.path.join(folder, entry["image"].strip())
+        if tabular_columns:
+            entry["tabular"] = [row.get(name) for name in tabular_columns]
         table.append(entry)
     return _build_records(
         table, source, class_names=class_names, min_class_count=min_class_count,
         skip_bad_rows=skip_bad_rows, check_images=check_images, allow_missing=allow_missing,
         val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
-        image_kind="path",
+        image_kind="path", tabular_columns=tabular_columns,
     )
 
 
@@ -303,6 +317,8 @@ def from_arrays(
     images=None,
     texts=None,
     *,
+    tabular=None,
+    tabular_columns=None,
     splits=None,
     class_names=None,
     image_kind=None,
@@ -321,6 +337,8 @@ def from_arrays(
         images: `None`; a uint8 array `(n, h, w, 3)`; or a list of image file
             paths or encoded image bytes.
         texts: `None` or a list of strings.
+        tabular: `None` or numeric features, `(n, k)`.
+        tabular_columns: names of the `k` features (default `x0`, `x1`, ...).
         splits: optional list of `train`/`val`/`test`; drawn if absent.
         class_names: label vocabulary; needed when `labels` are integers.
         image_kind: `"array"`, `"path"` or `"bytes"`; inferred by default.
@@ -349,7 +367,12 @@ def from_arrays(
         else:
             image_kind = "bytes" if isinstance(images[0], bytes) else "path"
     n = len(labels)
-    for name, values in (("images", images), ("texts", texts), ("splits", splits)):
+    if tabular is not None:
+        tabular = np.asarray(tabular, dtype=object)
+        tabular = tabular[:, None] if tabular.ndim == 1 else tabular
+        tabular_columns = tuple(tabular_columns or (f"x{i}" for i in range(tabular.shape[1])))
+    for name, values in (("images", images), ("texts", texts), ("splits", splits),
+                         ("tabular rows", tabular)):
         if values is not None and len(values) != n:
             raise ValueError(f"Expected {n} {name} (one per label). Received: {len(values)}")
     table = []
@@ -361,6 +384,8 @@ def from_arrays(
             entry["text"] = texts[i]
         if splits is not None:
             entry["split"] = splits[i]
+        if tabular is not None:
+            entry["tabular"] = list(tabular[i])
         table.append(entry)
     return _build_records(
         table, ARRAYS_SOURCE, class_names=class_names, min_class_count=min_class_count,
@@ -368,6 +393,7 @@ def from_arrays(
         val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
         image_kind=image_kind or "path",
         image_array=np.asarray(images) if image_kind == "array" else None,
+        tabular_columns=tabular_columns or (),
     )
 
 
@@ -561,7 +587,7 @@ def _normalize_split(value):
 
 def _build_records(table, source, *, class_names, min_class_count, skip_bad_rows,
                    check_images, val_fraction, test_fraction, seed, image_kind,
-                   image_array=None, allow_missing=False):
+                   image_array=None, allow_missing=False, tabular_columns=()):
     """Validates rows (dicts with line, label and optional image/text/split)."""
     bad = []
     fields = set(table[0]) if table else set()
@@ -590,6 +616,10 @@ def _build_records(table, source, *, class_names, min_class_count, skip_bad_rows
             problem = _check_text(entry["text"])
             if problem:
                 bad.append(BadRow(source, line, "text", problem))
+        for name, value in zip(tabular_columns, entry.get("tabular", ())):
+            if not _is_number(value):
+                bad.append(BadRow(source, line, name, f"{value!r} is not a number; give every "
+                                  "row a number in the tabular columns"))
         if "split" in fields:
             entry["split"] = _normalize_split(entry["split"])
             if entry["split"] not in SPLITS:
@@ -649,11 +679,22 @@ def _build_records(table, source, *, class_names, min_class_count, skip_bad_rows
         if "text" in fields else None,
         labels=labels, splits=splits, class_names=list(class_names),
         image_kind=image_kind, report=report,
+        tabular=np.array([entry["tabular"] for entry in table], dtype=np.float32)
+        if tabular_columns else None,
+        tabular_columns=tuple(tabular_columns),
     )
     records = _drop_rare_classes(records, min_class_count)
     if records.report.bad_rows or records.report.dropped_classes:
         warnings.warn(records.report.summary(), stacklevel=3)
     return records
+
+
+def _is_number(value):
+    """Whether a tabular field is a finite number (or text that reads as one)."""
+    try:
+        return np.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
 
 
 def _has_value(value):

@@ -100,6 +100,8 @@ def make_dataset(
                              f"{len(records)}.")
     if "text" in modalities:
         inputs["text"] = records.texts.astype(str)
+    if "tabular" in modalities:
+        inputs["tabular"] = records.tabular.astype(np.float32)
     if "image" in modalities:
         inputs["image"] = (
             records.images if records.image_kind == "array" else list(records.images)

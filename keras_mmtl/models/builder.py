@@ -1,6 +1,7 @@
 """build_classifier(): input branches -> fusion -> head, with the Functional API."""
 
 import keras
+import numpy as np
 
 from keras_mmtl.models.backbones import build_image_backbone
 from keras_mmtl.models.fusion import get_fusion
@@ -8,7 +9,7 @@ from keras_mmtl.models.heads import ClassifierHead
 from keras_mmtl.models.missing import MissingModality, ModalityDropout, presence_input
 from keras_mmtl.models.text import build_text_encoder, needs_vocabulary, vocabulary_learner
 
-MODALITIES = ("image", "text")
+MODALITIES = ("image", "text", "tabular")
 
 
 def build_classifier(
@@ -21,6 +22,7 @@ def build_classifier(
     text_encoder="scratch",
     text_vocabulary=None,
     sequence_length=128,
+    tabular_statistics=None,
     fusion="concat",
     fusion_units=256,
     missing_modalities=False,
@@ -62,6 +64,11 @@ def build_classifier(
             texts: tokens for `"scratch"` (`learn_vocabulary`), token -> IDF
             weight for `"tfidf"` (`learn_tfidf`); `build_classifier_for` learns it.
         sequence_length: tokens kept per text.
+        tabular_statistics: `(mean, variance)` of numeric features per
+            column, for a third input `"tabular"` (float32 (batch, k)),
+            standardised in the model and passed through a small MLP;
+            `build_classifier_for` computes them from the train split.
+            `None` for no such input.
         fusion: a name from `keras_mmtl.models.FUSIONS`.
         fusion_units: per-modality projection size inside the fusion.
         missing_modalities: accept samples without their image or text
@@ -84,8 +91,9 @@ def build_classifier(
     >>> model.output_shape
     (None, 2)
     """
-    if image_backbone is None and text_encoder is None:
-        raise ValueError("A classifier needs an image backbone, a text encoder or both.")
+    if image_backbone is None and text_encoder is None and tabular_statistics is None:
+        raise ValueError("A classifier needs an image backbone, a text encoder or tabular "
+                         "features.")
     inputs, features = {}, []
     if image_backbone is not None:
         pretrained = image_weights is not None
@@ -100,11 +108,15 @@ def build_classifier(
         inputs["text"] = keras.Input((), dtype="string", name="text")
         features.append(build_text_encoder(
             text_encoder, inputs["text"], text_vocabulary, sequence_length=sequence_length))
+    if tabular_statistics is not None:
+        mean, variance = (np.asarray(v, np.float32) for v in tabular_statistics)
+        inputs["tabular"] = keras.Input((len(mean),), name="tabular")
+        features.append(tabular_branch(inputs["tabular"], mean, variance))
     modalities = list(inputs)
     missing_modalities = missing_modalities or modality_dropout > 0
     if missing_modalities and len(features) < 2:
-        raise ValueError("missing_modalities and modality_dropout need an image and a text "
-                         f"branch; this model has {modalities}.")
+        raise ValueError("missing_modalities and modality_dropout need two or more inputs; "
+                         f"this model has {modalities}.")
     if len(features) > 1 and missing_modalities:
         presence = [keras.Input((), name=presence_input(m)) for m in modalities]
         inputs.update(zip(map(presence_input, modalities), presence))
@@ -119,6 +131,21 @@ def build_classifier(
         fused = features[0]
     outputs = ClassifierHead(class_names, dropout=dropout, name="head")(fused)
     return keras.Model(inputs, outputs, name=name)
+
+
+def tabular_branch(inputs, mean, variance, units=256):
+    """Numeric features -> standardised (statistics in the model) -> a two-layer MLP.
+
+    Example:
+
+    >>> x = keras.Input((3,))
+    >>> keras.Model(x, tabular_branch(x, [0.0] * 3, [1.0] * 3)).output_shape
+    (None, 256)
+    """
+    x = keras.layers.Normalization(mean=mean, variance=variance, name="tabular_normalization")(
+        inputs)
+    x = keras.layers.Dense(units, activation="relu", name="tabular_hidden")(x)
+    return keras.layers.Dense(units, activation="relu", name="tabular_features")(x)
 
 
 def build_classifier_for(records, *, modalities=None, max_tokens=20000, **kwargs):
@@ -147,6 +174,9 @@ def build_classifier_for(records, *, modalities=None, max_tokens=20000, **kwargs
         raise ValueError(f"The data has no {sorted(missing)} column; it has {records.modalities}.")
     if "image" not in modalities:
         kwargs["image_backbone"] = None
+    if "tabular" in modalities and kwargs.get("tabular_statistics") is None:
+        values = records.subset("train").tabular
+        kwargs["tabular_statistics"] = (values.mean(axis=0), values.var(axis=0))
     if "text" not in modalities:
         kwargs["text_encoder"] = None
     elif needs_vocabulary(kwargs.get("text_encoder", "scratch")) and (
