@@ -82,3 +82,46 @@ def test_training_and_tensorboard_notebook(tmp_path):
     assert len(os.listdir(run_dir / "search" / "trials")) == 2
     assert any("image/png" in output.get("data", {}) for cell in nb.cells
                if cell.cell_type == "code" for output in cell.get("outputs", []))
+
+
+@pytest.mark.slow
+def test_fusion_and_missing_modalities_notebook(tmp_path):
+    import csv
+    import json
+    import re
+
+    with open(os.path.join(NOTEBOOKS, "02_fusion_and_missing_modalities.ipynb"),
+              encoding="utf-8") as f:
+        nb = nbformat.read(f, as_version=4)
+    run_dir, export_dir = tmp_path / "runs" / "fusion", tmp_path / "saved_models" / "fusion"
+    _with_parameters(nb, NUM_SAMPLES=180, EPOCHS=1, IMAGE_WEIGHTS=None, VERBOSE=0,
+                     RUN_DIR=str(run_dir), EXPORT_DIR=str(export_dir))
+
+    _execute(nb, str(tmp_path))
+
+    outputs = [output for cell in nb.cells if cell.cell_type == "code"
+               for output in cell.get("outputs", [])]
+    assert not [output for output in outputs if output.get("output_type") == "error"]
+    printed = "".join(output.get("text", "") for output in outputs
+                      if output.get("output_type") == "stream" and output.get("name") == "stdout")
+    # One trained and scored model per fusion, in the comparison table.
+    for fusion in ("concat", "gated", "attention", "hierarchical", "late"):
+        assert re.search(rf"^{fusion} +[01]\.\d{{3}} +[01]\.\d{{3}} +[\d,]+ +\d+$", printed,
+                         re.M), fusion
+    # Gates were read from the trained gated fusion; a missing image gets a gate of 0.
+    assert re.search(r"^mean over \d+ test samples: image 0\.\d\d, text 0\.\d\d", printed, re.M)
+    no_image_gates = re.search(r"^image gates, without images: \[(.*)\]$", printed, re.M)
+    assert no_image_gates and {float(g) for g in no_image_gates.group(1).split()} == {0.0}
+    # Both missing-modality models have a modality report with the three conditions.
+    for i in range(2):
+        with open(run_dir / "modalities" / str(i) / "modalities.json", encoding="utf-8") as f:
+            assert list(json.load(f)) == ["all inputs", "without image", "without text"]
+    # The export answered with class names, with an empty text and with images=None.
+    with open(run_dir / "data" / "manifest.csv", newline="", encoding="utf-8") as f:
+        labels = {row["label"] for row in csv.DictReader(f)}
+    assert (export_dir / "1" / "saved_model.pb").exists()
+    for request in ("image and text", "no text", "no image"):
+        answer = re.search(rf"^{request} +(.+)$", printed, re.M)
+        assert answer, request
+        top = [item.rsplit(" ", 1) for item in answer.group(1).split(", ")]
+        assert len(top) == 3 and all(name in labels and 0 <= float(p) <= 1 for name, p in top)
