@@ -108,12 +108,14 @@ def main():
                                 for r in results if r["dropout"] == d) for d in (0.0, DROPOUT)}
     headline = {f"{r['fusion']}_macro_f1": round(r["macro_f1"], 4)
                 for r in results if r["dropout"] == 0.0}
-    headline["degraded_accuracy_drop_without_modality_dropout"] = round(drops[0.0], 2)
-    headline["degraded_accuracy_drop_with_modality_dropout"] = round(drops[DROPOUT], 2)
+    if set(args.fusions) == set(FUSIONS):  # the drops are averaged over every fusion
+        headline["degraded_accuracy_drop_without_modality_dropout"] = round(drops[0.0], 2)
+        headline["degraded_accuracy_drop_with_modality_dropout"] = round(drops[DROPOUT], 2)
     print("\n".join(f"{key}: {value}" for key, value in headline.items()))
     if not args.quick:
-        append_section("fusion", body + "\n\nAccuracy drops are in points, averaged over the "
-                       "fusions.", headline)
+        append_section("fusion", body + "\n\nAccuracy drops are in points"
+                       f"{', averaged over the fusions' if len(args.fusions) > 1 else ''}.",
+                       headline)
 
 
 if __name__ == "__main__":

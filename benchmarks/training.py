@@ -82,14 +82,17 @@ def throughput(seconds, samples):
                 steady=statistics.median(rates[1:]) if len(rates) > 1 else None)
 
 
-def fashion_records(quick, rows=QUICK_ROWS):
-    """The fashion benchmark task's records; with `quick`, a seeded sample of `rows` per split."""
+def fashion_records(quick, rows=QUICK_ROWS, label_column="article_type"):
+    """The fashion benchmark task's records; with `quick`, a seeded sample of `rows` per split.
+
+    `label_column` may list more label columns (tasks) after `article_type`.
+    """
     import numpy as np
 
     from keras_mmtl import read_manifest
     from transfer import FASHION
 
-    records = read_manifest(FASHION, "image", "title_masked", "article_type", "split",
+    records = read_manifest(FASHION, "image", "title_masked", label_column, "split",
                             min_class_count=20)
     if not quick:
         return records

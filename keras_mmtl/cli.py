@@ -85,10 +85,10 @@ def cmd_tune(args):
 
 def cmd_evaluate(args):
     from keras_mmtl.evaluation import evaluate, modality_report
-    from keras_mmtl.models import class_names, model_modalities
+    from keras_mmtl.models import class_names, model_modalities, model_tasks
 
     model = _load(args.model)
-    records = _read(args, class_names(model))
+    records = _read(args, model_tasks(model) or class_names(model))
     out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(args.model)), "eval")
     _report(evaluate(model, records, args.split, out_dir=out_dir), out_dir)
     if len(model_modalities(model)) > 1:
@@ -107,13 +107,21 @@ def cmd_predict(args):
     model = args.model if not args.model.endswith(".keras") else _load(args.model)
     images = [args.image] if args.image else None
     texts = [args.text] if args.text is not None else None
-    for label, score in predict(model, images, texts, top_k=args.top_k)[0]:
-        print(f"{score:8.4f}  {label}")
+    answers = predict(model, images, texts, top_k=args.top_k)
+    for task, answer in (answers.items() if isinstance(answers, dict) else [(None, answers)]):
+        if task is not None:
+            print(f"{task}:")
+        for label, score in answer[0]:
+            print(f"{score:8.4f}  {label}")
 
 
 def _report(report, out_dir):
-    print(report.table())
-    print(report.summary())
+    """Prints a test report (or one per task of a multi-task model)."""
+    for task, one in (report.items() if isinstance(report, dict) else [(None, report)]):
+        if task is not None:
+            print(f"== task {task}")
+        print(one.table())
+        print(one.summary())
     print(f"Report, confusion matrix and ROC/PR curves written to {out_dir}")
 
 

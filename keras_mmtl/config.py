@@ -31,6 +31,14 @@ def _int_or_all(value):
     return value if value == "all" else int(value)
 
 
+def _task_weight(value):
+    task, _, weight = value.rpartition("=")
+    try:
+        return task, float(weight)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected TASK=WEIGHT such as colour=0.5, got {value!r}")
+
+
 def _field(default, help, **argument):
     """A config field: its default, its `--help` and how the CLI parses it."""
     return dataclasses.field(default=default, metadata={"help": help, **argument})
@@ -47,7 +55,9 @@ class DataConfig:
         type=_none_or)
     text_column: Optional[str] = _field(
         "text", "column of texts ('none' for image-only data)", type=_none_or)
-    label_column: str = _field("label", "column of labels")
+    label_column: Union[str, list] = _field(
+        "label", "column of labels; several columns train a multi-task model (one head per "
+                 "column, the first is the main task)", nargs="+")
     split_column: Optional[str] = _field(
         None, "column of train/val/test; without it a stratified 80/10/10 split is drawn with "
               "--seed", type=_none_or)
@@ -65,6 +75,9 @@ class DataConfig:
 
     def __post_init__(self):
         self.tabular_columns = list(self.tabular_columns)
+        if not isinstance(self.label_column, str):
+            columns = list(self.label_column)
+            self.label_column = columns[0] if len(columns) == 1 else columns
 
 
 @dataclasses.dataclass
@@ -84,12 +97,16 @@ class ModelConfig:
                    "BERT-family encoder (needs keras-mmtl[hub])")
     sequence_length: int = _field(128, "tokens kept per text")
     fusion: str = _field(
-        "concat", "fusion of image and text: concat, gated, attention, hierarchical or late")
+        "concat", "fusion of image and text: concat, gated, attention, hierarchical, late or "
+                  "shared (one space and head shared by the modalities)")
     missing_modalities: bool = _field(
         False, "accept samples without their image or text (a learned stand-in replaces it)")
     modality_dropout: float = _field(
         0.0, "in training, hide each modality of a sample with this probability (e.g. 0.3), so "
              "the model stays accurate when one is missing")
+    auxiliary_heads: bool = _field(
+        False, "also train a head per modality and task on that modality alone (deep "
+               "supervision; not exported)")
     dropout: float = _field(0.2, "dropout rate before the softmax")
 
     def __post_init__(self):
@@ -124,6 +141,10 @@ class TrainingConfig:
     augment_images: bool = _field(
         False, "random flip, rotation, zoom, crop and contrast of training images")
     augment_text: bool = _field(False, "random word deletion and swap in training texts")
+    task_weights: Optional[dict] = _field(
+        None, "loss weight per task of a multi-task model, as TASK=WEIGHT (others weigh 1)",
+        nargs="+", type=_task_weight)
+    auxiliary_weight: float = _field(0.3, "loss weight of each auxiliary head")
     cache_features: bool = _field(True, "train on cached features of frozen backbones")
     precision: str = _field(
         "auto", "'auto' (mixed_float16 on a GPU with tensor cores, else float32), or a Keras "
@@ -132,6 +153,10 @@ class TrainingConfig:
         "auto", "tf.distribute strategy: 'auto' (several workers in TF_CONFIG: multi-worker; "
                 "several GPUs: mirrored; else one device), 'default', 'mirrored', "
                 "'multi_worker'")
+
+    def __post_init__(self):
+        if self.task_weights is not None:
+            self.task_weights = dict(self.task_weights)
 
 
 @dataclasses.dataclass

@@ -9,7 +9,7 @@ import numpy as np
 
 from keras_mmtl.data.pipeline import make_dataset
 from keras_mmtl.models.builder import class_names as model_class_names
-from keras_mmtl.models.builder import dataset_arguments, model_modalities
+from keras_mmtl.models.builder import dataset_arguments, model_modalities, model_tasks
 
 
 @dataclasses.dataclass
@@ -143,8 +143,9 @@ def classification_report(labels, probabilities, class_names):
 def predict_records(model, records, split=None, batch_size=64):
     """Runs a classifier over records: returns `(labels, probabilities)`.
 
-    A model without presence inputs (`missing_modalities=False`) sees a
-    missing image as a black image and a missing text as an empty one.
+    For a multi-task model both are dicts by task (auxiliary heads left
+    out). A model without presence inputs (`missing_modalities=False`) sees
+    a missing image as a black image and a missing text as an empty one.
     """
     arguments = dataset_arguments(model)
     arguments["presence"] += tuple(m for m in ("image",) if m in arguments["modalities"]
@@ -153,8 +154,12 @@ def predict_records(model, records, split=None, batch_size=64):
     ds = make_dataset(records, split, **arguments, batch_size=batch_size)
     probabilities = model.predict(ds.map(lambda x, y: {name: x[name] for name in names}),
                                   verbose=0)
-    labels = (records if split is None else records.subset(split)).labels
-    return labels, probabilities
+    rows = records if split is None else records.subset(split)
+    tasks = model_tasks(model)
+    if tasks is None:
+        return rows.labels, probabilities
+    return ({task: rows.task_labels(task) for task in tasks},
+            {task: probabilities[task] for task in tasks})
 
 
 def evaluate(model, records, split="test", *, out_dir=None, batch_size=64):
@@ -164,10 +169,12 @@ def evaluate(model, records, split="test", *, out_dir=None, batch_size=64):
         model: a classifier from `keras_mmtl.models`.
         records: `keras_mmtl.data.Records` whose class names match the model's.
         split: `"train"`, `"val"`, `"test"` or `None` for all rows.
-        out_dir: if given, the report, table and plots are written there.
+        out_dir: if given, the report, table and plots are written there
+            (for a multi-task model, in one sub-folder per task).
         batch_size: samples per batch.
 
     Returns:
+        `EvaluationReport`; for a multi-task model, a dict of task ->
         `EvaluationReport`.
 
     Example:
@@ -175,18 +182,37 @@ def evaluate(model, records, split="test", *, out_dir=None, batch_size=64):
     >>> report = evaluate(model, records, out_dir="runs/x/eval")  # doctest: +SKIP
     >>> print(report.summary())  # doctest: +SKIP
     """
-    names = model_class_names(model)
-    if list(records.class_names) != names:
-        raise ValueError(
-            "The records' classes differ from the model's. Read the data with "
-            "class_names=keras_mmtl.models.class_names(model). "
-            f"Model: {names[:5]}...; data: {list(records.class_names)[:5]}..."
-        )
+    tasks = _check_classes(model, records)
     labels, probabilities = predict_records(model, records, split, batch_size)
-    report = classification_report(labels, probabilities, names)
-    if out_dir is not None:
-        report.save(out_dir)
-    return report
+    if tasks is None:
+        report = classification_report(labels, probabilities, model_class_names(model))
+        if out_dir is not None:
+            report.save(out_dir)
+        return report
+    reports = {task: classification_report(labels[task], probabilities[task], names)
+               for task, names in tasks.items()}
+    for task, report in reports.items() if out_dir is not None else ():
+        report.save(os.path.join(out_dir, task))
+    return reports
+
+
+def _check_classes(model, records):
+    """The model's tasks (`model_tasks`), once the records are known to share their classes."""
+    tasks = model_tasks(model)
+    expected = {None: model_class_names(model)} if tasks is None else tasks
+    for task, names in expected.items():
+        if task is not None and task not in records.tasks:
+            raise ValueError(f"The model has a task {task!r} that the records lack; their tasks "
+                             f"(label columns): {list(records.tasks)}. Read the data with "
+                             "label_column=list(keras_mmtl.models.model_tasks(model)).")
+        found = records.class_names if task is None else records.tasks[task]
+        if list(found) != names:
+            raise ValueError(
+                f"The records' classes{'' if task is None else f' of {task!r}'} differ from the "
+                "model's. Read the data with class_names=keras_mmtl.models."
+                f"{'class_names' if task is None else 'model_tasks'}(model). "
+                f"Model: {names[:5]}...; data: {list(found)[:5]}...")
+    return tasks
 
 
 @dataclasses.dataclass
@@ -206,7 +232,7 @@ class ModalityReport:
         return dict(self.rows)
 
 
-def modality_report(model, records, split="test", *, out_dir=None, batch_size=64):
+def modality_report(model, records, split="test", *, task=None, out_dir=None, batch_size=64):
     """How a multimodal classifier does with both modalities, without its image, without its text.
 
     Each modality is removed from every sample of the split in turn (an
@@ -219,6 +245,7 @@ def modality_report(model, records, split="test", *, out_dir=None, batch_size=64
         model: a classifier with two or more modalities.
         records: the `Records` (class names as the model's).
         split: the split to score.
+        task: the task scored, for a multi-task model (default its first).
         out_dir: if given, `modalities.json` is written there.
         batch_size: samples per batch.
 
@@ -241,10 +268,14 @@ def modality_report(model, records, split="test", *, out_dir=None, batch_size=64
     conditions = {"all inputs": rows}
     for name in (m for m in modalities if m in ("image", "text")):  # numbers are never missing
         conditions[f"without {name}"] = rows.without(name, np.ones(len(rows), bool))
+    tasks = _check_classes(model, records)
+    task = task or next(iter(tasks or [None]))
     report = ModalityReport({})
     for condition, data in conditions.items():
         labels, probabilities = predict_records(model, data, None, batch_size)
-        scores = classification_report(labels, probabilities, model_class_names(model))
+        if tasks is not None:
+            labels, probabilities = labels[task], probabilities[task]
+        scores = classification_report(labels, probabilities, model_class_names(model, task))
         report.rows[condition] = {"accuracy": scores.accuracy, "macro_f1": scores.macro_f1}
     if out_dir is not None:
         os.makedirs(out_dir, exist_ok=True)

@@ -20,7 +20,7 @@ class ExperimentResult:
     """What `run_experiment` made: the trained model, its test report and where things are."""
 
     model: object
-    report: object  # None on workers other than the chief
+    report: object  # None on workers other than the chief; a dict by task for several tasks
     run_dir: str
     history: dict = None  # per-epoch metrics of `train` (not of joint transfer)
     modalities: object = None  # ModalityReport of a multimodal model
@@ -65,8 +65,9 @@ def run_experiment(config, *, verbose="auto"):
     run_dir = config.output_dir
     config.save(os.path.join(run_dir, CONFIG_FILE))
     records = _read(config, data.manifest)
-    print(f"{len(records)} rows, {len(records.class_names)} classes, inputs "
-          f"{list(records.modalities)}; run folder {run_dir}")
+    classes = ", ".join(f"{len(names)} {task} classes" for task, names in records.tasks.items())
+    print(f"{len(records)} rows, {classes}, inputs {list(records.modalities)}; "
+          f"run folder {run_dir}")
     source = _read(config, moved.source_manifest) if moved.source_manifest else None
     build = build_arguments(config)
     kwargs = train_arguments(config, verbose=verbose)
@@ -107,7 +108,7 @@ def build_arguments(config):
                 text_encoder=options.text_encoder, sequence_length=options.sequence_length,
                 fusion=options.fusion, dropout=options.dropout,
                 missing_modalities=options.missing_modalities or config.data.allow_missing,
-                modality_dropout=options.modality_dropout)
+                modality_dropout=options.modality_dropout, auxiliary_heads=options.auxiliary_heads)
 
 
 def train_arguments(config, verbose="auto"):
@@ -120,7 +121,7 @@ def train_arguments(config, verbose="auto"):
             "fine_tune_epochs", "fine_tune_learning_rate", "unfreeze_blocks",
             "unfreeze_text_layers", "warmup", "layer_decay", "patience", "class_weight",
             "focal_gamma", "label_smoothing", "weight_decay", "augment_images", "augment_text",
-            "cache_features")})
+            "task_weights", "auxiliary_weight", "cache_features")})
     return kwargs
 
 

@@ -14,6 +14,7 @@ from keras_mmtl.models.builder import (
     class_names,
     image_size,
     model_modalities,
+    model_tasks,
     presence_modalities,
 )
 from keras_mmtl.models.missing import presence_input
@@ -41,13 +42,15 @@ def serving_function(model, top_k=5):
         `tf.string`; `tabular`: float32 numeric features `(batch, k)`) and
         returns a dict: `probabilities` (batch, classes) float32, `label`
         (batch,) the predicted class name, `top_labels` and `top_scores`
-        (batch, top_k) the best classes and their probabilities.
+        (batch, top_k) the best classes and their probabilities. A
+        multi-task model returns these four for each task, named
+        `<task>_probabilities`, `<task>_label`, ... (auxiliary heads are
+        not served).
     """
     modalities = model_modalities(model)
     optional = presence_modalities(model)
     size = image_size(model)
-    names = tf.constant(class_names(model))
-    k = min(top_k, len(class_names(model)))
+    tasks = model_tasks(model) or {None: class_names(model)}
     signature = [tf.TensorSpec(model.input[name].shape, tf.float32, name=name)
                  if name == "tabular" else tf.TensorSpec([None], tf.string, name=name)
                  for name in modalities]
@@ -66,14 +69,25 @@ def serving_function(model, top_k=5):
             features["image"] = tf.map_fn(
                 lambda data: decode(data, size), features["image"],
                 fn_output_signature=tf.TensorSpec((*size, 3), tf.float32))
-        probabilities = model(features, training=False)
-        top = tf.math.top_k(probabilities, k=k)
-        return {"probabilities": probabilities,
+        predictions = model(features, training=False)
+        outputs = {}
+        for task, names in tasks.items():
+            probabilities = predictions if task is None else predictions[task]
+            top = tf.math.top_k(probabilities, k=min(top_k, len(names)))
+            names = tf.constant(names)
+            outputs.update({output_name(task, key): value for key, value in {
+                "probabilities": probabilities,
                 "label": tf.gather(names, tf.argmax(probabilities, axis=-1)),
                 "top_labels": tf.gather(names, top.indices),
-                "top_scores": top.values}
+                "top_scores": top.values}.items()})
+        return outputs
 
     return serve, signature
+
+
+def output_name(task, key):
+    """The serving output `key` (`"probabilities"`, `"label"`, ...) of a task (`None`: the one)."""
+    return key if task is None else f"{task}_{key}"
 
 
 def export_saved_model(model, base_dir, version=None):
@@ -149,7 +163,8 @@ def predict(model, images=None, texts=None, top_k=5, tabular=None):
         top_k: classes returned per sample (an export returns at most 5).
 
     Returns:
-        one list of `(label, probability)` per sample, most probable first.
+        one list of `(label, probability)` per sample, most probable first;
+        for a multi-task model, a dict of task -> such lists.
 
     Example:
 
@@ -159,9 +174,13 @@ def predict(model, images=None, texts=None, top_k=5, tabular=None):
     if isinstance(model, (str, os.PathLike)):
         run = tf.saved_model.load(latest_version(os.fspath(model))).signatures[SIGNATURE]
         modalities = tuple(run.structured_input_signature[1])
+        tasks = [None] if "top_labels" in run.structured_outputs else sorted(
+            name.removesuffix("_top_labels") for name in run.structured_outputs
+            if name.endswith("_top_labels"))  # a signature does not keep the model's order
     else:
         serve, _ = serving_function(model, top_k)
         modalities = model_modalities(model)
+        tasks = list(model_tasks(model) or [None])
 
         def run(**inputs):
             return serve(*(inputs[name] for name in modalities))
@@ -177,10 +196,14 @@ def predict(model, images=None, texts=None, top_k=5, tabular=None):
     given = {name: [None] * count if values is None else values for name, values in given.items()}
     outputs = run(**{name: tf.constant(np.asarray(given[name], np.float32)) if name == "tabular"
                      else tf.constant(_as_bytes(given[name], name)) for name in modalities})
-    labels = outputs["top_labels"].numpy()[:, :top_k]
-    scores = outputs["top_scores"].numpy()[:, :top_k]
-    return [[(label.decode("utf-8"), float(score)) for label, score in zip(row_l, row_s)]
-            for row_l, row_s in zip(labels, scores)]
+    answers = {}
+    for task in tasks:
+        labels = outputs[output_name(task, "top_labels")].numpy()[:, :top_k]
+        scores = outputs[output_name(task, "top_scores")].numpy()[:, :top_k]
+        answers[task] = [[(label.decode("utf-8"), float(score))
+                          for label, score in zip(row_l, row_s)]
+                         for row_l, row_s in zip(labels, scores)]
+    return answers[None] if tasks == [None] else answers
 
 
 def _as_bytes(values, name):

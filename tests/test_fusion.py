@@ -13,6 +13,7 @@ from keras_mmtl.models.fusion import (
     GatedFusion,
     HierarchicalFusion,
     LateFusion,
+    SharedSpaceFusion,
     get_fusion,
 )
 
@@ -20,7 +21,7 @@ UNITS = 8
 WIDTHS = (5, 3, 4)
 # Small, deterministic settings for each fusion (attention: no dropout, 2 heads).
 OPTIONS = {"attention": {"num_heads": 2, "dropout": 0.0}}
-MASKING = ("gated", "attention", "late")  # fusions whose output ignores a missing modality
+MASKING = ("gated", "attention", "late", "shared")  # fusions whose output ignores a missing modality
 
 
 def make(fusion, **kwargs):
@@ -44,9 +45,24 @@ def restore_policy():
 
 
 def test_registry_order_and_classes():
-    assert list(FUSIONS) == ["concat", "gated", "attention", "hierarchical", "late"]
+    assert list(FUSIONS) == ["concat", "gated", "attention", "hierarchical", "late", "shared"]
     assert [FUSIONS[n] for n in FUSIONS] == [ConcatFusion, GatedFusion, AttentionFusion,
-                                            HierarchicalFusion, LateFusion]
+                                            HierarchicalFusion, LateFusion, SharedSpaceFusion]
+
+
+@pytest.mark.parametrize("count", [2, 3])
+def test_shared_fusion_shares_its_layers_across_modalities(count):
+    fusion = make("shared")
+    inputs = features(count)
+    fusion(inputs)
+    # One adapter per modality (kernel, bias), then one dense layer and one norm for all.
+    assert len(fusion.weights) == 2 * count + 4
+    # Two modalities whose adapters give the same vector land on the same shared vector.
+    for adapter in fusion.adapters:
+        adapter.kernel.assign(np.zeros_like(adapter.kernel))
+        adapter.bias.assign(np.full(UNITS, 0.5, "float32"))
+    single = fusion.norm(fusion.shared(np.full((1, UNITS), 0.5, "float32")))
+    np.testing.assert_allclose(fusion(inputs)[:1], single, atol=1e-6)
 
 
 def test_unknown_fusion_error():

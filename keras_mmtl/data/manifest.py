@@ -84,6 +84,9 @@ class Records:
         report: rows and classes that were left out.
         tabular: `None`, or a float32 array `(n, k)` of numeric features.
         tabular_columns: the names of those `k` features.
+        label_name: the name of the task `labels` hold (their column).
+        extra_tasks: more label columns, for multi-task models: dict of task
+            name -> `(labels, class_names)`, like `labels` and `class_names`.
     """
 
     images: object
@@ -95,6 +98,8 @@ class Records:
     report: DataReport = dataclasses.field(default_factory=DataReport)
     tabular: object = None
     tabular_columns: tuple = ()
+    label_name: str = "label"
+    extra_tasks: dict = dataclasses.field(default_factory=dict)
 
     def __len__(self):
         return len(self.labels)
@@ -105,6 +110,28 @@ class Records:
         present = {"image": self.images is not None, "text": self.texts is not None,
                    "tabular": self.tabular is not None}
         return tuple(name for name, ok in present.items() if ok)
+
+    @property
+    def tasks(self):
+        """Class names of every task (label column), the main one (`labels`) first.
+
+        Example:
+
+        >>> records = from_arrays({"type": ["shoe", "cap"], "colour": ["red", "red"]},
+        ...                       texts=["a", "b"], splits=["train"] * 2)
+        >>> records.tasks
+        {'type': ['cap', 'shoe'], 'colour': ['red']}
+        """
+        return {self.label_name: list(self.class_names),
+                **{name: list(names) for name, (_, names) in self.extra_tasks.items()}}
+
+    def task_labels(self, task):
+        """The int32 labels of one task, indices into `tasks[task]`."""
+        if task == self.label_name:
+            return self.labels
+        if task not in self.extra_tasks:
+            raise ValueError(f"Unknown task {task!r}; these records have {list(self.tasks)}.")
+        return self.extra_tasks[task][0]
 
     def subset(self, split):
         """The records of one split (`"train"`, `"val"` or `"test"`)."""
@@ -124,6 +151,8 @@ class Records:
             tabular=pick(self.tabular),
             labels=self.labels[mask],
             splits=self.splits[mask],
+            extra_tasks={name: (labels[mask], names)
+                         for name, (labels, names) in self.extra_tasks.items()},
         )
 
     def present(self, modality):
@@ -236,14 +265,19 @@ def read_manifest(
             `.json` file (one JSON object per line).
         image_column: column with image paths, or `None` for text-only data.
         text_column: column with texts, or `None` for image-only data.
-        label_column: column with label names.
+        label_column: column with label names, or a list of such columns
+            for a multi-task model (one softmax head each): the first is the
+            main task (`records.labels`), the others `records.extra_tasks`.
         split_column: optional column with `train`/`val`/`test` per row;
             without it a seeded stratified split is drawn.
         tabular_columns: columns of numbers (price, size, counts...) given
             to the model as a third input, `"tabular"`; every row needs them.
         class_names: fixed label vocabulary (for example a trained model's);
             labels outside it are bad rows. By default the sorted labels seen.
-        min_class_count: drop classes with fewer training rows than this.
+            With several label columns, a dict of column -> class names
+            (`keras_mmtl.models.model_tasks(model)`).
+        min_class_count: drop classes of the main task with fewer training
+            rows than this.
         skip_bad_rows: leave bad rows out (and report them) instead of raising.
         check_images: decode every image once to find corrupt files.
         allow_missing: accept rows whose image path or text is empty (but not
@@ -271,8 +305,8 @@ def read_manifest(
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Manifest not found: {path}")
-    columns = {"image": image_column, "text": text_column, "label": label_column,
-               "split": split_column}
+    label_columns = _task_names(label_column)
+    columns = {"image": image_column, "text": text_column, "split": split_column}
     columns = {field: name for field, name in columns.items() if name is not None}
     if path.lower().endswith(".csv"):
         rows = _read_csv(path)
@@ -285,7 +319,8 @@ def read_manifest(
     source = os.path.basename(path)
     header = rows[0][1] if rows else {}
     tabular_columns = tuple(tabular_columns or ())
-    missing = [name for name in (*columns.values(), *tabular_columns) if name not in header]
+    missing = [name for name in (*columns.values(), *label_columns, *tabular_columns)
+               if name not in header]
     if missing:
         raise DataValidationError(
             f"{source}: missing column(s) {missing}. Columns found: {sorted(header)}. "
@@ -295,10 +330,9 @@ def read_manifest(
     folder = os.path.dirname(os.path.abspath(path))
     table = []
     for line, row in rows:
-        entry = {"line": line}
+        entry = {"line": line, "labels": {name: _as_field(row.get(name)) for name in label_columns}}
         for field, name in columns.items():
-            value = row.get(name)
-            entry[field] = "" if value is None else str(value)
+            entry[field] = _as_field(row.get(name))
         if "image" in entry and entry["image"].strip():
             entry["image"] = os.path.join(folder, entry["image"].strip())
         if tabular_columns:
@@ -333,14 +367,17 @@ def from_arrays(
     """Builds validated `Records` from in-memory data.
 
     Args:
-        labels: label names (str) or class indices (int, with `class_names`).
+        labels: label names (str) or class indices (int, with `class_names`);
+            for a multi-task model, a dict of task name -> such labels (the
+            first is the main task).
         images: `None`; a uint8 array `(n, h, w, 3)`; or a list of image file
             paths or encoded image bytes.
         texts: `None` or a list of strings.
         tabular: `None` or numeric features, `(n, k)`.
         tabular_columns: names of the `k` features (default `x0`, `x1`, ...).
         splits: optional list of `train`/`val`/`test`; drawn if absent.
-        class_names: label vocabulary; needed when `labels` are integers.
+        class_names: label vocabulary; needed when `labels` are integers (a
+            dict of task -> vocabulary when `labels` is a dict).
         image_kind: `"array"`, `"path"` or `"bytes"`; inferred by default.
         skip_bad_rows, check_images, allow_missing, min_class_count,
         val_fraction, test_fraction, seed: as in `read_manifest` (a missing
@@ -356,11 +393,12 @@ def from_arrays(
     >>> records.image_kind, records.class_names
     ('array', ['a', 'b'])
     """
-    labels = list(np.asarray(labels).tolist())
-    if labels and isinstance(labels[0], int):
-        if class_names is None:
-            raise ValueError("Integer labels need class_names=[...] to name the classes.")
-        labels = [class_names[i] if 0 <= i < len(class_names) else str(i) for i in labels]
+    tasks = dict(labels) if isinstance(labels, dict) else {"label": labels}
+    if not tasks:
+        raise ValueError("labels is an empty dict; give at least one task's labels.")
+    class_names = _per_task(class_names, tasks)
+    tasks = {task: _label_names(values, class_names[task], task) for task, values in tasks.items()}
+    labels = next(iter(tasks.values()))
     if image_kind is None and images is not None:
         if isinstance(images, np.ndarray) and images.dtype != object and images.ndim == 4:
             image_kind = "array"
@@ -375,9 +413,13 @@ def from_arrays(
                          ("tabular rows", tabular)):
         if values is not None and len(values) != n:
             raise ValueError(f"Expected {n} {name} (one per label). Received: {len(values)}")
+    for task, values in tasks.items():
+        if len(values) != n:
+            raise ValueError(f"Expected {n} labels of task {task!r} (as many as the first "
+                             f"task's). Received: {len(values)}")
     table = []
     for i in range(n):
-        entry = {"line": i, "label": labels[i]}
+        entry = {"line": i, "labels": {task: values[i] for task, values in tasks.items()}}
         if images is not None and image_kind != "array":
             entry["image"] = images[i] if image_kind == "bytes" else os.fspath(images[i])
         if texts is not None:
@@ -588,25 +630,20 @@ def _normalize_split(value):
 def _build_records(table, source, *, class_names, min_class_count, skip_bad_rows,
                    check_images, val_fraction, test_fraction, seed, image_kind,
                    image_array=None, allow_missing=False, tabular_columns=()):
-    """Validates rows (dicts with line, label and optional image/text/split)."""
+    """Validates rows (dicts with line, labels by task and optional image/text/split)."""
     bad = []
     fields = set(table[0]) if table else set()
-    known = None if class_names is None else set(class_names)
+    tasks = list(table[0]["labels"]) if table else ["label"]
+    class_names = _per_task(class_names, tasks)
+    known = {task: None if names is None else set(names) for task, names in class_names.items()}
     for entry in table:
         line = entry["line"]
-        label = entry["label"]
-        label = label.strip() if isinstance(label, str) else label
-        entry["label"] = label
-        if label in ("", None):
-            bad.append(BadRow(source, line, "label", "empty label; give every row a class"))
-        elif known is not None and label not in known:
-            shown = sorted(known)[:10]
-            bad.append(BadRow(source, line, "label", (
-                f"unknown label {label!r}; expected one of {shown}"
-                f"{' ...' if len(known) > 10 else ''} (the classes the model knows)")))
-        elif _check_text(label):
-            bad.append(BadRow(source, line, "label", "label is not valid UTF-8; save the "
-                              "file as UTF-8"))
+        for task, label in entry["labels"].items():
+            label = label.strip() if isinstance(label, str) else label
+            entry["labels"][task] = label
+            problem = _check_label(label, known[task])
+            if problem:
+                bad.append(BadRow(source, line, task, problem))
         missing = [field for field in ("image", "text") if field in fields and allow_missing
                    and not _has_value(entry[field])]
         if missing and len(missing) == len({"image", "text"} & fields):
@@ -658,10 +695,14 @@ def _build_records(table, source, *, class_names, min_class_count, skip_bad_rows
     table = [entry for entry in table if entry["line"] not in bad_lines]
     if not table:
         raise DataValidationError(f"No valid rows left in {source}.\n{report.summary()}")
-    if class_names is None:
-        class_names = sorted({entry["label"] for entry in table})
-    index = {name: i for i, name in enumerate(class_names)}
-    labels = np.array([index[entry["label"]] for entry in table], dtype=np.int32)
+    by_task = {}
+    for task in tasks:
+        names = class_names[task] or sorted({entry["labels"][task] for entry in table})
+        index = {name: i for i, name in enumerate(names)}
+        by_task[task] = (np.array([index[entry["labels"][task]] for entry in table], np.int32),
+                         list(names))
+    main, *extra = tasks
+    (labels, class_names), extra_tasks = by_task[main], {task: by_task[task] for task in extra}
     if "split" in fields:
         splits = np.array([entry["split"] for entry in table], dtype=object)
     else:
@@ -677,8 +718,8 @@ def _build_records(table, source, *, class_names, min_class_count, skip_bad_rows
         images=images,
         texts=np.array([_as_str(entry["text"]) for entry in table], dtype=object)
         if "text" in fields else None,
-        labels=labels, splits=splits, class_names=list(class_names),
-        image_kind=image_kind, report=report,
+        labels=labels, splits=splits, class_names=class_names,
+        label_name=main, extra_tasks=extra_tasks, image_kind=image_kind, report=report,
         tabular=np.array([entry["tabular"] for entry in table], dtype=np.float32)
         if tabular_columns else None,
         tabular_columns=tuple(tabular_columns),
@@ -687,6 +728,58 @@ def _build_records(table, source, *, class_names, min_class_count, skip_bad_rows
     if records.report.bad_rows or records.report.dropped_classes:
         warnings.warn(records.report.summary(), stacklevel=3)
     return records
+
+
+def _task_names(label_column):
+    """The label columns (tasks) `label_column` names: one name, or a list of them."""
+    names = [label_column] if isinstance(label_column, str) else list(label_column)
+    if not names or not all(isinstance(name, str) and name for name in names):
+        raise ValueError("label_column must name a column, or list one or more columns. "
+                         f"Received: label_column={label_column!r}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"label_column lists a column twice. Received: {names}")
+    return names
+
+
+def _per_task(class_names, tasks):
+    """`class_names` (`None`, one list for the main task, or a dict by task) as a dict by task."""
+    tasks = list(tasks)
+    if not isinstance(class_names, dict):
+        return {task: class_names if i == 0 else None for i, task in enumerate(tasks)}
+    unknown = sorted(set(class_names) - set(tasks))
+    if unknown:
+        raise ValueError(f"class_names names tasks {unknown} that are not label columns; "
+                         f"the label columns are {tasks}.")
+    return {task: class_names.get(task) for task in tasks}
+
+
+def _label_names(labels, class_names, task):
+    """Labels as a list of names; integer labels are indices into `class_names`."""
+    labels = list(np.asarray(labels).tolist())
+    if labels and isinstance(labels[0], int):
+        if class_names is None:
+            raise ValueError(f"Integer labels of task {task!r} need class_names to name the "
+                             "classes.")
+        labels = [class_names[i] if 0 <= i < len(class_names) else str(i) for i in labels]
+    return labels
+
+
+def _check_label(label, known):
+    """The problem with a label field, or None."""
+    if label in ("", None):
+        return "empty label; give every row a class"
+    if known is not None and label not in known:
+        shown = sorted(known)[:10]
+        return (f"unknown label {label!r}; expected one of {shown}"
+                f"{' ...' if len(known) > 10 else ''} (the classes the model knows)")
+    if _check_text(label):
+        return "label is not valid UTF-8; save the file as UTF-8"
+    return None
+
+
+def _as_field(value):
+    """A manifest cell as text; an absent cell is empty."""
+    return "" if value is None else str(value)
 
 
 def _is_number(value):

@@ -22,6 +22,7 @@ def make_dataset(
     features=None,
     augment=None,
     presence=(),
+    tasks=None,
 ):
     """Builds the input pipeline of a model: `({"image", "text"}, label)` batches.
 
@@ -55,6 +56,9 @@ def make_dataset(
             (float32, 1 or 0), for a model built with `missing_modalities=True`;
             a missing image is then yielded black. Without it, rows lacking an
             image are an error.
+        tasks: for a model with named outputs (several tasks, auxiliary
+            heads), a dict of output name -> task (`output_tasks(model)`):
+            labels are then a dict of output name -> that task's labels.
 
     Returns:
         a batched, prefetched `tf.data.Dataset`.
@@ -120,7 +124,9 @@ def make_dataset(
             image = decode_optional_image(data, image_size)
         return {**row, "image": image}, label
 
-    ds = tf.data.Dataset.from_tensor_slices((inputs, records.labels.astype(np.int32)))
+    labels = records.labels if tasks is None else {
+        output: records.task_labels(task) for output, task in tasks.items()}
+    ds = tf.data.Dataset.from_tensor_slices((inputs, labels))
     if shuffle:
         ds = ds.shuffle(len(records), seed=seed, reshuffle_each_iteration=True)
     if "image" in modalities:  # nothing else needs work per sample

@@ -9,6 +9,7 @@ from keras_mmtl.models.backbones import (
     unfreeze_top_blocks,
 )
 from keras_mmtl.models.builder import (
+    auxiliary_output,
     build_classifier,
     build_classifier_for,
     class_names,
@@ -17,6 +18,8 @@ from keras_mmtl.models.builder import (
     embedding_model,
     image_size,
     model_modalities,
+    model_tasks,
+    output_tasks,
     presence_modalities,
 )
 from keras_mmtl.models.missing import MissingModality, ModalityDropout
@@ -27,6 +30,7 @@ from keras_mmtl.models.fusion import (
     GatedFusion,
     HierarchicalFusion,
     LateFusion,
+    SharedSpaceFusion,
 )
 from keras_mmtl.models.heads import ClassifierHead, GradientReversal
 from keras_mmtl.models.text import (

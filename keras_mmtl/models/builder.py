@@ -27,6 +27,7 @@ def build_classifier(
     fusion_units=256,
     missing_modalities=False,
     modality_dropout=0.0,
+    auxiliary_heads=False,
     dropout=0.2,
     name="mmtl_classifier",
 ):
@@ -44,8 +45,14 @@ def build_classifier(
     late) leave it out. `make_dataset` and the exported signature fill these
     inputs from empty paths, bytes and texts.
 
+    With several tasks (`class_names` a dict, one entry per label column),
+    the fused features feed one softmax head per task and the model returns
+    a dict of task -> probabilities; the tasks share everything below their
+    heads.
+
     Args:
-        class_names: label of each class, in output order.
+        class_names: label of each class, in output order; or, for a
+            multi-task model, a dict of task name -> such a list.
         image_backbone: a name from `keras_mmtl.models.BACKBONES`, or `None`
             for a text-only model.
         image_weights: `"imagenet"`, a local weights file, or `None`.
@@ -77,6 +84,13 @@ def build_classifier(
             modality of a sample (`ModalityDropout`; a sample keeps at least
             one), so the model stays accurate when one is absent. 0.3 is a
             reasonable start.
+        auxiliary_heads: also give each modality its own softmax head per
+            task, on that modality's features alone: outputs named
+            `"<task>_aux_<modality>"` (`auxiliary_output`), which training
+            weighs by `auxiliary_weight` so every branch learns to classify
+            by itself (deep supervision). Evaluation and export use the main
+            heads only. Needs two or more modalities; a model with one task
+            calls it `"label"`.
         dropout: dropout rate before the softmax.
         name: the model's name.
 
@@ -117,6 +131,8 @@ def build_classifier(
     if missing_modalities and len(features) < 2:
         raise ValueError("missing_modalities and modality_dropout need two or more inputs; "
                          f"this model has {modalities}.")
+    if auxiliary_heads and len(features) < 2:
+        raise ValueError(f"auxiliary_heads needs two or more inputs; this model has {modalities}.")
     if len(features) > 1 and missing_modalities:
         presence = [keras.Input((), name=presence_input(m)) for m in modalities]
         inputs.update(zip(map(presence_input, modalities), presence))
@@ -129,8 +145,37 @@ def build_classifier(
         fused = get_fusion(fusion, units=fusion_units, name="fusion")(features)
     else:
         fused = features[0]
-    outputs = ClassifierHead(class_names, dropout=dropout, name="head")(fused)
+    if not isinstance(class_names, dict) and not auxiliary_heads:
+        outputs = ClassifierHead(class_names, dropout=dropout, name=head_name())(fused)
+        return keras.Model(inputs, outputs, name=name)
+    tasks = class_names if isinstance(class_names, dict) else {"label": class_names}
+    _check_task_names(tasks)
+    outputs = {task: ClassifierHead(names, dropout=dropout, name=head_name(task))(fused)
+               for task, names in tasks.items()}
+    for task, names in tasks.items() if auxiliary_heads else ():
+        for modality, feature in zip(modalities, features):
+            key = auxiliary_output(task, modality)
+            outputs[key] = ClassifierHead(names, dropout=dropout, name=head_name(key))(feature)
     return keras.Model(inputs, outputs, name=name)
+
+
+def head_name(output=None):
+    """The name of the head layer of one output (`None`: a one-output classifier's)."""
+    return "head" if output is None else f"head_{output}"
+
+
+def auxiliary_output(task, modality):
+    """The output name of the auxiliary head of one task on one modality alone."""
+    return f"{task}_aux_{modality}"
+
+
+def _check_task_names(tasks):
+    if not tasks:
+        raise ValueError("class_names is an empty dict; give each task's class names.")
+    for task in tasks:
+        if not isinstance(task, str) or not task or "/" in task:
+            raise ValueError(f"Task names must be non-empty strings without '/' (they name "
+                             f"outputs and layers). Received: {task!r}")
 
 
 def tabular_branch(inputs, mean, variance, units=256):
@@ -183,7 +228,8 @@ def build_classifier_for(records, *, modalities=None, max_tokens=20000, **kwargs
             kwargs.get("text_vocabulary") is None):
         learn = vocabulary_learner(kwargs.get("text_encoder", "scratch"))
         kwargs["text_vocabulary"] = learn(records.subset("train").texts, max_tokens=max_tokens)
-    return build_classifier(records.class_names, **kwargs)
+    several = len(records.tasks) > 1 or kwargs.get("auxiliary_heads")
+    return build_classifier(records.tasks if several else records.class_names, **kwargs)
 
 
 def clone_classifier(model):
@@ -210,12 +256,49 @@ def embedding_model(model):
     >>> embedding_model(model).output_shape
     (None, 256)
     """
-    return keras.Model(model.input, model.get_layer("head").input, name=f"{model.name}_embedding")
+    head = model.get_layer(head_name(next(iter(model_tasks(model) or [None]))))
+    return keras.Model(model.input, head.input, name=f"{model.name}_embedding")
 
 
-def class_names(model):
-    """The class names a classifier was built with."""
-    return list(model.get_layer("head").class_names)
+def class_names(model, task=None):
+    """The class names of a classifier (of its first task, or of `task`)."""
+    tasks = model_tasks(model)
+    if tasks is None and task is None:
+        return list(model.get_layer(head_name()).class_names)
+    if tasks is None or (task is not None and task not in tasks):
+        raise ValueError(f"This classifier has no task {task!r}; its tasks: {list(tasks or [])}.")
+    return tasks[task or next(iter(tasks))]
+
+
+def output_tasks(model):
+    """`{output name: task}` of a classifier with named outputs, or `None` for one output.
+
+    A task's main output is named as the task; auxiliary heads
+    (`auxiliary_heads=True`) give outputs of their task on one modality.
+
+    Example:
+
+    >>> model = build_classifier({"type": ["a", "b"], "colour": ["red", "blue"]},
+    ...                          image_backbone=None, text_vocabulary=["x"])
+    >>> output_tasks(model)
+    {'type': 'type', 'colour': 'colour'}
+    """
+    if not isinstance(model.output, dict):
+        return None
+    auxiliary = {auxiliary_output(task, m): task for task in model.output for m in MODALITIES}
+    return {name: auxiliary.get(name, name) for name in model.output}
+
+
+def model_tasks(model):
+    """`{task: class names}` of a multi-task classifier's main heads, or `None` for one output.
+
+    Pass it as `class_names=` to `read_manifest` to read data for the model.
+    """
+    tasks = output_tasks(model)
+    if tasks is None:
+        return None
+    return {task: list(model.get_layer(head_name(task)).class_names)
+            for name, task in tasks.items() if name == task}
 
 
 def model_modalities(model):
@@ -235,10 +318,10 @@ def dataset_arguments(model):
 
     >>> model = build_classifier(["a", "b"], image_backbone=None, text_vocabulary=["x"])
     >>> dataset_arguments(model)
-    {'image_size': None, 'modalities': ('text',), 'presence': ()}
+    {'image_size': None, 'modalities': ('text',), 'presence': (), 'tasks': None}
     """
     return {"image_size": image_size(model), "modalities": model_modalities(model),
-            "presence": presence_modalities(model)}
+            "presence": presence_modalities(model), "tasks": output_tasks(model)}
 
 
 def image_size(model):

@@ -5,7 +5,7 @@ list of N >= 2 feature tensors `(batch, d_i)`, of any widths, and `presence`
 is `None` or a list of N float tensors `(batch,)`, 1 where the sample has
 the modality and 0 where it lacks it. A missing modality's features have
 already been replaced upstream by a learned embedding (`MissingModality`);
-the gated, attention and late fusions also use the masks to leave it out
+the gated, attention, late and shared fusions also use the masks to leave it out
 entirely, the others ignore them. The output is `(batch, width)`.
 """
 
@@ -28,6 +28,16 @@ def _presence_matrix(presence, count, dtype):
         raise ValueError(f"Expected one presence mask per input ({count}). "
                          f"Received: {len(presence)} presence masks")
     return ops.stack([ops.reshape(ops.cast(p, dtype), (-1,)) for p in presence], axis=-1)
+
+
+def _masked_mean(vectors, presence, dtype):
+    """The mean of N `(batch, d)` vectors over the modalities each sample has (all without masks)."""
+    stacked = ops.stack(vectors, axis=1)
+    present = _presence_matrix(presence, len(vectors), dtype)
+    if present is None:
+        return ops.mean(stacked, axis=1)
+    total = ops.sum(ops.expand_dims(present, -1) * stacked, axis=1)
+    return total / ops.maximum(ops.sum(present, axis=-1, keepdims=True), 1)
 
 
 def _check_inputs(layer, input_shapes):
@@ -372,13 +382,66 @@ class LateFusion(keras.layers.Layer):
             projection.build(shape)
 
     def call(self, inputs, presence=None, training=None):
-        projected = ops.stack([projection(x) for projection, x in zip(self.projections, inputs)],
-                              axis=1)
-        present = _presence_matrix(presence, len(inputs), self.compute_dtype)
-        if present is None:
-            return ops.mean(projected, axis=1)
-        total = ops.sum(ops.expand_dims(present, -1) * projected, axis=1)
-        return total / ops.maximum(ops.sum(present, axis=-1, keepdims=True), 1)
+        return _masked_mean([projection(x) for projection, x in zip(self.projections, inputs)],
+                            presence, self.compute_dtype)
+
+    def compute_output_shape(self, input_shapes):
+        return (input_shapes[0][0], self.units)
+
+    def get_config(self):
+        return {**super().get_config(), "units": self.units}
+
+
+@keras.saving.register_keras_serializable(package="keras_mmtl")
+class SharedSpaceFusion(keras.layers.Layer):
+    """Maps every modality into one space with shared layers; averages them there.
+
+    Each modality first gets its own linear adapter to `units` (backbones
+    differ in width), then the same layers for all of them: a dense layer
+    with ReLU and a layer normalisation whose weights are shared across
+    modalities (cross-modal parameter sharing). The output is the mean of
+    the shared-space vectors over the modalities a sample has. The linear
+    head on top therefore classifies each modality with one shared head and
+    averages the logits: a photo and a title of the same product are pushed
+    to the same place, and whatever the head learns from one modality
+    applies to the other. Of the fusions it has the fewest parameters per
+    modality, and like `late` it keeps working when a modality is missing.
+    Without `presence` every modality counts.
+
+    Args:
+        units: width of the shared space and of the output.
+
+    Example:
+
+    >>> import numpy as np
+    >>> fusion = SharedSpaceFusion(units=8)
+    >>> tuple(fusion([np.ones((2, 5)), np.ones((2, 3))]).shape)
+    (2, 8)
+    """
+
+    def __init__(self, units=256, **kwargs):
+        super().__init__(**kwargs)
+        self.units = units
+        self.adapters = []
+        self.shared = keras.layers.Dense(units, activation="relu", name="shared",
+                                         dtype=self.dtype_policy)
+        self.norm = keras.layers.LayerNormalization(name="shared_norm", dtype=self.dtype_policy)
+
+    def build(self, input_shapes):
+        _check_inputs(self, input_shapes)
+        self.adapters = [
+            keras.layers.Dense(self.units, name=f"adapter_{i}", dtype=self.dtype_policy)
+            for i in range(len(input_shapes))
+        ]
+        for adapter, shape in zip(self.adapters, input_shapes):
+            adapter.build(shape)
+        self.shared.build((input_shapes[0][0], self.units))
+        self.norm.build((input_shapes[0][0], self.units))
+
+    def call(self, inputs, presence=None, training=None):
+        return _masked_mean([self.norm(self.shared(adapter(x)))
+                             for adapter, x in zip(self.adapters, inputs)],
+                            presence, self.compute_dtype)
 
     def compute_output_shape(self, input_shapes):
         return (input_shapes[0][0], self.units)
@@ -393,6 +456,7 @@ FUSIONS = {
     "attention": AttentionFusion,
     "hierarchical": HierarchicalFusion,
     "late": LateFusion,
+    "shared": SharedSpaceFusion,
 }
 
 

@@ -17,6 +17,8 @@ from keras_mmtl.models.builder import (
     embedding_model,
     image_size,
     model_modalities,
+    model_tasks,
+    output_tasks,
     presence_modalities,
 )
 from keras_mmtl.training.cache import cacheable_outputs, compute_features, split_model
@@ -44,8 +46,15 @@ LOGS = "logs"
 PROJECTOR_POINTS = 5000  # the Projector stays responsive up to ~10k points
 
 
-def compile_classifier(model, optimizer, steps_per_execution=1, loss=None):
+def compile_classifier(model, optimizer, steps_per_execution=1, loss=None, task_weights=None,
+                       auxiliary_weight=0.3):
     """Compiles a classifier with cross-entropy, accuracy and macro-F1.
+
+    A model with several outputs gets the loss on each, weighed by
+    `task_weights` (auxiliary heads by `auxiliary_weight` times their
+    task's weight), and accuracy and macro-F1 for each task's main output
+    (logged as `<task>_accuracy`, `<task>_macro_f1`); the loss it minimises
+    and logs as `loss` is the weighted sum.
 
     Args:
         model: the classifier.
@@ -55,16 +64,44 @@ def compile_classifier(model, optimizer, steps_per_execution=1, loss=None):
             overhead where a step is tiny (a head on cached features).
         loss: a loss on integer labels; default `ClassificationLoss()`
             (sparse categorical cross-entropy).
+        task_weights: dict of task -> loss weight (tasks left out weigh 1).
+        auxiliary_weight: loss weight of each auxiliary head.
     """
     if not isinstance(optimizer, keras.optimizers.Optimizer):
         optimizer = LayerwiseAdam(learning_rate=optimizer)
+    loss = loss or ClassificationLoss()
+    tasks = output_tasks(model)
+    weights = _loss_weights(tasks, task_weights, auxiliary_weight)
+
+    def metrics(output):
+        return [keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
+                MacroF1(output.shape[-1])]
+
     model.compile(
         optimizer=optimizer,
-        loss=loss or ClassificationLoss(),
-        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
-                 MacroF1(model.output_shape[-1])],
+        loss=loss if tasks is None else {name: loss for name in tasks},
+        loss_weights=weights,
+        metrics=metrics(model.output) if tasks is None else {
+            name: metrics(model.output[name]) if name == task else []
+            for name, task in tasks.items()},
         steps_per_execution=steps_per_execution,
     )
+
+
+def _loss_weights(tasks, task_weights, auxiliary_weight):
+    """`{output: loss weight}` of a model's outputs (`None` for a one-output model)."""
+    if tasks is None:
+        if task_weights:
+            raise ValueError("task_weights is for models with several tasks (label columns); "
+                             f"this model has one output. Received: task_weights={task_weights}")
+        return None
+    task_weights = dict(task_weights or {})
+    unknown = sorted(set(task_weights) - set(tasks.values()))
+    if unknown:
+        raise ValueError(f"task_weights names tasks {unknown} that the model does not have; "
+                         f"its tasks: {sorted(set(tasks.values()))}.")
+    return {name: float(task_weights.get(task, 1.0)) * (1.0 if name == task else auxiliary_weight)
+            for name, task in tasks.items()}
 
 
 def train(
@@ -88,6 +125,8 @@ def train(
     weight_decay=0.0,
     augment_images=False,
     augment_text=False,
+    task_weights=None,
+    auxiliary_weight=0.3,
     cache_features=True,
     cache_dir=None,
     resume=True,
@@ -157,6 +196,11 @@ def train(
             step, so that branch is not cached.
         augment_text: random word deletion and swap in training texts:
             `True`, or a dict of `TextAugmentation` arguments.
+        task_weights: for a multi-task model, dict of task -> loss weight
+            (tasks left out weigh 1); the phases stop and keep their best
+            epoch on the weighted validation loss of all tasks.
+        auxiliary_weight: loss weight of each auxiliary head
+            (`auxiliary_heads=True`), times its task's weight.
         cache_features: train phase 1 on cached frozen-backbone features.
         cache_dir: where cached features are kept, keyed by the frozen
             weights and the data (default `run_dir/cache`), so a stale cache
@@ -178,6 +222,10 @@ def train(
     hparams = {name: value for name, value in locals().items() if name not in (
         "model", "records", "run_dir", "cache_dir", "resume", "callbacks", "verbose")}
     keras.utils.set_random_seed(seed)
+    if class_weight is not None and output_tasks(model) is not None:
+        raise ValueError("class_weight works for models with one output; this one has "
+                         f"{list(model.output)}. Use focal_gamma for imbalanced tasks instead.")
+    _loss_weights(output_tasks(model), task_weights, auxiliary_weight)  # checks them early
     strategy = model.distribute_strategy
     if is_multi_worker(strategy):
         if not is_chief():
@@ -238,7 +286,8 @@ def train(
                     LayerwiseAdam(learning_rate=rate, weight_decay=weight_decay or None))
                 schedule = f"learning rate {rate:g}"
             # A head on cached features takes a few ms a step: run many steps per call.
-            compile_classifier(fit_model, optimizer, loss=loss,
+            compile_classifier(fit_model, optimizer, loss=loss, task_weights=task_weights,
+                               auxiliary_weight=auxiliary_weight,
                                steps_per_execution=32 if cached == model_modalities(model) else 1)
         if cached:
             title += f", on cached {' and '.join(cached)} features"
@@ -346,7 +395,8 @@ def _fit_setup(model, records, run_dir, *, cache, cache_dir, has_val, batch_size
     cache_dir = cache_dir or os.path.join(run_dir, "cache")
     raw = tuple(m for m in model_modalities(model) if m not in cacheable)
     datasets = [make_dataset(records, split, image_size=image_size(model), modalities=raw,
-                             presence=presence_modalities(model), batch_size=batch_size, seed=seed,
+                             presence=presence_modalities(model), tasks=output_tasks(model),
+                             batch_size=batch_size, seed=seed,
                              augment=augment if split == "train" else None,
                              features=compute_features(extractors, records, split, cache_dir))
                 for split in splits]
@@ -417,7 +467,9 @@ def _callbacks(run_dir, phase, monitor, patience, best, best_value, names):
 def _model_hparams(model):
     """What TensorBoard's HParams dashboard shows of a model besides the training settings."""
     layers = {layer.name: layer for layer in model.layers}
-    described = {"inputs": "+".join(model_modalities(model)), "classes": model.output_shape[-1]}
+    described = {"inputs": "+".join(model_modalities(model)), "classes": len(class_names(model))}
+    if model_tasks(model):
+        described["tasks"] = "+".join(model_tasks(model))
     if BACKBONE_NAME in layers:
         described["image_backbone"] = backbone_network(model).name
     if "fusion" in layers:

@@ -17,17 +17,26 @@ import tensorflow as tf
 
 from keras_mmtl.data.pipeline import make_dataset
 from keras_mmtl.models.backbones import BACKBONE_NAME
-from keras_mmtl.models.builder import class_names, clone_classifier, dataset_arguments
+from keras_mmtl.models.builder import (
+    class_names,
+    clone_classifier,
+    dataset_arguments,
+    head_name,
+    output_tasks,
+)
 from keras_mmtl.models.heads import ClassifierHead, GradientReversal
 from keras_mmtl.training.callbacks import StopOnNonFiniteLoss, save_atomic
 from keras_mmtl.training.optimizers import LayerwiseAdam
 from keras_mmtl.training.trainer import MODEL_FILE, train
 
-HEAD = "head"
+HEAD = head_name()
 
 
 def _trunk(model):
     """A clone of `model` (same weights and trainable flags) and its fused features."""
+    if output_tasks(model) is not None:
+        raise ValueError("Domain transfer adapts a classifier with one output; this one has "
+                         f"{list(model.output)} (several tasks or auxiliary heads).")
     clone = clone_classifier(model)
     return clone, clone.get_layer(HEAD).input
 
