@@ -146,6 +146,8 @@ class TrainingConfig:
         nargs="+", type=_task_weight)
     auxiliary_weight: float = _field(0.3, "loss weight of each auxiliary head")
     cache_features: bool = _field(True, "train on cached features of frozen backbones")
+    projector: bool = _field(
+        True, "write the validation embeddings for TensorBoard's Projector at the end")
     precision: str = _field(
         "auto", "'auto' (mixed_float16 on a GPU with tensor cores, else float32), or a Keras "
                 "policy such as float32 or mixed_float16")

@@ -121,7 +121,7 @@ def train_arguments(config, verbose="auto"):
             "fine_tune_epochs", "fine_tune_learning_rate", "unfreeze_blocks",
             "unfreeze_text_layers", "warmup", "layer_decay", "patience", "class_weight",
             "focal_gamma", "label_smoothing", "weight_decay", "augment_images", "augment_text",
-            "task_weights", "auxiliary_weight", "cache_features")})
+            "task_weights", "auxiliary_weight", "cache_features", "projector")})
     return kwargs
 
 

@@ -99,9 +99,9 @@ def test_nan_loss_stops_with_epoch_and_batch_then_resumes(tmp_path):
     model = build_classifier_for(records, **SMALL)
     with pytest.raises(NonFiniteLossError, match=r"in epoch 2, by batch \d+\."):
         train(model, records, str(tmp_path), epochs=3, fine_tune_epochs=0, batch_size=8,
-              callbacks=[Diverge()], verbose=0)
+              callbacks=[Diverge()], verbose=0, projector=False)
     history = train(build_classifier_for(records, **SMALL), records, str(tmp_path), epochs=3,
-                    fine_tune_epochs=0, batch_size=8, verbose=0)
+                    fine_tune_epochs=0, batch_size=8, verbose=0, projector=False)
     assert np.isfinite(history["loss"]).all()
 
 

@@ -21,7 +21,8 @@ UNITS = 8
 WIDTHS = (5, 3, 4)
 # Small, deterministic settings for each fusion (attention: no dropout, 2 heads).
 OPTIONS = {"attention": {"num_heads": 2, "dropout": 0.0}}
-MASKING = ("gated", "attention", "late", "shared")  # fusions whose output ignores a missing modality
+# Fusions whose output ignores a missing modality.
+MASKING = ("gated", "attention", "late", "shared")
 
 
 def make(fusion, **kwargs):

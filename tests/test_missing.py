@@ -69,7 +69,7 @@ def test_training_with_modality_dropout_saves_and_reloads(tmp_path, gappy, cache
     records = read_manifest(gappy, split_column="split", allow_missing=True)
     model = build_classifier_for(records, modality_dropout=0.3, **SMALL)
     train(model, records, str(tmp_path / "run"), epochs=2, fine_tune_epochs=0, batch_size=8,
-          cache_features=cache, verbose=0)
+          cache_features=cache, verbose=0, projector=False)
     loaded = keras.models.load_model(str(tmp_path / "run" / "model.keras"))
     assert isinstance(loaded.get_layer("modality_dropout"), ModalityDropout)
     data = make_dataset(records, "test", **dataset_arguments(model), batch_size=8)
@@ -111,7 +111,7 @@ def test_modality_dropout_keeps_a_model_accurate_without_its_text(tmp_path):
                           splits=splits)
     model = build_classifier_for(records, modality_dropout=0.5, **SMALL)
     train(model, records, str(tmp_path / "run"), epochs=8, fine_tune_epochs=0, batch_size=16,
-          learning_rate=3e-3, patience=8, verbose=0)
+          learning_rate=3e-3, patience=8, verbose=0, projector=False)
     report = modality_report(model, records, "test", out_dir=str(tmp_path / "eval"))
     assert set(report.rows) == {"all inputs", "without image", "without text"}
     assert report.rows["all inputs"]["accuracy"] >= 0.95

@@ -115,12 +115,13 @@ def test_one_task_with_auxiliary_heads_and_errors():
 def test_training_learns_every_task_and_weighs_their_losses(task_records, tmp_path):
     model = build_classifier_for(task_records, auxiliary_heads=True, **SMALL)
     with pytest.raises(ValueError, match="task_weights names tasks \\['size'\\]"):
-        train(model, task_records, str(tmp_path / "bad"), task_weights={"size": 1.0})
+        train(model, task_records, str(tmp_path / "bad"), task_weights={"size": 1.0},
+              projector=False)
     with pytest.raises(ValueError, match="class_weight works for models with one output"):
-        train(model, task_records, str(tmp_path / "bad"), class_weight="balanced")
+        train(model, task_records, str(tmp_path / "bad"), class_weight="balanced", projector=False)
     untouched = model.get_layer("head_material_aux_image").get_weights()
     history = train(model, task_records, str(tmp_path / "run"), epochs=25, patience=25,
-                    learning_rate=3e-3, task_weights={"colour": 2.0}, verbose=0)
+                    learning_rate=3e-3, task_weights={"colour": 2.0}, verbose=0, projector=False)
     for key in ("colour_accuracy", "val_material_accuracy", "material_aux_text_loss"):
         assert len(history[key]) == 25, key
     assert "colour_macro_f1" in history
@@ -135,7 +136,8 @@ def test_training_learns_every_task_and_weighs_their_losses(task_records, tmp_pa
     with open(tmp_path / "eval" / "material" / "report.json") as f:
         assert json.load(f)["accuracy"] == 1.0
     # Auxiliary heads learn their task from one modality: material from the text alone.
-    assert not np.allclose(untouched[0], model.get_layer("head_material_aux_image").get_weights()[0])
+    trained = model.get_layer("head_material_aux_image").get_weights()
+    assert not np.allclose(untouched[0], trained[0])
     report = modality_report(model, task_records, "test", task="material")
     assert report.rows["without image"]["accuracy"] == 1.0
     assert report.rows["without text"]["accuracy"] < 0.8
@@ -145,7 +147,7 @@ def test_a_zero_task_weight_leaves_that_head_untrained(task_records, tmp_path):
     model = build_classifier_for(task_records, **SMALL)
     before = model.get_layer("head_material").get_weights()
     train(model, task_records, str(tmp_path / "run"), epochs=2, task_weights={"material": 0.0},
-          verbose=0)
+          verbose=0, projector=False)
     for old, new in zip(before, model.get_layer("head_material").get_weights()):
         np.testing.assert_array_equal(old, new)
 
@@ -213,3 +215,13 @@ def test_domain_transfer_refuses_a_multi_task_model(task_records):
     model = build_classifier_for(task_records, **SMALL)
     with pytest.raises(ValueError, match="Domain transfer adapts a classifier with one output"):
         with_new_head(model, ["a", "b"])
+
+
+def test_tuning_scores_a_multi_task_model_by_its_main_task(task_records, tmp_path):
+    from keras_mmtl.training import tune
+
+    result = tune(task_records, str(tmp_path), max_trials=1, search_space={"dropout": [0.1]},
+                  build_kwargs=SMALL, epochs=2, fine_tune_epochs=0, verbose=0)
+    with open(os.path.join(result.best_run_dir, "state.json")) as f:
+        history = json.load(f)["history"]
+    assert result.best_score == max(history["val_colour_accuracy"])

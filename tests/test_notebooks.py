@@ -105,7 +105,7 @@ def test_fusion_and_missing_modalities_notebook(tmp_path):
     printed = "".join(output.get("text", "") for output in outputs
                       if output.get("output_type") == "stream" and output.get("name") == "stdout")
     # One trained and scored model per fusion, in the comparison table.
-    for fusion in ("concat", "gated", "attention", "hierarchical", "late"):
+    for fusion in ("concat", "gated", "attention", "hierarchical", "late", "shared"):
         assert re.search(rf"^{fusion} +[01]\.\d{{3}} +[01]\.\d{{3}} +[\d,]+ +\d+$", printed,
                          re.M), fusion
     # Gates were read from the trained gated fusion; a missing image gets a gate of 0.

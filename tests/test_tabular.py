@@ -44,7 +44,7 @@ def test_a_model_on_text_and_numbers_learns_and_exports(tmp_path):
     model = build_classifier_for(records, fusion="hierarchical")
     assert model_modalities(model) == ("text", "tabular")
     history = train(model, records, str(tmp_path / "run"), epochs=10, learning_rate=3e-3,
-                    patience=10, verbose=0)
+                    patience=10, verbose=0, projector=False)
     assert max(history["val_accuracy"]) == 1.0
     path = latest_version(export_saved_model(model, str(tmp_path / "export")))
     rows = records.subset("test")

@@ -31,7 +31,8 @@ def test_two_phases_train_head_then_top_blocks(tmp_path, product_records):
     top, bottom = _weights(model, "block4_conv"), _weights(model, "block1_conv")
     head = [w.copy() for w in model.get_layer("head").get_weights()]
     history = train(model, records, str(tmp_path), epochs=2, fine_tune_epochs=2,
-                    unfreeze_blocks=2, fine_tune_learning_rate=1e-3, batch_size=8, verbose=0)
+                    unfreeze_blocks=2, fine_tune_learning_rate=1e-3, batch_size=8, verbose=0,
+                    projector=False)
     assert history["phase"] == [1, 1, 2, 2]
     assert _changed(head, model.get_layer("head").get_weights())
     assert _changed(top, _weights(model, "block4_conv"))
@@ -52,7 +53,7 @@ def test_fine_tuning_a_pretrained_backbone_keeps_batchnorm_statistics(tmp_path, 
                                  image_weights=MOBILENET_WEIGHTS, image_size=(32, 32))
     top, batchnorm = _weights(model, "Conv_1"), _weights(model, "Conv_1_bn")
     train(model, records, str(tmp_path), epochs=1, fine_tune_epochs=2, unfreeze_blocks=1,
-          fine_tune_learning_rate=1e-3, batch_size=8, verbose=0)
+          fine_tune_learning_rate=1e-3, batch_size=8, verbose=0, projector=False)
     assert _changed(top, _weights(model, "Conv_1"))
     assert not _changed(batchnorm, _weights(model, "Conv_1_bn"))
 
@@ -64,12 +65,18 @@ def test_phase_one_alone_leaves_the_backbone_untouched(tmp_path, product_records
                     batch_size=8, verbose=0)
     assert history["phase"] == [1, 1]
     assert not _changed(before, _weights(model, "block4_conv"))
+    # By default the run ends with the validation embeddings for TensorBoard's Projector.
+    assert (tmp_path / "logs" / "projector_config.pbtxt").exists()
+    with open(tmp_path / "logs" / "metadata.tsv") as f:
+        assert len(f.read().splitlines()) == 1 + len(product_records.subset("val"))
 
 
 def test_random_backbone_trains_in_one_phase(tmp_path, product_records):
     model = build_classifier_for(product_records, **{**SMALL, "freeze_backbone": None})
-    history = train(model, product_records, str(tmp_path), epochs=2, batch_size=8, verbose=0)
+    history = train(model, product_records, str(tmp_path), epochs=2, batch_size=8, verbose=0,
+                    projector=False)
     assert history["phase"] == [1, 1]
+    assert not (tmp_path / "logs" / "projector_config.pbtxt").exists()
 
 
 @pytest.mark.slow
@@ -81,16 +88,16 @@ def test_crash_in_phase_two_keeps_phase_one(tmp_path, product_records, monkeypat
     monkeypatch.setattr("keras_mmtl.training.trainer.unfreeze_top_blocks", crash)
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(model, product_records, str(tmp_path), epochs=2, fine_tune_epochs=1,
-              batch_size=8, verbose=0)
+              batch_size=8, verbose=0, projector=False)
     state = json.loads((tmp_path / "state.json").read_text())
     assert state["phases_done"] == 1 and state["history"]["phase"] == [1, 1]
     monkeypatch.undo()
     fresh = build_classifier_for(product_records, **SMALL)
     history = train(fresh, product_records, str(tmp_path), epochs=2, fine_tune_epochs=1,
-                    batch_size=8, verbose=0)
+                    batch_size=8, verbose=0, projector=False)
     assert history["phase"] == [1, 1, 2]
     again = train(fresh, product_records, str(tmp_path), epochs=2, fine_tune_epochs=1,
-                  batch_size=8, verbose=0)
+                  batch_size=8, verbose=0, projector=False)
     assert again == history
 
 
@@ -114,7 +121,7 @@ def test_bad_class_weights_are_refused(class_weight, message, product_records):
 def test_balanced_class_weights_train(tmp_path, product_records):
     model = build_classifier_for(product_records, **SMALL)
     history = train(model, product_records, str(tmp_path), epochs=1, fine_tune_epochs=1,
-                    batch_size=8, class_weight="balanced", verbose=0)
+                    batch_size=8, class_weight="balanced", verbose=0, projector=False)
     assert history["phase"] == [1, 2]
 
 
@@ -125,7 +132,7 @@ def test_mixed_precision_trains_with_a_float32_head(tmp_path, product_records):
         model = build_classifier_for(product_records, **SMALL)
         assert model.get_layer("fusion").compute_dtype == "float16"
         history = train(model, product_records, str(tmp_path), epochs=2, fine_tune_epochs=1,
-                        batch_size=8, verbose=0)
+                        batch_size=8, verbose=0, projector=False)
     finally:
         setup_precision("float32")
     assert np.isfinite(history["loss"]).all() and history["phase"] == [1, 1, 2]
@@ -138,7 +145,7 @@ def test_tensorboard_shows_metrics_learning_rate_confusion_hparams_and_embedding
 
     model = build_classifier_for(product_records, **SMALL)
     train(model, product_records, str(tmp_path), epochs=2, fine_tune_epochs=1, batch_size=8,
-          verbose=0)
+          verbose=0, projector=False)
     logs = summaries(str(tmp_path / "logs"))
     for tag in ("epoch_loss", "epoch_accuracy", "epoch_macro_f1", "epoch_learning_rate"):
         assert len(logs["train"][tag]) == 3, tag
@@ -158,7 +165,7 @@ def test_tensorboard_shows_metrics_learning_rate_confusion_hparams_and_embedding
 def test_regularisation_options_train(tmp_path, product_records, options, cached, capsys):
     model = build_classifier_for(product_records, **SMALL)
     history = train(model, product_records, str(tmp_path), epochs=2, fine_tune_epochs=0,
-                    batch_size=8, verbose=0, **options)
+                    batch_size=8, verbose=0, **options, projector=False)
     assert len(history["loss"]) == 2 and all(np.isfinite(history["loss"]))
     # Augmented branches go through the graph each step: only the others are cached
     # (one file per branch and split).

@@ -129,6 +129,7 @@ def train(
     auxiliary_weight=0.3,
     cache_features=True,
     cache_dir=None,
+    projector=True,
     resume=True,
     seed=0,
     callbacks=(),
@@ -205,6 +206,9 @@ def train(
         cache_dir: where cached features are kept, keyed by the frozen
             weights and the data (default `run_dir/cache`), so a stale cache
             is never read.
+        projector: at the end, write the fused embeddings of (up to 5,000)
+            validation samples for TensorBoard's Projector: one more pass
+            over them, worth skipping for quick or many runs.
         resume: continue an interrupted run found in `run_dir`.
         seed: seed of shuffling and weight initialisation.
         callbacks: more Keras callbacks, run in both phases (after ours).
@@ -220,7 +224,8 @@ def train(
     >>> history = train(model, records, "runs/products", epochs=5)  # doctest: +SKIP
     """
     hparams = {name: value for name, value in locals().items() if name not in (
-        "model", "records", "run_dir", "cache_dir", "resume", "callbacks", "verbose")}
+        "model", "records", "run_dir", "cache_dir", "projector", "resume", "callbacks",
+        "verbose")}
     keras.utils.set_random_seed(seed)
     if class_weight is not None and output_tasks(model) is not None:
         raise ValueError("class_weight works for models with one output; this one has "
@@ -322,7 +327,7 @@ def train(
         best_phase = min(state["best"], key=state["best"].get)
         model.load_weights(_phase_weights(run_dir, best_phase))
     save_atomic(model.save, os.path.join(run_dir, MODEL_FILE))
-    if not is_multi_worker(strategy):  # predict would see one worker's share of the data
+    if projector and not is_multi_worker(strategy):  # predict would see one worker's share
         _write_embeddings(model, records.subset("val" if has_val else "train"),
                           os.path.join(run_dir, LOGS), batch_size)
     return state.get("history", {})

@@ -11,7 +11,12 @@ import shutil
 import keras
 
 from keras_mmtl.models.backbones import BACKBONE_NAME, backbone_blocks, backbone_network
-from keras_mmtl.models.builder import build_classifier, build_classifier_for, model_modalities
+from keras_mmtl.models.builder import (
+    build_classifier,
+    build_classifier_for,
+    model_modalities,
+    model_tasks,
+)
 from keras_mmtl.models.fusion import FUSIONS
 from keras_mmtl.training.callbacks import save_atomic
 from keras_mmtl.training.trainer import MODEL_FILE, train
@@ -172,9 +177,10 @@ class TrainTuner(keras_tuner.Tuner if keras_tuner else object):
         keras.backend.clear_session()  # frees the last trial's model, as KerasTuner does
         keras.utils.set_random_seed(self.seed)
         model = build_classifier_for(records, **self.build_kwargs, **build)
-        history = train(model, records, self.trial_run_dir(trial.trial_id),
-                        seed=self.seed, **{**train_kwargs, **fit})
-        return _score(history, self.oracle.objective)
+        # A trial's Projector embeddings would only slow the search.
+        history = train(model, records, self.trial_run_dir(trial.trial_id), seed=self.seed,
+                        **{**train_kwargs, **fit, "projector": False})
+        return _score(history, self.oracle.objective, model)
 
     def trial_run_dir(self, trial_id):
         """The `train` folder of a trial."""
@@ -246,8 +252,9 @@ def tune(
         max_trials: trials to run at most; default 10, and for hyperband
             its whole schedule (which `tuner_options` `max_epochs`, `factor`
             and `hyperband_iterations` set).
-        objective: a key of `OBJECTIVES`: `"val_accuracy"` (maximised) or
-            `"val_loss"` (minimised).
+        objective: a key of `OBJECTIVES`: `"val_accuracy"` (maximised; of
+            the main task, for a multi-task model) or `"val_loss"`
+            (minimised; the weighted sum over the tasks).
         search_space: `None` (the default space), a dict or a function; see
             above.
         build_kwargs: more `build_classifier_for` arguments, the same in
@@ -472,11 +479,19 @@ def _check_searched(names, build_kwargs, train_kwargs, hyperband):
                          "argument): leave it out of search_space.")
 
 
-def _score(history, objective):
-    """The best value of the objective over the epochs of a `train` history."""
-    values = [value for value in history.get(objective.name, []) if math.isfinite(value)]
+def _score(history, objective, model):
+    """The best value of the objective over the epochs of a `train` history.
+
+    A model with several outputs logs each task's accuracy under its name:
+    its `val_accuracy` is the first (main) task's.
+    """
+    tasks = model_tasks(model)
+    name = objective.name
+    if tasks is not None and name == "val_accuracy":
+        name = f"val_{next(iter(tasks))}_accuracy"
+    values = [value for value in history.get(name, []) if math.isfinite(value)]
     if not values:
-        raise ValueError(f"The run recorded no finite {objective.name}: {history!r}")
+        raise ValueError(f"The run recorded no finite {name}: {history!r}")
     return float(max(values) if objective.direction == "max" else min(values))
 
 
