@@ -13,7 +13,7 @@ features, early stopping) and no phase 2. Three models:
   the image features alone and one on the text features alone.
 
 Each is scored on the test split, every task. Prints a table and appends a section with
-the headline figures to `benchmarks/RESULTS.md`. About 10 minutes on 2 CPU cores. Run from
+the headline figures to `benchmarks/RESULTS.md`. About 5 minutes on 2 CPU cores. Run from
 the repository root:
 
     python benchmarks/multitask.py

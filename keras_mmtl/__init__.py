@@ -33,6 +33,7 @@ from keras_mmtl.evaluation import (
 )
 from keras_mmtl.experiment import run_experiment
 from keras_mmtl.export import export_saved_model, predict, serving_function
+from keras_mmtl.rest import ServingError, predict_url, rest_predict
 from keras_mmtl.models import (
     BACKBONES,
     WeightsUnavailableError,

@@ -195,7 +195,7 @@ def predict(model, images=None, texts=None, top_k=5, tabular=None):
                          f"{missing or list(modalities)}.")
     given = {name: [None] * count if values is None else values for name, values in given.items()}
     outputs = run(**{name: tf.constant(np.asarray(given[name], np.float32)) if name == "tabular"
-                     else tf.constant(_as_bytes(given[name], name)) for name in modalities})
+                     else tf.constant(encoded_inputs(given[name], name)) for name in modalities})
     answers = {}
     for task in tasks:
         labels = outputs[output_name(task, "top_labels")].numpy()[:, :top_k]
@@ -206,8 +206,12 @@ def predict(model, images=None, texts=None, top_k=5, tabular=None):
     return answers[None] if tasks == [None] else answers
 
 
-def _as_bytes(values, name):
-    """Texts as str; images as encoded bytes, read from disk when given as paths."""
+def encoded_inputs(values, name):
+    """What a request sends for an input: texts as str, images as encoded file bytes.
+
+    Image paths are read from disk; `None` or empty is a sample without
+    one (empty bytes, or an empty text).
+    """
     if name == "text":
         return ["" if v is None else str(v) for v in values]
     out = []
