@@ -50,11 +50,12 @@ class DataConfig:
 
     manifest: Optional[str] = _field(
         None, "CSV or JSON Lines file, one row per sample")
-    image_column: Optional[str] = _field(
-        "image", "column of image paths, relative to the manifest ('none' for text-only data)",
-        type=_none_or)
-    text_column: Optional[str] = _field(
-        "text", "column of texts ('none' for image-only data)", type=_none_or)
+    image_column: Union[str, list, None] = _field(
+        "image", "column of image paths, relative to the manifest ('none' for text-only data); "
+                 "several columns for several photos per sample", type=_none_or, nargs="+")
+    text_column: Union[str, list, None] = _field(
+        "text", "column of texts ('none' for image-only data); several columns for several "
+                "texts per sample (title, description...)", type=_none_or, nargs="+")
     label_column: Union[str, list] = _field(
         "label", "column of labels; several columns train a multi-task model (one head per "
                  "column, the first is the main task)", nargs="+")
@@ -75,9 +76,11 @@ class DataConfig:
 
     def __post_init__(self):
         self.tabular_columns = list(self.tabular_columns)
-        if not isinstance(self.label_column, str):
-            columns = list(self.label_column)
-            self.label_column = columns[0] if len(columns) == 1 else columns
+        for name in ("image_column", "text_column", "label_column"):
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple)):  # one column is written as itself
+                columns = [column for column in value if column is not None]
+                setattr(self, name, (columns[0] if len(columns) == 1 else columns) or None)
 
 
 @dataclasses.dataclass

@@ -8,6 +8,7 @@ import os
 import numpy as np
 
 from keras_mmtl.data.pipeline import make_dataset
+from keras_mmtl.modalities import modality_kind
 from keras_mmtl.models.builder import class_names as model_class_names
 from keras_mmtl.models.builder import dataset_arguments, model_modalities, model_tasks
 
@@ -148,8 +149,8 @@ def predict_records(model, records, split=None, batch_size=64):
     a missing image as a black image and a missing text as an empty one.
     """
     arguments = dataset_arguments(model)
-    arguments["presence"] += tuple(m for m in ("image",) if m in arguments["modalities"]
-                                   and m not in arguments["presence"])
+    arguments["presence"] += tuple(m for m in arguments["modalities"] if modality_kind(m) ==
+                                   "image" and m not in arguments["presence"])
     names = list(model.input)
     ds = make_dataset(records, split, **arguments, batch_size=batch_size)
     probabilities = model.predict(ds.map(lambda x, y: {name: x[name] for name in names}),
@@ -266,7 +267,7 @@ def modality_report(model, records, split="test", *, task=None, out_dir=None, ba
                          f"takes {list(modalities)}.")
     rows = records if split is None else records.subset(split)
     conditions = {"all inputs": rows}
-    for name in (m for m in modalities if m in ("image", "text")):  # numbers are never missing
+    for name in (m for m in modalities if modality_kind(m) != "tabular"):  # never missing
         conditions[f"without {name}"] = rows.without(name, np.ones(len(rows), bool))
     tasks = _check_classes(model, records)
     task = task or next(iter(tasks or [None]))

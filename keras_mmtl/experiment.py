@@ -9,6 +9,7 @@ from keras_mmtl.config import CONFIG_FILE, SECTIONS, ConfigError, RunConfig
 from keras_mmtl.data import read_manifest
 from keras_mmtl.evaluation import evaluate, modality_report
 from keras_mmtl.export import export_saved_model
+from keras_mmtl.modalities import modality_kind
 from keras_mmtl.models import build_classifier_for, clone_classifier, model_modalities
 from keras_mmtl.models.text import needs_vocabulary, vocabulary_learner
 from keras_mmtl.training import distribution_strategy, setup_precision, train, transfer, tune
@@ -194,5 +195,6 @@ def _shared_vocabulary(text_encoder, source, target):
     """The text vocabulary learned from the source and target training texts, if one is needed."""
     if not needs_vocabulary(text_encoder) or "text" not in source.modalities:
         return None
-    texts = [*source.subset("train").texts, *target.subset("train").texts]
+    texts = [text for records in (source, target) for name in records.modalities
+             if modality_kind(name) == "text" for text in records.subset("train").inputs(name)]
     return vocabulary_learner(text_encoder)(texts)

@@ -17,6 +17,7 @@ from keras_mmtl.models.builder import (
     model_tasks,
     presence_modalities,
 )
+from keras_mmtl.modalities import modality_kind
 from keras_mmtl.models.missing import presence_input
 
 SIGNATURE = "serving_default"
@@ -38,8 +39,9 @@ def serving_function(model, top_k=5):
 
     Returns:
         `(fn, input_signature)`: `fn` takes one batched tensor per modality
-        (`image`: encoded image files, `text`: UTF-8 strings, both
-        `tf.string`; `tabular`: float32 numeric features `(batch, k)`) and
+        (`image`, `image_2`, ...: encoded image files, `text`, `text_2`,
+        ...: UTF-8 strings, all `tf.string`; `tabular`: float32 numeric
+        features `(batch, k)`) and
         returns a dict: `probabilities` (batch, classes) float32, `label`
         (batch,) the predicted class name, `top_labels` and `top_scores`
         (batch, top_k) the best classes and their probabilities. A
@@ -58,16 +60,16 @@ def serving_function(model, top_k=5):
     def serve(*inputs):
         features = dict(zip(modalities, inputs))
         for name in optional:
-            raw = features[name]
-            if name == "tabular":  # numbers are always there
+            raw, kind = features[name], modality_kind(name)
+            if kind == "tabular":  # numbers are always there
                 present = tf.ones(tf.shape(raw)[:1], tf.bool)
             else:
-                present = tf.strings.length(tf.strings.strip(raw) if name == "text" else raw) > 0
+                present = tf.strings.length(tf.strings.strip(raw) if kind == "text" else raw) > 0
             features[presence_input(name)] = tf.cast(present, tf.float32)
-        if "image" in features:
-            decode = decode_optional_image if "image" in optional else decode_image
-            features["image"] = tf.map_fn(
-                lambda data: decode(data, size), features["image"],
+        for name in (name for name in modalities if modality_kind(name) == "image"):
+            decode = decode_optional_image if name in optional else decode_image
+            features[name] = tf.map_fn(
+                lambda data: decode(data, size), features[name],
                 fn_output_signature=tf.TensorSpec((*size, 3), tf.float32))
         predictions = model(features, training=False)
         outputs = {}
@@ -147,7 +149,7 @@ def latest_version(path):
     return os.path.join(path, str(max(versions)))
 
 
-def predict(model, images=None, texts=None, top_k=5, tabular=None):
+def predict(model, images=None, texts=None, top_k=5, tabular=None, **inputs):
     """Top classes for raw inputs, from a Keras classifier or an exported SavedModel.
 
     Both go through the same serving function, so they answer alike.
@@ -161,6 +163,8 @@ def predict(model, images=None, texts=None, top_k=5, tabular=None):
         texts: list of strings (empty: no text).
         tabular: numeric features `(n, k)`, for a model with a tabular input.
         top_k: classes returned per sample (an export returns at most 5).
+        **inputs: more image or text columns by input name, e.g.
+            `image_2=[...]`, `text_2=[...]`.
 
     Returns:
         one list of `(label, probability)` per sample, most probable first;
@@ -182,9 +186,13 @@ def predict(model, images=None, texts=None, top_k=5, tabular=None):
         modalities = model_modalities(model)
         tasks = list(model_tasks(model) or [None])
 
-        def run(**inputs):
-            return serve(*(inputs[name] for name in modalities))
-    given = {"image": images, "text": texts, "tabular": tabular}
+        def run(**tensors):
+            return serve(*(tensors[name] for name in modalities))
+    given = {name: None for name in modalities}
+    given.update({"image": images, "text": texts, "tabular": tabular}, **inputs)
+    unknown = sorted(set(given) - set(modalities) - {"image", "text", "tabular"})
+    if unknown:
+        raise ValueError(f"This model has no inputs {unknown}; it takes {list(modalities)}.")
     # A modality not given is missing for every sample: models built with
     # missing_modalities=True take that (an export cannot tell, and is sent empties).
     optional = modalities if isinstance(model, (str, os.PathLike)) else presence_modalities(model)
@@ -212,7 +220,7 @@ def encoded_inputs(values, name):
     Image paths are read from disk; `None` or empty is a sample without
     one (empty bytes, or an empty text).
     """
-    if name == "text":
+    if modality_kind(name) == "text":
         return ["" if v is None else str(v) for v in values]
     out = []
     for value in values:

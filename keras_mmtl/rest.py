@@ -15,6 +15,7 @@ import urllib.error
 import urllib.request
 
 from keras_mmtl.export import SIGNATURE, encoded_inputs
+from keras_mmtl.modalities import modality_kind
 
 
 class ServingError(RuntimeError):
@@ -40,7 +41,7 @@ def predict_url(host, model_name, version=None):
     return f"{base.rstrip('/')}/v1/models/{model_name}{versioned}:predict"
 
 
-def predict_request(images=None, texts=None, tabular=None, signature_name=SIGNATURE):
+def predict_request(images=None, texts=None, tabular=None, signature_name=SIGNATURE, **inputs):
     """The JSON body of a REST `predict` request, in TF Serving's row format.
 
     Args:
@@ -52,6 +53,8 @@ def predict_request(images=None, texts=None, tabular=None, signature_name=SIGNAT
         tabular: numeric features, one list per sample, for a model with a
             tabular input.
         signature_name: the signature to run.
+        **inputs: more image or text columns by input name (`image_2=`,
+            `text_2=`, ...).
 
     Returns:
         a dict, ready for `json.dumps`: `{"signature_name": ..., "instances":
@@ -62,8 +65,8 @@ def predict_request(images=None, texts=None, tabular=None, signature_name=SIGNAT
     >>> predict_request(images=[b"\\xff\\xd8"], texts=["red wool cap"])
     {'signature_name': 'serving_default', 'instances': [{'image': {'b64': '/9g='}, 'text': 'red wool cap'}]}
     """
-    columns = {name: list(values) for name, values in (
-        ("image", images), ("text", texts), ("tabular", tabular)) if values is not None}
+    given = {"image": images, "text": texts, "tabular": tabular, **inputs}
+    columns = {name: list(values) for name, values in given.items() if values is not None}
     if not columns:
         raise ValueError("Give images, texts or tabular features: the request has no input.")
     counts = {name: len(values) for name, values in columns.items()}
@@ -74,7 +77,7 @@ def predict_request(images=None, texts=None, tabular=None, signature_name=SIGNAT
         for instance, value in zip(instances, values):
             instance[name] = ([float(x) for x in value] if name == "tabular" else
                               encoded_inputs([value], name)[0])
-            if name == "image":  # binary values travel base64-encoded
+            if modality_kind(name) == "image":  # binary values travel base64-encoded
                 instance[name] = {"b64": base64.b64encode(instance[name]).decode("ascii")}
     return {"signature_name": signature_name, "instances": instances}
 
@@ -121,12 +124,12 @@ def parse_predictions(body, top_k=None):
     return answers[None] if tasks == [None] else answers
 
 
-def rest_predict(url, images=None, texts=None, tabular=None, top_k=None, timeout=30):
+def rest_predict(url, images=None, texts=None, tabular=None, top_k=None, timeout=30, **inputs):
     """Sends one REST `predict` request to TF Serving and returns its parsed answer.
 
     Args:
         url: the model's predict URL (`predict_url`).
-        images, texts, tabular: the samples, as for `predict_request`.
+        images, texts, tabular, **inputs: the samples, as for `predict_request`.
         top_k: classes kept per sample.
         timeout: seconds to wait for the answer.
 
@@ -143,7 +146,7 @@ def rest_predict(url, images=None, texts=None, tabular=None, top_k=None, timeout
     ...              images=["bag.jpg"], texts=["Urban wool cap"])  # doctest: +SKIP
     [[('red wool', 0.97), ('blue wool', 0.02), ...]]
     """
-    body = json.dumps(predict_request(images, texts, tabular)).encode("utf-8")
+    body = json.dumps(predict_request(images, texts, tabular, **inputs)).encode("utf-8")
     request = urllib.request.Request(url, data=body, method="POST",
                                      headers={"Content-Type": "application/json"})
     try:

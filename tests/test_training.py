@@ -62,13 +62,9 @@ def test_phase_one_alone_leaves_the_backbone_untouched(tmp_path, product_records
     model = build_classifier_for(product_records, **SMALL)
     before = _weights(model, "block4_conv")
     history = train(model, product_records, str(tmp_path), epochs=2, fine_tune_epochs=0,
-                    batch_size=8, verbose=0)
+                    batch_size=8, verbose=0, projector=False)
     assert history["phase"] == [1, 1]
     assert not _changed(before, _weights(model, "block4_conv"))
-    # By default the run ends with the validation embeddings for TensorBoard's Projector.
-    assert (tmp_path / "logs" / "projector_config.pbtxt").exists()
-    with open(tmp_path / "logs" / "metadata.tsv") as f:
-        assert len(f.read().splitlines()) == 1 + len(product_records.subset("val"))
 
 
 def test_random_backbone_trains_in_one_phase(tmp_path, product_records):
@@ -145,7 +141,7 @@ def test_tensorboard_shows_metrics_learning_rate_confusion_hparams_and_embedding
 
     model = build_classifier_for(product_records, **SMALL)
     train(model, product_records, str(tmp_path), epochs=2, fine_tune_epochs=1, batch_size=8,
-          verbose=0, projector=False)
+          verbose=0)
     logs = summaries(str(tmp_path / "logs"))
     for tag in ("epoch_loss", "epoch_accuracy", "epoch_macro_f1", "epoch_learning_rate"):
         assert len(logs["train"][tag]) == 3, tag

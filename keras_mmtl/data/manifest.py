@@ -9,6 +9,7 @@ import warnings
 import numpy as np
 
 from keras_mmtl.data.images import find_undecodable
+from keras_mmtl.modalities import input_names, is_input_name, modality_kind, ordered
 
 SPLITS = ("train", "val", "test")
 SPLIT_ALIASES = {"validation": "val", "valid": "val", "dev": "val", "eval": "val"}
@@ -73,10 +74,11 @@ class Records:
     """Validated samples of a labelled image/text dataset, ready for `make_dataset`.
 
     Attributes:
-        images: `None`, or one image per sample: file paths (`image_kind="path"`),
-            encoded file bytes (`"bytes"`) or a uint8 array `(n, h, w, c)`
-            (`"array"`).
-        texts: `None`, or an object array of `str`, one per sample.
+        images: `None`, or one image per sample (of the first image column):
+            file paths (`image_kind="path"`), encoded file bytes (`"bytes"`)
+            or a uint8 array `(n, h, w, c)` (`"array"`).
+        texts: `None`, or an object array of `str`, one per sample (of the
+            first text column).
         labels: int32 array of indices into `class_names`.
         splits: array of `"train"`, `"val"` or `"test"`.
         class_names: the label vocabulary, sorted; index `i` is class `i`.
@@ -87,6 +89,9 @@ class Records:
         label_name: the name of the task `labels` hold (their column).
         extra_tasks: more label columns, for multi-task models: dict of task
             name -> `(labels, class_names)`, like `labels` and `class_names`.
+        extra_inputs: more image or text columns: dict of input name
+            (`"image_2"`, `"text_2"`, ...; see `keras_mmtl.modalities`) ->
+            values, stored like `images` (paths or bytes) or `texts`.
     """
 
     images: object
@@ -100,16 +105,26 @@ class Records:
     tabular_columns: tuple = ()
     label_name: str = "label"
     extra_tasks: dict = dataclasses.field(default_factory=dict)
+    extra_inputs: dict = dataclasses.field(default_factory=dict)
 
     def __len__(self):
         return len(self.labels)
 
     @property
     def modalities(self):
-        """The inputs these records provide, in model order."""
-        present = {"image": self.images is not None, "text": self.texts is not None,
-                   "tabular": self.tabular is not None}
-        return tuple(name for name, ok in present.items() if ok)
+        """The inputs these records provide, in model order (`"image"`, `"image_2"`, `"text"`...)."""
+        given = {"image": self.images, "text": self.texts, "tabular": self.tabular,
+                 **self.extra_inputs}
+        return ordered(name for name, values in given.items() if values is not None)
+
+    def inputs(self, name):
+        """The values of one input, e.g. `records.inputs("text_2")`."""
+        if name in ("image", "text", "tabular"):
+            return {"image": self.images, "text": self.texts, "tabular": self.tabular}[name]
+        if name not in self.extra_inputs:
+            raise ValueError(f"These records have no input {name!r}; they have "
+                             f"{list(self.modalities)}.")
+        return self.extra_inputs[name]
 
     @property
     def tasks(self):
@@ -153,14 +168,16 @@ class Records:
             splits=self.splits[mask],
             extra_tasks={name: (labels[mask], names)
                          for name, (labels, names) in self.extra_tasks.items()},
+            extra_inputs={name: values[mask] for name, values in self.extra_inputs.items()},
         )
 
     def present(self, modality):
         """Per sample, whether it has this modality (not an empty path, bytes or text)."""
-        values = {"image": self.images, "text": self.texts, "tabular": self.tabular}[modality]
+        values = self.inputs(modality) if modality in self.modalities else None
         if values is None:
             return np.zeros(len(self), bool)
-        if modality == "tabular" or modality == "image" and self.image_kind == "array":
+        kind = modality_kind(modality)
+        if kind == "tabular" or kind == "image" and self.image_kind == "array":
             return np.ones(len(self), bool)
         return np.array([_has_value(value) for value in values], bool)
 
@@ -174,17 +191,16 @@ class Records:
         [False, True]
         """
         rows = np.asarray(rows, bool)
-        if modality not in ("image", "text"):
+        kind = modality_kind(modality) if is_input_name(modality) else None
+        if kind not in ("image", "text"):
             raise ValueError(f"Only an image or a text can be missing. Received: {modality!r}")
-        if modality == "image":
-            if self.image_kind == "array":
-                raise ValueError("Images held as an array cannot be missing; use paths or bytes.")
-            images = self.images.copy()
-            images[rows] = "" if self.image_kind == "path" else b""
-            return dataclasses.replace(self, images=images)
-        texts = self.texts.copy()
-        texts[rows] = ""
-        return dataclasses.replace(self, texts=texts)
+        if kind == "image" and self.image_kind == "array":
+            raise ValueError("Images held as an array cannot be missing; use paths or bytes.")
+        values = self.inputs(modality).copy()
+        values[rows] = "" if kind == "text" or self.image_kind == "path" else b""
+        if modality in ("image", "text"):
+            return dataclasses.replace(self, **{f"{modality}s": values})
+        return dataclasses.replace(self, extra_inputs={**self.extra_inputs, modality: values})
 
     def class_counts(self, split=None):
         """Number of rows per class name, in one split or overall."""
@@ -263,8 +279,11 @@ def read_manifest(
     Args:
         path: a `.csv` file (header row, comma separated) or a `.jsonl` /
             `.json` file (one JSON object per line).
-        image_column: column with image paths, or `None` for text-only data.
-        text_column: column with texts, or `None` for image-only data.
+        image_column: column with image paths, or `None` for text-only data;
+            a list of columns for several images per sample (inputs
+            `"image"`, `"image_2"`, ... in that order, sharing one backbone).
+        text_column: column with texts, or `None` for image-only data; a
+            list of columns for several texts (inputs `"text"`, `"text_2"`, ...).
         label_column: column with label names, or a list of such columns
             for a multi-task model (one softmax head each): the first is the
             main task (`records.labels`), the others `records.extra_tasks`.
@@ -306,8 +325,9 @@ def read_manifest(
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Manifest not found: {path}")
     label_columns = _task_names(label_column)
-    columns = {"image": image_column, "text": text_column, "split": split_column}
-    columns = {field: name for field, name in columns.items() if name is not None}
+    columns = {**_input_columns("image", image_column), **_input_columns("text", text_column)}
+    if split_column is not None:
+        columns["split"] = split_column
     if path.lower().endswith(".csv"):
         rows = _read_csv(path)
     elif path.lower().endswith((".jsonl", ".json", ".ndjson")):
@@ -333,8 +353,8 @@ def read_manifest(
         entry = {"line": line, "labels": {name: _as_field(row.get(name)) for name in label_columns}}
         for field, name in columns.items():
             entry[field] = _as_field(row.get(name))
-        if "image" in entry and entry["image"].strip():
-            entry["image"] = os.path.join(folder, entry["image"].strip())
+            if field != "split" and modality_kind(field) == "image" and entry[field].strip():
+                entry[field] = os.path.join(folder, entry[field].strip())
         if tabular_columns:
             entry["tabular"] = [row.get(name) for name in tabular_columns]
         table.append(entry)
@@ -342,7 +362,7 @@ def read_manifest(
         table, source, class_names=class_names, min_class_count=min_class_count,
         skip_bad_rows=skip_bad_rows, check_images=check_images, allow_missing=allow_missing,
         val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
-        image_kind="path", tabular_columns=tabular_columns,
+        image_kind="path", tabular_columns=tabular_columns, columns=columns,
     )
 
 
@@ -629,10 +649,17 @@ def _normalize_split(value):
 
 def _build_records(table, source, *, class_names, min_class_count, skip_bad_rows,
                    check_images, val_fraction, test_fraction, seed, image_kind,
-                   image_array=None, allow_missing=False, tabular_columns=()):
-    """Validates rows (dicts with line, labels by task and optional image/text/split)."""
+                   image_array=None, allow_missing=False, tabular_columns=(), columns=None):
+    """Validates rows (dicts with line, labels by task, inputs by name and optional split).
+
+    `columns` maps input names to the column names that bad rows name
+    (by default the input names).
+    """
     bad = []
     fields = set(table[0]) if table else set()
+    inputs = ordered(f for f in fields if is_input_name(f) and f != "tabular")
+    images = [f for f in inputs if modality_kind(f) == "image"]
+    column = {name: (columns or {}).get(name, name) for name in inputs}
     tasks = list(table[0]["labels"]) if table else ["label"]
     class_names = _per_task(class_names, tasks)
     known = {task: None if names is None else set(names) for task, names in class_names.items()}
@@ -644,15 +671,15 @@ def _build_records(table, source, *, class_names, min_class_count, skip_bad_rows
             problem = _check_label(label, known[task])
             if problem:
                 bad.append(BadRow(source, line, task, problem))
-        missing = [field for field in ("image", "text") if field in fields and allow_missing
-                   and not _has_value(entry[field])]
-        if missing and len(missing) == len({"image", "text"} & fields):
-            bad.append(BadRow(source, line, " and ".join(missing), "no input at all; give the "
-                              "row an image or a text"))
-        if "text" in fields and "text" not in missing:
-            problem = _check_text(entry["text"])
-            if problem:
-                bad.append(BadRow(source, line, "text", problem))
+        missing = [f for f in inputs if allow_missing and not _has_value(entry[f])]
+        if missing and len(missing) == len(inputs):
+            bad.append(BadRow(source, line, " and ".join(column[f] for f in missing),
+                              "no input at all; give the row an image or a text"))
+        for name in inputs:
+            if modality_kind(name) == "text" and name not in missing:
+                problem = _check_text(entry[name])
+                if problem:
+                    bad.append(BadRow(source, line, column[name], problem))
         for name, value in zip(tabular_columns, entry.get("tabular", ())):
             if not _is_number(value):
                 bad.append(BadRow(source, line, name, f"{value!r} is not a number; give every "
@@ -662,24 +689,25 @@ def _build_records(table, source, *, class_names, min_class_count, skip_bad_rows
             if entry["split"] not in SPLITS:
                 bad.append(BadRow(source, line, "split", (
                     f"unknown split {entry['split']!r}; expected one of {list(SPLITS)}")))
-        if "image" in missing:
-            entry["image"] = "" if image_kind == "path" else b""
-        elif "image" in fields and image_kind == "path":
-            problem = _check_image_path(entry["image"])
-            if problem:
-                bad.append(BadRow(source, line, "image", problem))
-        elif "image" in fields and not entry["image"]:
-            bad.append(BadRow(source, line, "image", "empty image bytes"))
-    if check_images and "image" in fields:
-        flagged = {(row.source, row.line) for row in bad}
+        for name in images:
+            if name in missing:
+                entry[name] = "" if image_kind == "path" else b""
+            elif image_kind == "path":
+                problem = _check_image_path(entry[name])
+                if problem:
+                    bad.append(BadRow(source, line, column[name], problem))
+            elif not entry[name]:
+                bad.append(BadRow(source, line, column[name], "empty image bytes"))
+    flagged = {(row.source, row.line) for row in bad}
+    for name in images if check_images else ():
         candidates = [e for e in table
-                      if (source, e["line"]) not in flagged and _has_value(e["image"])]
-        failures = find_undecodable([e["image"] for e in candidates],
+                      if (source, e["line"]) not in flagged and _has_value(e[name])]
+        failures = find_undecodable([e[name] for e in candidates],
                                     read_files=image_kind == "path")
         for index, problem in failures.items():
             entry = candidates[index]
-            where = f": {entry['image']}" if image_kind == "path" else ""
-            bad.append(BadRow(source, entry["line"], "image", (
+            where = f": {entry[name]}" if image_kind == "path" else ""
+            bad.append(BadRow(source, entry["line"], column[name], (
                 f"{problem}{where}; replace the file with a JPEG/PNG/GIF/BMP image")))
     bad.sort(key=lambda row: row.line)
     report = DataReport(total_rows=len(table), bad_rows=bad)
@@ -708,16 +736,15 @@ def _build_records(table, source, *, class_names, min_class_count, skip_bad_rows
     else:
         splits = stratified_split(labels, val_fraction, test_fraction, seed)
     lines = [entry["line"] for entry in table]
+    values = {name: np.array([_as_str(entry[name]) if modality_kind(name) == "text"
+                              else entry[name] for entry in table], dtype=object)
+              for name in inputs}
     if image_kind == "array" and image_array is not None:
-        images = image_array[np.array(lines, dtype=np.int64)]
-    elif "image" in fields:
-        images = np.array([entry["image"] for entry in table], dtype=object)
-    else:
-        images = None
+        values["image"] = image_array[np.array(lines, dtype=np.int64)]
     records = Records(
-        images=images,
-        texts=np.array([_as_str(entry["text"]) for entry in table], dtype=object)
-        if "text" in fields else None,
+        images=values.pop("image", None),
+        texts=values.pop("text", None),
+        extra_inputs=values,
         labels=labels, splits=splits, class_names=class_names,
         label_name=main, extra_tasks=extra_tasks, image_kind=image_kind, report=report,
         tabular=np.array([entry["tabular"] for entry in table], dtype=np.float32)
@@ -728,6 +755,17 @@ def _build_records(table, source, *, class_names, min_class_count, skip_bad_rows
     if records.report.bad_rows or records.report.dropped_classes:
         warnings.warn(records.report.summary(), stacklevel=3)
     return records
+
+
+def _input_columns(kind, column):
+    """`{input name: column}` of the image or text column(s) given (`None`: none)."""
+    if column is None:
+        return {}
+    columns = [column] if isinstance(column, str) else list(column)
+    if not columns or not all(isinstance(name, str) and name for name in columns):
+        raise ValueError(f"{kind}_column must name a column, list columns, or be None. "
+                         f"Received: {kind}_column={column!r}")
+    return dict(zip(input_names(kind, len(columns)), columns))
 
 
 def _task_names(label_column):

@@ -5,6 +5,7 @@ import tensorflow as tf
 
 from keras_mmtl.data.augmentation import MODALITIES as AUGMENTED_MODALITIES
 from keras_mmtl.data.images import decode_optional_image, resize_image
+from keras_mmtl.modalities import modality_kind
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -50,7 +51,8 @@ def make_dataset(
             `ImageAugmentation` (`None` values are off). Each batch is
             augmented with `training=True` after decoding and batching, one
             batch after another so a layer's seed reproduces the run.
-            Modalities the dataset does not yield (images read from cached
+            Every input of the kind is augmented (`"image_2"` too);
+            modalities the dataset does not yield (images read from cached
             features) are left out. Pass it for the train split only.
         presence: modalities whose presence to yield as `"<modality>_present"`
             (float32, 1 or 0), for a model built with `missing_modalities=True`;
@@ -85,14 +87,15 @@ def make_dataset(
             f"Data has: {list(records.modalities)}"
         )
     presence = tuple(presence)
-    for name in ("image",) if "image" in modalities and "image" not in presence else ():
+    images = [name for name in modalities if modality_kind(name) == "image"]
+    for name in (name for name in images if name not in presence):
         absent = np.flatnonzero(~records.present(name))
         if len(absent):
             raise ValueError(
                 f"{len(absent)} rows have no {name} (the first is row {absent[0]} of the "
                 f"split). A model for samples that miss a modality is built with "
                 "missing_modalities=True; or leave such rows out.")
-    if "image" in modalities and image_size is None:
+    if images and image_size is None:
         raise ValueError("Pass image_size=(height, width) (keras_mmtl.models.image_size(model)).")
     augmenters = _augmenters(augment, modalities)
     if shuffle is None:
@@ -102,35 +105,35 @@ def make_dataset(
         if len(values) != len(records):
             raise ValueError(f"features[{name!r}] has {len(values)} rows; the split has "
                              f"{len(records)}.")
-    if "text" in modalities:
-        inputs["text"] = records.texts.astype(str)
-    if "tabular" in modalities:
-        inputs["tabular"] = records.tabular.astype(np.float32)
-    if "image" in modalities:
-        inputs["image"] = (
-            records.images if records.image_kind == "array" else list(records.images)
-        )
+    for name in modalities:
+        values, kind = records.inputs(name), modality_kind(name)
+        if kind == "text":
+            inputs[name] = values.astype(str)
+        elif kind == "tabular":
+            inputs[name] = values.astype(np.float32)
+        else:
+            inputs[name] = values if records.image_kind == "array" else list(values)
     for name in presence:
         inputs[f"{name}_present"] = records.present(name).astype(np.float32)
 
-    def load_image(row, label):
-        data = row["image"]
+    def load_image(data):
         if records.image_kind == "array":
-            image = resize_image(data, image_size)
-        else:
-            if records.image_kind == "path":  # an empty path is a missing image
-                data = tf.cond(tf.strings.length(data) > 0, lambda: tf.io.read_file(data),
-                               lambda: tf.constant(b""))
-            image = decode_optional_image(data, image_size)
-        return {**row, "image": image}, label
+            return resize_image(data, image_size)
+        if records.image_kind == "path":  # an empty path is a missing image
+            data = tf.cond(tf.strings.length(data) > 0, lambda: tf.io.read_file(data),
+                           lambda: tf.constant(b""))
+        return decode_optional_image(data, image_size)
+
+    def load_images(row, label):
+        return {**row, **{name: load_image(row[name]) for name in images}}, label
 
     labels = records.labels if tasks is None else {
         output: records.task_labels(task) for output, task in tasks.items()}
     ds = tf.data.Dataset.from_tensor_slices((inputs, labels))
     if shuffle:
         ds = ds.shuffle(len(records), seed=seed, reshuffle_each_iteration=True)
-    if "image" in modalities:  # nothing else needs work per sample
-        ds = ds.map(load_image, num_parallel_calls=AUTOTUNE)
+    if images:  # nothing else needs work per sample
+        ds = ds.map(load_images, num_parallel_calls=AUTOTUNE)
     ds = ds.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=AUTOTUNE)
     if augmenters:
 
@@ -158,5 +161,6 @@ def _augmenters(augment, modalities):
         if layer is not None and not callable(layer):
             raise ValueError(f"augment[{name!r}] must be a layer (such as ImageAugmentation) "
                              f"or None. Received: {layer!r}")
-    return {name: layer for name, layer in augment.items()
-            if layer is not None and name in modalities}
+    # One layer per kind, applied to every input of that kind (image_2 as image).
+    return {name: augment[modality_kind(name)] for name in modalities
+            if augment.get(modality_kind(name)) is not None}

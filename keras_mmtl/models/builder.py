@@ -3,13 +3,14 @@
 import keras
 import numpy as np
 
+from keras_mmtl.modalities import KINDS, input_names, is_input_name, modality_kind, ordered
 from keras_mmtl.models.backbones import build_image_backbone
 from keras_mmtl.models.fusion import get_fusion
 from keras_mmtl.models.heads import ClassifierHead
 from keras_mmtl.models.missing import MissingModality, ModalityDropout, presence_input
 from keras_mmtl.models.text import build_text_encoder, needs_vocabulary, vocabulary_learner
 
-MODALITIES = ("image", "text", "tabular")
+MODALITIES = KINDS
 
 
 def build_classifier(
@@ -28,6 +29,7 @@ def build_classifier(
     missing_modalities=False,
     modality_dropout=0.0,
     auxiliary_heads=False,
+    modalities=None,
     dropout=0.2,
     name="mmtl_classifier",
 ):
@@ -91,6 +93,11 @@ def build_classifier(
             by itself (deep supervision). Evaluation and export use the main
             heads only. Needs two or more modalities; a model with one task
             calls it `"label"`.
+        modalities: the model's input names, for several images or texts
+            per sample, e.g. `("image", "image_2", "text", "text_2")` (see
+            `keras_mmtl.modalities`); inputs of one kind share their
+            backbone or text encoder and each feeds the fusion. By default
+            `"image"`, `"text"` and `"tabular"` for the branches given.
         dropout: dropout rate before the softmax.
         name: the model's name.
 
@@ -108,20 +115,25 @@ def build_classifier(
     if image_backbone is None and text_encoder is None and tabular_statistics is None:
         raise ValueError("A classifier needs an image backbone, a text encoder or tabular "
                          "features.")
+    names = _input_names(modalities, image=image_backbone is not None,
+                         text=text_encoder is not None, tabular=tabular_statistics is not None)
+    images = [name for name in names if modality_kind(name) == "image"]
+    texts = [name for name in names if modality_kind(name) == "text"]
     inputs, features = {}, []
-    if image_backbone is not None:
+    if images:
         pretrained = image_weights is not None
         backbone = build_image_backbone(image_backbone, image_weights, image_size)
         backbone.trainable = not (pretrained if freeze_backbone is None else freeze_backbone)
-        inputs["image"] = keras.Input(backbone.input_shape[1:], name="image")
         # A pretrained backbone keeps BatchNorm in inference mode even once
         # unfrozen (its ImageNet statistics); a random one must learn them.
         training = False if pretrained else None
-        features.append(backbone(inputs["image"], training=training))
-    if text_encoder is not None:
-        inputs["text"] = keras.Input((), dtype="string", name="text")
-        features.append(build_text_encoder(
-            text_encoder, inputs["text"], text_vocabulary, sequence_length=sequence_length))
+        for name in images:  # several images share the backbone
+            inputs[name] = keras.Input(backbone.input_shape[1:], name=name)
+            features.append(backbone(inputs[name], training=training))
+    if texts:
+        inputs.update({name: keras.Input((), dtype="string", name=name) for name in texts})
+        features += build_text_encoder(text_encoder, [inputs[name] for name in texts],
+                                       text_vocabulary, sequence_length=sequence_length)
     if tabular_statistics is not None:
         mean, variance = (np.asarray(v, np.float32) for v in tabular_statistics)
         inputs["tabular"] = keras.Input((len(mean),), name="tabular")
@@ -157,6 +169,28 @@ def build_classifier(
             key = auxiliary_output(task, modality)
             outputs[key] = ClassifierHead(names, dropout=dropout, name=head_name(key))(feature)
     return keras.Model(inputs, outputs, name=name)
+
+
+def _input_names(modalities, **branches):
+    """The model's input names: `modalities`, checked against the branches given."""
+    default = [kind for kind in KINDS if branches[kind]]
+    if modalities is None:
+        return default
+    names = list(modalities)
+    unknown = [name for name in names if not is_input_name(name)]
+    if unknown or len(set(names)) != len(names):
+        raise ValueError(f"modalities must name distinct inputs such as image, image_2, text, "
+                         f"text_2, tabular. Received: {names}")
+    kinds = {modality_kind(name) for name in names}
+    if kinds != set(default):
+        raise ValueError(f"modalities {names} need the branches {sorted(kinds)}; the arguments "
+                         f"give {default} (image_backbone, text_encoder, tabular_statistics).")
+    for kind in kinds - {"tabular"}:
+        count = sum(modality_kind(name) == kind for name in names)
+        if sorted(n for n in names if modality_kind(n) == kind) != sorted(input_names(kind, count)):
+            raise ValueError(f"The {kind} inputs must be numbered from 1 without gaps: "
+                             f"{input_names(kind, count)}. Received: {names}")
+    return list(ordered(names))
 
 
 def head_name(output=None):
@@ -211,25 +245,34 @@ def build_classifier_for(records, *, modalities=None, max_tokens=20000, **kwargs
     >>> model = build_classifier_for(records, image_weights=None)  # doctest: +SKIP
     """
     modalities = tuple(records.modalities if modalities is None else modalities)
-    unknown = set(modalities) - set(MODALITIES)
+    unknown = [name for name in modalities if not is_input_name(name)]
     if unknown:
-        raise ValueError(f"Unknown modalities {sorted(unknown)}. Expected some of {MODALITIES}.")
+        raise ValueError(f"Unknown modalities {unknown}. Expected some of {MODALITIES} (or "
+                         "image_2, text_2, ... for more columns).")
     missing = set(modalities) - set(records.modalities)
     if missing:
         raise ValueError(f"The data has no {sorted(missing)} column; it has {records.modalities}.")
-    if "image" not in modalities:
+    for kind, branch in (("image", "image_backbone"), ("text", "text_encoder")):
+        if branch in kwargs and kwargs[branch] is None:  # a branch left out on purpose
+            modalities = tuple(m for m in modalities if modality_kind(m) != kind)
+    kinds = {modality_kind(name) for name in modalities}
+    if "image" not in kinds:
         kwargs["image_backbone"] = None
-    if "tabular" in modalities and kwargs.get("tabular_statistics") is None:
+    if "tabular" in kinds and kwargs.get("tabular_statistics") is None:
         values = records.subset("train").tabular
         kwargs["tabular_statistics"] = (values.mean(axis=0), values.var(axis=0))
-    if "text" not in modalities:
+    if "text" not in kinds:
         kwargs["text_encoder"] = None
     elif needs_vocabulary(kwargs.get("text_encoder", "scratch")) and (
             kwargs.get("text_vocabulary") is None):
         learn = vocabulary_learner(kwargs.get("text_encoder", "scratch"))
-        kwargs["text_vocabulary"] = learn(records.subset("train").texts, max_tokens=max_tokens)
+        train = records.subset("train")  # one vocabulary for every text column
+        texts = [text for name in modalities if modality_kind(name) == "text"
+                 for text in train.inputs(name)]
+        kwargs["text_vocabulary"] = learn(texts, max_tokens=max_tokens)
     several = len(records.tasks) > 1 or kwargs.get("auxiliary_heads")
-    return build_classifier(records.tasks if several else records.class_names, **kwargs)
+    return build_classifier(records.tasks if several else records.class_names,
+                            modalities=modalities, **kwargs)
 
 
 def clone_classifier(model):
@@ -285,8 +328,15 @@ def output_tasks(model):
     """
     if not isinstance(model.output, dict):
         return None
-    auxiliary = {auxiliary_output(task, m): task for task in model.output for m in MODALITIES}
-    return {name: auxiliary.get(name, name) for name in model.output}
+    # Not from the model's inputs: a model on cached features has other ones.
+    def task(name):
+        for other in model.output:
+            prefix = auxiliary_output(other, "")
+            if name.startswith(prefix) and is_input_name(name[len(prefix):]):
+                return other
+        return name
+
+    return {name: task(name) for name in model.output}
 
 
 def model_tasks(model):
@@ -302,13 +352,13 @@ def model_tasks(model):
 
 
 def model_modalities(model):
-    """The inputs a classifier takes, e.g. `("image", "text")`."""
-    return tuple(name for name in MODALITIES if name in model.input)
+    """The inputs a classifier takes, e.g. `("image", "text")` or `("image", "text", "text_2")`."""
+    return ordered(name for name in model.input if is_input_name(name))
 
 
 def presence_modalities(model):
     """The modalities whose presence a classifier takes as an input (`missing_modalities`)."""
-    return tuple(name for name in MODALITIES if presence_input(name) in model.input)
+    return tuple(name for name in model_modalities(model) if presence_input(name) in model.input)
 
 
 def dataset_arguments(model):

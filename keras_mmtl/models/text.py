@@ -134,7 +134,8 @@ def scratch_encoder(texts, vocabulary, *, embedding_dim=128, hidden_dim=256,
     captions, tags), and it trains in seconds on a CPU.
 
     Args:
-        texts: symbolic `tf.string` input of shape `(batch,)`.
+        texts: symbolic `tf.string` inputs of shape `(batch,)`, one per text
+            column; they share the encoder's layers.
         vocabulary: tokens learned from the training texts.
         embedding_dim: size of token embeddings.
         hidden_dim: size of the output features.
@@ -142,15 +143,30 @@ def scratch_encoder(texts, vocabulary, *, embedding_dim=128, hidden_dim=256,
         dropout: dropout on the pooled embedding.
 
     Returns:
-        symbolic features of shape `(batch, hidden_dim)`.
+        symbolic features of shape `(batch, hidden_dim)`, one per input.
     """
     tokenizer = TextTokenizer(vocabulary, sequence_length, name="text_tokenizer")
-    ids = tokenizer(texts)
-    embedded = keras.layers.Embedding(
-        tokenizer.vocabulary_size, embedding_dim, name="text_embedding")(ids)
-    pooled = MaskedMeanPooling(name="text_pooling")(embedded, ids)
-    pooled = keras.layers.Dropout(dropout, name="text_dropout")(pooled)
-    return keras.layers.Dense(hidden_dim, activation="relu", name="text_features")(pooled)
+    embedding = keras.layers.Embedding(
+        tokenizer.vocabulary_size, embedding_dim, name="text_embedding")
+    pooling = MaskedMeanPooling(name="text_pooling")
+    top = _top_layers(dropout, hidden_dim)
+
+    def encode(text):
+        ids = tokenizer(text)
+        return top(pooling(embedding(ids), ids))
+
+    return [encode(text) for text in texts]
+
+
+def _top_layers(dropout, hidden_dim):
+    """What every encoder ends with: dropout, then a dense layer to `hidden_dim` features."""
+    dropout = keras.layers.Dropout(dropout, name="text_dropout")
+    dense = keras.layers.Dense(hidden_dim, activation="relu", name="text_features")
+
+    def top(pooled):
+        return dense(dropout(pooled))
+
+    return top
 
 
 @keras.saving.register_keras_serializable(package="keras_mmtl")
@@ -223,7 +239,8 @@ def pretrained_encoder(texts, preset, *, sequence_length=128, hidden_dim=256, dr
     followed by dropout and a trainable dense layer, as in the other encoders.
 
     Args:
-        texts: symbolic `tf.string` input of shape `(batch,)`.
+        texts: symbolic `tf.string` inputs of shape `(batch,)`, one per text
+            column; they share the encoder.
         preset: a keras-hub preset name (e.g. `"bert_tiny_en_uncased"`,
             downloaded once) or a local model directory (keras-hub or Hugging
             Face format, e.g. the all-MiniLM-L6-v2 folder).
@@ -232,7 +249,7 @@ def pretrained_encoder(texts, preset, *, sequence_length=128, hidden_dim=256, dr
         dropout: dropout on the sentence embedding.
 
     Returns:
-        symbolic features of shape `(batch, hidden_dim)`.
+        symbolic features of shape `(batch, hidden_dim)`, one per input.
     """
     try:
         import keras_hub
@@ -249,13 +266,17 @@ def pretrained_encoder(texts, preset, *, sequence_length=128, hidden_dim=256, dr
         ) from error
     backbone.trainable = False
     backbone.name = TEXT_BACKBONE
-    inputs = WordPieceTokenizer(vocabulary, sequence_length, name="text_tokenizer")(texts)
-    # training=False: the frozen encoder's dropout stays off, as in its cached features.
-    outputs = backbone({name: inputs[name] for name in backbone.input}, training=False)
-    pooled = MaskedMeanPooling(name="text_pooling")(outputs["sequence_output"],
-                                                    inputs["token_ids"])
-    pooled = keras.layers.Dropout(dropout, name="text_dropout")(pooled)
-    return keras.layers.Dense(hidden_dim, activation="relu", name="text_features")(pooled)
+    tokenizer = WordPieceTokenizer(vocabulary, sequence_length, name="text_tokenizer")
+    pooling = MaskedMeanPooling(name="text_pooling")
+    top = _top_layers(dropout, hidden_dim)
+
+    def encode(text):
+        inputs = tokenizer(text)
+        # training=False: the frozen encoder's dropout stays off, as in its cached features.
+        outputs = backbone({name: inputs[name] for name in backbone.input}, training=False)
+        return top(pooling(outputs["sequence_output"], inputs["token_ids"]))
+
+    return [encode(text) for text in texts]
 
 
 def learn_tfidf(texts, max_tokens=20000):
@@ -291,7 +312,8 @@ def tfidf_encoder(texts, vocabulary, *, hidden_dim=256, dropout=0.1, sequence_le
     """The tutorials' cheapest text branch: a TF-IDF bag of words and a dense layer.
 
     Args:
-        texts: symbolic `tf.string` input of shape `(batch,)`.
+        texts: symbolic `tf.string` inputs of shape `(batch,)`, one per text
+            column; they share the vectorizer and the dense layer.
         vocabulary: dict token -> IDF weight (`learn_tfidf`).
         hidden_dim: size of the output features.
         dropout: dropout on the TF-IDF vector.
@@ -299,7 +321,7 @@ def tfidf_encoder(texts, vocabulary, *, hidden_dim=256, dropout=0.1, sequence_le
             every encoder takes the builder's arguments.
 
     Returns:
-        symbolic features of shape `(batch, hidden_dim)`.
+        symbolic features of shape `(batch, hidden_dim)`, one per input.
     """
     if not isinstance(vocabulary, dict):
         raise ValueError("The 'tfidf' text encoder needs text_vocabulary=learn_tfidf(train_texts) "
@@ -307,8 +329,8 @@ def tfidf_encoder(texts, vocabulary, *, hidden_dim=256, dropout=0.1, sequence_le
     vectorizer = keras.layers.TextVectorization(
         output_mode="tf_idf", vocabulary=list(vocabulary),
         idf_weights=list(vocabulary.values()), name="text_vectorizer")
-    vectors = keras.layers.Dropout(dropout, name="text_dropout")(vectorizer(texts))
-    return keras.layers.Dense(hidden_dim, activation="relu", name="text_features")(vectors)
+    top = _top_layers(dropout, hidden_dim)
+    return [top(vectorizer(text)) for text in texts]
 
 
 # name -> (encoder, what learns its vocabulary from the training texts)
@@ -329,10 +351,11 @@ def vocabulary_learner(name):
 
 
 def build_text_encoder(name, texts, vocabulary, **kwargs):
-    """Applies text encoder `name` to the symbolic `texts` input.
+    """Applies text encoder `name` to the symbolic `texts` inputs (a list); returns their features.
 
     `name` is a registered encoder (`"scratch"`, `"tfidf"`) or a keras-hub
-    preset name or local directory (see `pretrained_encoder`).
+    preset name or local directory (see `pretrained_encoder`). Several inputs
+    (text columns) share one encoder.
     """
     if not needs_vocabulary(name):
         return pretrained_encoder(texts, os.fspath(name), **kwargs)

@@ -18,9 +18,10 @@ import keras
 import numpy as np
 
 from keras_mmtl.data.pipeline import make_dataset
-from keras_mmtl.models.builder import clone_classifier, image_size
+from keras_mmtl.modalities import modality_kind
+from keras_mmtl.models.builder import clone_classifier, image_size, model_modalities
 
-# Per modality, in order of preference: (layer whose output is cached, layer that must be
+# Per kind of modality, in order of preference: (layer whose output is cached, layer that must be
 # frozen for it, or None when the output never changes in training).
 CACHEABLE = {
     "image": [("image_backbone", "image_backbone")],
@@ -28,9 +29,28 @@ CACHEABLE = {
 }
 
 
-def _outputs(model, layer_name):
-    """The tensors a layer outputs inside `model`'s graph (not inside its own)."""
-    return model.get_layer(layer_name)._inbound_nodes[0].output_tensors
+def _outputs(model, layer_name, modality):
+    """The tensors a layer outputs inside `model`'s graph for one of its inputs.
+
+    A layer shared by several inputs of a kind (a backbone for `image` and
+    `image_2`) is called once per input: this is the call on `modality`'s.
+    """
+    for node in model.get_layer(layer_name)._inbound_nodes:
+        if modality in _source_inputs(node.input_tensors):
+            return node.output_tensors
+    return []
+
+
+def _source_inputs(tensors):
+    """The names of the model inputs that symbolic `tensors` are computed from."""
+    names, stack = set(), list(tensors)
+    while stack:
+        operation, node_index, _ = stack.pop()._keras_history
+        if isinstance(operation, keras.layers.InputLayer):
+            names.add(operation.name)
+        else:
+            stack.extend(operation._inbound_nodes[node_index].input_tensors)
+    return names
 
 
 def cacheable_outputs(model, exclude=()):
@@ -41,17 +61,18 @@ def cacheable_outputs(model, exclude=()):
 
     Args:
         model: the classifier.
-        exclude: modalities never cached, such as those augmented in training.
+        exclude: kinds of modality never cached, such as those augmented in
+            training (`"image"` excludes `"image_2"` too).
     """
     names = {layer.name for layer in model.layers}
     found = {}
-    for modality, choices in CACHEABLE.items():
-        if modality in exclude:
+    for modality in model_modalities(model):
+        if modality_kind(modality) in exclude:
             continue
-        for output, frozen in choices:
+        for output, frozen in CACHEABLE.get(modality_kind(modality), ()):
             # One output tensor only: a WordPiece tokenizer's dict of ids is cheap anyway.
-            if output in names and len(_outputs(model, output)) == 1 and (frozen is None or (
-                    frozen in names and not model.get_layer(frozen).trainable)):
+            if output in names and len(_outputs(model, output, modality)) == 1 and (
+                    frozen is None or (frozen in names and not model.get_layer(frozen).trainable)):
                 found[modality] = output
                 break
     return found
@@ -77,7 +98,7 @@ def split_model(model, exclude=()):
     """
     clone = clone_classifier(model)
     branches = cacheable_outputs(clone, exclude)
-    features = {m: _outputs(clone, layer)[0] for m, layer in branches.items()}
+    features = {m: _outputs(clone, layer, m)[0] for m, layer in branches.items()}
     top_inputs = {f"{m}_features": t for m, t in features.items()}
     top_inputs.update({m: t for m, t in clone.input.items() if m not in branches})
     with warnings.catch_warnings():  # feature keys differ from the tensors' own names
@@ -97,19 +118,22 @@ def cache_key(extractor, records, split):
         digest.update(np.ascontiguousarray(keras.ops.convert_to_numpy(weight)).tobytes())
     rows = records.subset(split)
     digest.update(f"{split}:{len(rows)}:{rows.image_kind}".encode())
-    names = extractor.input.keys()
-    if "image" in names and rows.image_kind == "array":
-        digest.update(np.ascontiguousarray(rows.images).tobytes())
-    elif "image" in names and rows.image_kind == "path":
-        for path in rows.images:  # a replaced file changes size or modification time
-            stat = os.stat(path) if path else None  # an empty path: a missing image
-            digest.update(f"{path}:{stat and stat.st_size}:{stat and stat.st_mtime_ns}".encode())
-    elif "image" in names:
-        for data in rows.images:
-            digest.update(hashlib.sha256(data).digest())
-    if "text" in names:
-        for text in rows.texts:
-            digest.update(text.encode("utf-8") + b"\0")
+    for name in extractor.input:
+        values, kind = rows.inputs(name), modality_kind(name)
+        digest.update(f"{name}:".encode())
+        if kind == "image" and rows.image_kind == "array":
+            digest.update(np.ascontiguousarray(values).tobytes())
+        elif kind == "image" and rows.image_kind == "path":
+            for path in values:  # a replaced file changes size or modification time
+                stat = os.stat(path) if path else None  # an empty path: a missing image
+                digest.update(
+                    f"{path}:{stat and stat.st_size}:{stat and stat.st_mtime_ns}".encode())
+        elif kind == "image":
+            for data in values:
+                digest.update(hashlib.sha256(data).digest())
+        else:
+            for text in values:
+                digest.update(text.encode("utf-8") + b"\0")
     return digest.hexdigest()[:24]
 
 
