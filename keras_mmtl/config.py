@@ -99,6 +99,10 @@ class ModelConfig:
                    "of words), or a keras-hub preset name or local directory of a pretrained "
                    "BERT-family encoder (needs keras-mmtl[hub])")
     sequence_length: int = _field(128, "tokens kept per text")
+    text_tokenizer: str = _field(
+        "core", "tokenizer of the scratch text encoder: 'core' (core TensorFlow ops: the export "
+                "runs on stock TF Serving) or 'unicode_script' (tensorflow-text ops)",
+        choices=["core", "unicode_script"])
     fusion: str = _field(
         "concat", "fusion of image and text: concat, gated, attention, hierarchical, late or "
                   "shared (one space and head shared by the modalities)")

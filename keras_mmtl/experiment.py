@@ -9,9 +9,12 @@ from keras_mmtl.config import CONFIG_FILE, SECTIONS, ConfigError, RunConfig
 from keras_mmtl.data import read_manifest
 from keras_mmtl.evaluation import evaluate, modality_report
 from keras_mmtl.export import export_saved_model
-from keras_mmtl.modalities import modality_kind
-from keras_mmtl.models import build_classifier_for, clone_classifier, model_modalities
-from keras_mmtl.models.text import needs_vocabulary, vocabulary_learner
+from keras_mmtl.models import (
+    build_classifier_for,
+    clone_classifier,
+    learn_text_vocabulary,
+    model_modalities,
+)
 from keras_mmtl.training import distribution_strategy, setup_precision, train, transfer, tune
 from keras_mmtl.training.distribute import is_chief, is_multi_worker
 
@@ -76,7 +79,10 @@ def run_experiment(config, *, verbose="auto"):
         if source is None:
             model = build_classifier_for(records, **build)
         else:
-            vocabulary = _shared_vocabulary(options.text_encoder, source, records)
+            vocabulary = None
+            if "text" in source.modalities:  # one vocabulary for source and target texts
+                vocabulary = learn_text_vocabulary([source, records], options.text_encoder,
+                                                   options.text_tokenizer)
             model = build_classifier_for(source, text_vocabulary=vocabulary, **build)
     history = None
     if source is None:
@@ -107,6 +113,7 @@ def build_arguments(config):
     return dict(image_backbone=options.image_backbone, image_weights=options.image_weights,
                 image_size=options.image_size and tuple(options.image_size),
                 text_encoder=options.text_encoder, sequence_length=options.sequence_length,
+                text_tokenizer=options.text_tokenizer,
                 fusion=options.fusion, dropout=options.dropout,
                 missing_modalities=options.missing_modalities or config.data.allow_missing,
                 modality_dropout=options.modality_dropout, auxiliary_heads=options.auxiliary_heads)
@@ -190,11 +197,3 @@ def _read(config, manifest):
                          skip_bad_rows=data.skip_bad_rows, allow_missing=data.allow_missing,
                          seed=data.seed)
 
-
-def _shared_vocabulary(text_encoder, source, target):
-    """The text vocabulary learned from the source and target training texts, if one is needed."""
-    if not needs_vocabulary(text_encoder) or "text" not in source.modalities:
-        return None
-    texts = [text for records in (source, target) for name in records.modalities
-             if modality_kind(name) == "text" for text in records.subset("train").inputs(name)]
-    return vocabulary_learner(text_encoder)(texts)

@@ -12,6 +12,7 @@ import tensorflow_text  # noqa: F401  (registers the tokenizer ops a loaded grap
 from keras_mmtl.data.images import decode_image, decode_optional_image
 from keras_mmtl.models.builder import (
     class_names,
+    embedding_model,
     image_size,
     model_modalities,
     model_tasks,
@@ -19,8 +20,10 @@ from keras_mmtl.models.builder import (
 )
 from keras_mmtl.modalities import modality_kind
 from keras_mmtl.models.missing import presence_input
+from keras_mmtl.op_audit import audit_ops
 
 SIGNATURE = "serving_default"
+EMBED_SIGNATURE = "embed"
 
 
 def serving_function(model, top_k=5):
@@ -49,29 +52,11 @@ def serving_function(model, top_k=5):
         `<task>_probabilities`, `<task>_label`, ... (auxiliary heads are
         not served).
     """
-    modalities = model_modalities(model)
-    optional = presence_modalities(model)
-    size = image_size(model)
+    model_inputs, signature = request_inputs(model)
     tasks = model_tasks(model) or {None: class_names(model)}
-    signature = [tf.TensorSpec(model.input[name].shape, tf.float32, name=name)
-                 if name == "tabular" else tf.TensorSpec([None], tf.string, name=name)
-                 for name in modalities]
 
     def serve(*inputs):
-        features = dict(zip(modalities, inputs))
-        for name in optional:
-            raw, kind = features[name], modality_kind(name)
-            if kind == "tabular":  # numbers are always there
-                present = tf.ones(tf.shape(raw)[:1], tf.bool)
-            else:
-                present = tf.strings.length(tf.strings.strip(raw) if kind == "text" else raw) > 0
-            features[presence_input(name)] = tf.cast(present, tf.float32)
-        for name in (name for name in modalities if modality_kind(name) == "image"):
-            decode = decode_optional_image if name in optional else decode_image
-            features[name] = tf.map_fn(
-                lambda data: decode(data, size), features[name],
-                fn_output_signature=tf.TensorSpec((*size, 3), tf.float32))
-        predictions = model(features, training=False)
+        predictions = model(model_inputs(*inputs), training=False)
         outputs = {}
         for task, names in tasks.items():
             probabilities = predictions if task is None else predictions[task]
@@ -87,18 +72,78 @@ def serving_function(model, top_k=5):
     return serve, signature
 
 
+def embedding_function(model):
+    """The `embed` signature's function: raw request tensors -> the fused embedding.
+
+    It takes what `serving_function` takes and returns `{"embedding":
+    float (batch, width)}`, the vector the classifier's heads read
+    (`keras_mmtl.models.embedding_model`): for retrieval, deduplication or
+    drift monitoring, next to the predictions of the same model.
+
+    Returns:
+        `(fn, input_signature)`, as `serving_function`.
+    """
+    model_inputs, signature = request_inputs(model)
+    embed = embedding_model(model)
+
+    def embedding(*inputs):
+        return {"embedding": tf.cast(embed(model_inputs(*inputs), training=False), tf.float32)}
+
+    return embedding, signature
+
+
+def request_inputs(model):
+    """What turns a request's raw tensors into a classifier's inputs, and their signature.
+
+    Images are decoded with the same `decode_image` as training; for a
+    model built with `missing_modalities=True`, empty image bytes or an
+    empty (or blank) text mark that modality missing for the sample, and a
+    missing image is decoded black.
+
+    Returns:
+        `(fn, input_signature)`: `fn(*tensors)` (one per modality, in
+        `model_modalities(model)` order) gives the model's input dict.
+    """
+    modalities = model_modalities(model)
+    optional = presence_modalities(model)
+    size = image_size(model)
+    signature = [tf.TensorSpec(model.input[name].shape, tf.float32, name=name)
+                 if name == "tabular" else tf.TensorSpec([None], tf.string, name=name)
+                 for name in modalities]
+
+    def model_inputs(*inputs):
+        features = dict(zip(modalities, inputs))
+        for name in optional:
+            raw, kind = features[name], modality_kind(name)
+            if kind == "tabular":  # numbers are always there
+                present = tf.ones(tf.shape(raw)[:1], tf.bool)
+            else:
+                present = tf.strings.length(tf.strings.strip(raw) if kind == "text" else raw) > 0
+            features[presence_input(name)] = tf.cast(present, tf.float32)
+        for name in (name for name in modalities if modality_kind(name) == "image"):
+            decode = decode_optional_image if name in optional else decode_image
+            features[name] = tf.map_fn(
+                lambda data: decode(data, size), features[name],
+                fn_output_signature=tf.TensorSpec((*size, 3), tf.float32))
+        return features
+
+    return model_inputs, signature
+
+
 def output_name(task, key):
     """The serving output `key` (`"probabilities"`, `"label"`, ...) of a task (`None`: the one)."""
     return key if task is None else f"{task}_{key}"
 
 
-def export_saved_model(model, base_dir, version=None):
+def export_saved_model(model, base_dir, version=None, custom_ops="warn"):
     """Exports a classifier as the next version of a TF Serving model folder.
 
     Writes `base_dir/<version>/` (1, 2, ...: the layout TF Serving watches)
     with a `serving_default` signature that takes raw encoded images
     (`image`, batched `tf.string`) and raw UTF-8 texts (`text`) and returns
-    `probabilities` and the predicted `label` name. The version is written
+    `probabilities` and the predicted `label` name (`serving_function`),
+    and an `embed` signature with the same inputs that returns the fused
+    `embedding` (`embedding_function`). The version is written
     under a temporary name and renamed into place, so a crash never leaves a
     half-written version, and an existing version is never overwritten.
 
@@ -106,9 +151,16 @@ def export_saved_model(model, base_dir, version=None):
         model: a classifier from `keras_mmtl.models`.
         base_dir: the model's folder, e.g. `"saved_models/products"`.
         version: version number; by default one above the highest present.
+        custom_ops: what to do when the graph needs ops that stock TF
+            Serving lacks (not core TensorFlow, see
+            `keras_mmtl.op_audit.audit_ops`): `"error"` raises before the
+            version lands, `"warn"` warns, `"ignore"`.
 
     Returns:
         path of the new version folder.
+
+    Raises:
+        OpAuditError: with `custom_ops="error"`, when the graph needs such ops.
 
     Example:
 
@@ -125,13 +177,15 @@ def export_saved_model(model, base_dir, version=None):
             f"{target} exists; versions are never overwritten. Pass another version "
             "or leave version=None to take the next one."
         )
-    serve, signature = serving_function(model)
     archive = keras.export.ExportArchive()
     archive.track(model)
-    archive.add_endpoint(SIGNATURE, tf.function(serve), input_signature=signature)
+    for name, function in ((SIGNATURE, serving_function), (EMBED_SIGNATURE, embedding_function)):
+        fn, signature = function(model)
+        archive.add_endpoint(name, tf.function(fn), input_signature=signature)
     staging = os.path.join(base_dir, f".tmp-{version}-{uuid.uuid4().hex}")
     try:
         archive.write_out(staging, verbose=False)
+        audit_ops(staging, custom_ops)
         os.rename(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -7,14 +7,16 @@ import keras
 import numpy as np
 import pytest
 
+from keras_mmtl.data import make_dataset
 from keras_mmtl.evaluation import predict_records
 from keras_mmtl.export import export_saved_model, predict
-from keras_mmtl.models import build_classifier_for
+from keras_mmtl.models import build_classifier_for, dataset_arguments, embedding_model
+from keras_mmtl.op_audit import OpAuditError, custom_ops, saved_model_ops
 
 
-def _model(records, modalities):
+def _model(records, modalities, **kwargs):
     return build_classifier_for(records, modalities=modalities, image_backbone="mobilenet_v2_0.35",
-                                image_weights=None, image_size=(32, 32))
+                                image_weights=None, image_size=(32, 32), **kwargs)
 
 
 def test_versions_increase_and_are_never_overwritten(tmp_path, product_records):
@@ -40,18 +42,19 @@ def test_crash_while_writing_leaves_no_version(tmp_path, product_records, monkey
 
 FRESH_PROCESS = textwrap.dedent("""
     import json, sys
-    import tensorflow as tf
-    import tensorflow_text  # registers the tokenizer ops
+    import tensorflow as tf  # alone: the default export needs core ops only
     request = json.load(open(sys.argv[2]))
-    serve = tf.saved_model.load(sys.argv[1]).signatures["serving_default"]
+    signatures = tf.saved_model.load(sys.argv[1]).signatures
     inputs = {}
     if "images" in request:
         inputs["image"] = tf.constant([open(p, "rb").read() for p in request["images"]])
     if "texts" in request:
         inputs["text"] = tf.constant(request["texts"])
-    out = serve(**inputs)
+    out = signatures["serving_default"](**inputs)
     print(json.dumps({"probabilities": out["probabilities"].numpy().tolist(),
-                      "label": [x.decode() for x in out["label"].numpy()]}))
+                      "label": [x.decode() for x in out["label"].numpy()],
+                      "embedding": signatures["embed"](**inputs)["embedding"].numpy().tolist(),
+                      "modules": sorted(m for m in sys.modules if m.startswith("tensorflow_"))}))
 """)
 
 
@@ -75,10 +78,14 @@ def test_export_answers_like_the_keras_model_in_a_fresh_process(tmp_path, produc
         [sys.executable, str(tmp_path / "serve.py"), path, str(tmp_path / "request.json")],
         capture_output=True, text=True, check=True, cwd=str(tmp_path))
     served = json.loads(result.stdout.strip().splitlines()[-1])
+    assert "tensorflow_text" not in served["modules"]
     _, expected = predict_records(model, product_records, "test")
     np.testing.assert_allclose(served["probabilities"], expected, atol=1e-4)
     names = [model.get_layer("head").class_names[i] for i in expected.argmax(axis=1)]
     assert served["label"] == names
+    features = make_dataset(product_records, "test", **dataset_arguments(model), batch_size=64)
+    embeddings = embedding_model(model).predict(features.map(lambda x, y: x), verbose=0)
+    np.testing.assert_allclose(served["embedding"], embeddings, atol=1e-4)
 
 
 @pytest.mark.slow
@@ -109,3 +116,20 @@ def test_predict_from_keras_model_and_export_agree(tmp_path, product_records):
                                atol=1e-5)
     with pytest.raises(ValueError, match="missing: \\['text'\\]"):
         predict(model, [image])
+
+
+@pytest.mark.parametrize("tokenizer", ["core", "unicode_script"])
+def test_the_op_audit_finds_ops_stock_serving_lacks(tmp_path, product_records, tokenizer):
+    model = _model(product_records, ("text",), text_tokenizer=tokenizer)
+    base = str(tmp_path / "m")
+    if tokenizer == "core":  # the default: core TensorFlow ops only
+        path = export_saved_model(model, base, custom_ops="error")
+        assert custom_ops(path) == []
+        assert {"StringLower", "StaticRegexReplace", "StringSplitV2"} <= set(saved_model_ops(path))
+        return
+    with pytest.raises(OpAuditError, match="CaseFoldUTF8, UnicodeScriptTokenizeWithOffsets"):
+        export_saved_model(model, base, custom_ops="error")
+    assert os.listdir(base) == []  # nothing landed
+    with pytest.warns(UserWarning, match="text_tokenizer='core'"):
+        path = export_saved_model(model, base)
+    assert custom_ops(path) == ["CaseFoldUTF8", "UnicodeScriptTokenizeWithOffsets"]

@@ -25,6 +25,7 @@ from keras_mmtl.models import (
     learn_tfidf,
     learn_vocabulary,
     model_modalities,
+    tokenize,
     unfreeze_top_blocks,
 )
 
@@ -128,10 +129,38 @@ def test_pretrained_backbone_is_frozen_by_default_random_one_is_not():
         assert not frozen.get_layer("image_backbone").trainable
 
 
-def test_tokenizer_ids_padding_truncation_and_unknown_words():
-    tokenizer = TextTokenizer(["shirt", "red"], sequence_length=4)
+@pytest.mark.parametrize("tokenizer", ["core", "unicode_script"])
+def test_tokenizer_ids_padding_truncation_and_unknown_words(tokenizer):
+    tokenizer = TextTokenizer(["shirt", "red"], sequence_length=4, tokenizer=tokenizer)
     ids = tokenizer(tf.constant(["Red SHIRT", "blue shirt red red red"])).numpy()
     assert ids.tolist() == [[3, 2, 0, 0], [1, 2, 3, 3]]
+
+
+@pytest.mark.parametrize("text, core, unicode_script", [
+    ("Men's T-Shirt (Blue)", ["men", "'", "s", "t", "-", "shirt", "(", "blue", ")"], None),
+    ("ÉCOLE naïve café", ["école", "naïve", "café"], None),
+    ("size 3/4", ["size", "3", "/", "4"], ["size", "3/4"]),
+    ("abc123", ["abc123"], ["abc", "123"]),
+    ("  ", [], None),
+])
+def test_the_core_tokenizer_splits_like_the_unicode_script_one(text, core, unicode_script):
+    def tokens(tokenizer):
+        return [t.decode() for t in tokenize(tf.constant([text]), tokenizer=tokenizer)[0].numpy()]
+
+    assert tokens("core") == core
+    assert tokens("unicode_script") == (core if unicode_script is None else unicode_script)
+
+
+def test_a_tokenizer_saved_before_the_option_keeps_its_tokenization():
+    config = TextTokenizer(["red"]).get_config()
+    assert config["tokenizer"] == "core"
+    del config["tokenizer"]
+    assert TextTokenizer.from_config(config).tokenizer == "unicode_script"
+    with pytest.raises(ValueError, match="Unknown tokenizer 'nltk'"):
+        TextTokenizer(["red"], tokenizer="nltk")
+    with pytest.raises(ValueError, match="text_tokenizer is an option of the 'scratch'"):
+        build_classifier(["a", "b"], image_backbone=None, text_encoder="tfidf",
+                         text_vocabulary={"x": 1.0}, text_tokenizer="unicode_script")
 
 
 def test_learn_vocabulary_orders_by_count_and_drops_rare_tokens():

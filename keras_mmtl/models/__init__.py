@@ -17,6 +17,7 @@ from keras_mmtl.models.builder import (
     dataset_arguments,
     embedding_model,
     image_size,
+    learn_text_vocabulary,
     model_modalities,
     model_tasks,
     output_tasks,

@@ -23,6 +23,7 @@ def build_classifier(
     text_encoder="scratch",
     text_vocabulary=None,
     sequence_length=128,
+    text_tokenizer="core",
     tabular_statistics=None,
     fusion="concat",
     fusion_units=256,
@@ -73,6 +74,11 @@ def build_classifier(
             texts: tokens for `"scratch"` (`learn_vocabulary`), token -> IDF
             weight for `"tfidf"` (`learn_tfidf`); `build_classifier_for` learns it.
         sequence_length: tokens kept per text.
+        text_tokenizer: the `"scratch"` encoder's tokenizer: `"core"` (core
+            TensorFlow ops only, so the export runs on stock TF Serving) or
+            `"unicode_script"` (tensorflow-text's; see
+            `keras_mmtl.models.tokenize`). `text_vocabulary` must be learned
+            with the same (`learn_vocabulary(texts, tokenizer=...)`).
         tabular_statistics: `(mean, variance)` of numeric features per
             column, for a third input `"tabular"` (float32 (batch, k)),
             standardised in the model and passed through a small MLP;
@@ -133,7 +139,8 @@ def build_classifier(
     if texts:
         inputs.update({name: keras.Input((), dtype="string", name=name) for name in texts})
         features += build_text_encoder(text_encoder, [inputs[name] for name in texts],
-                                       text_vocabulary, sequence_length=sequence_length)
+                                       text_vocabulary, sequence_length=sequence_length,
+                                       **_tokenizer_option(text_encoder, text_tokenizer))
     if tabular_statistics is not None:
         mean, variance = (np.asarray(v, np.float32) for v in tabular_statistics)
         inputs["tabular"] = keras.Input((len(mean),), name="tabular")
@@ -169,6 +176,16 @@ def build_classifier(
             key = auxiliary_output(task, modality)
             outputs[key] = ClassifierHead(names, dropout=dropout, name=head_name(key))(feature)
     return keras.Model(inputs, outputs, name=name)
+
+
+def _tokenizer_option(text_encoder, text_tokenizer):
+    """The tokenizer argument of a text encoder: only `"scratch"` has a choice."""
+    if text_encoder == "scratch":
+        return {"tokenizer": text_tokenizer}
+    if text_tokenizer != "core":
+        raise ValueError(f"text_tokenizer is an option of the 'scratch' text encoder; "
+                         f"{text_encoder!r} has its own. Received: text_tokenizer={text_tokenizer!r}")
+    return {}
 
 
 def _input_names(modalities, **branches):
@@ -263,16 +280,39 @@ def build_classifier_for(records, *, modalities=None, max_tokens=20000, **kwargs
         kwargs["tabular_statistics"] = (values.mean(axis=0), values.var(axis=0))
     if "text" not in kinds:
         kwargs["text_encoder"] = None
-    elif needs_vocabulary(kwargs.get("text_encoder", "scratch")) and (
-            kwargs.get("text_vocabulary") is None):
-        learn = vocabulary_learner(kwargs.get("text_encoder", "scratch"))
-        train = records.subset("train")  # one vocabulary for every text column
-        texts = [text for name in modalities if modality_kind(name) == "text"
-                 for text in train.inputs(name)]
-        kwargs["text_vocabulary"] = learn(texts, max_tokens=max_tokens)
+    elif kwargs.get("text_vocabulary") is None:
+        kwargs["text_vocabulary"] = learn_text_vocabulary(
+            records, kwargs.get("text_encoder", "scratch"), kwargs.get("text_tokenizer", "core"),
+            max_tokens=max_tokens, modalities=modalities)
     several = len(records.tasks) > 1 or kwargs.get("auxiliary_heads")
     return build_classifier(records.tasks if several else records.class_names,
                             modalities=modalities, **kwargs)
+
+
+def learn_text_vocabulary(records, text_encoder="scratch", text_tokenizer="core", *,
+                          max_tokens=20000, modalities=None):
+    """What a text encoder learns from the train split's texts, every text column together.
+
+    Args:
+        records: `Records`, or a list of them (source and target of a domain
+            transfer share one vocabulary).
+        text_encoder, text_tokenizer: as in `build_classifier`.
+        max_tokens: vocabulary size cap.
+        modalities: the text inputs to learn from (default all the records have).
+
+    Returns:
+        the `text_vocabulary` for `build_classifier`, or `None` for an
+        encoder that learns none (a pretrained one).
+    """
+    if not needs_vocabulary(text_encoder):
+        return None
+    texts = []
+    for rows in records if isinstance(records, (list, tuple)) else [records]:
+        train = rows.subset("train")
+        texts += [text for name in (modalities or rows.modalities) if modality_kind(name) == "text"
+                  for text in train.inputs(name)]
+    return vocabulary_learner(text_encoder)(texts, max_tokens=max_tokens,
+                                            **_tokenizer_option(text_encoder, text_tokenizer))
 
 
 def clone_classifier(model):

@@ -10,33 +10,56 @@ import tensorflow_text as tf_text
 
 PAD, OOV = "", "[UNK]"
 TEXT_BACKBONE = "text_backbone"
+# A letter, number or combining mark: what words are made of; any other non-space character
+# is a token by itself.
+_NOT_WORD = r"([^\p{L}\p{N}\p{M}\s])"
+TOKENIZERS = ("core", "unicode_script")
 
 
-def tokenize(texts, lowercase=True):
+def tokenize(texts, lowercase=True, tokenizer="core"):
     """Splits UTF-8 strings into word and punctuation tokens, in the TF graph.
 
-    Case folding and Unicode-script splitting come from tensorflow-text, so
-    "Men's T-Shirt" and "men's t-shirt" give the same tokens in any script.
+    Two tokenizers give the same tokens on most text:
+
+    - `"core"` (the default): Unicode lower-casing, then words are runs of
+      letters, digits and marks (any script) and every other character is
+      a token of its own. Core TensorFlow ops only (`StringLower`,
+      `StaticRegexReplace`, `StringSplitV2`), so an exported model runs on
+      stock TF Serving and loads with `import tensorflow` alone.
+    - `"unicode_script"`: tensorflow-text's case folding and Unicode-script
+      tokenizer, which also splits where the script changes (`"abc123"` is
+      two tokens). Its ops (`CaseFoldUTF8`, `UnicodeScriptTokenizeWithOffsets`)
+      are not core TensorFlow: a server needs the tensorflow-text ops.
 
     Args:
         texts: `tf.string` tensor of shape `(batch,)`.
         lowercase: fold case first (Unicode-aware).
+        tokenizer: `"core"` or `"unicode_script"`.
 
     Returns:
         `tf.RaggedTensor` of tokens, shape `(batch, None)`.
 
     Example:
 
-    >>> tokenize(tf.constant(["Red T-Shirt"])).to_list()
+    >>> tokenize(tf.constant(["Red T-Shirt, size 42"])).to_list()
+    [[b'red', b't', b'-', b'shirt', b',', b'size', b'42']]
+    >>> tokenize(tf.constant(["Red T-Shirt"]), tokenizer="unicode_script").to_list()
     [[b'red', b't', b'-', b'shirt']]
     """
+    if tokenizer not in TOKENIZERS:
+        raise ValueError(f"Unknown tokenizer {tokenizer!r}. Expected one of {TOKENIZERS}. "
+                         f"Received: tokenizer={tokenizer!r}")
     texts = tf.convert_to_tensor(texts, tf.string)
+    if tokenizer == "unicode_script":
+        if lowercase:
+            texts = tf_text.case_fold_utf8(texts)
+        return tf_text.UnicodeScriptTokenizer().tokenize(texts)
     if lowercase:
-        texts = tf_text.case_fold_utf8(texts)
-    return tf_text.UnicodeScriptTokenizer().tokenize(texts)
+        texts = tf.strings.lower(texts, encoding="utf-8")
+    return tf.strings.split(tf.strings.regex_replace(texts, _NOT_WORD, r" \1 "))
 
 
-def learn_vocabulary(texts, max_tokens=20000, min_count=1, lowercase=True):
+def learn_vocabulary(texts, max_tokens=20000, min_count=1, lowercase=True, tokenizer="core"):
     """The most frequent tokens of the training texts, most frequent first.
 
     Args:
@@ -44,6 +67,7 @@ def learn_vocabulary(texts, max_tokens=20000, min_count=1, lowercase=True):
         max_tokens: vocabulary size cap, not counting padding and `[UNK]`.
         min_count: keep tokens seen at least this many times.
         lowercase: as in `tokenize`.
+        tokenizer: as in `tokenize`; the model's `TextTokenizer` must use the same.
 
     Returns:
         list of `str` tokens, sorted by count then alphabetically.
@@ -56,7 +80,7 @@ def learn_vocabulary(texts, max_tokens=20000, min_count=1, lowercase=True):
     texts = [str(t) for t in texts]
     counts = collections.Counter()
     for start in range(0, len(texts), 8192):
-        tokens = tokenize(tf.constant(texts[start:start + 8192]), lowercase)
+        tokens = tokenize(tf.constant(texts[start:start + 8192]), lowercase, tokenizer)
         counts.update(tokens.flat_values.numpy().tolist())
     ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
     return [token.decode("utf-8") for token, count in ranked[:max_tokens] if count >= min_count]
@@ -74,6 +98,10 @@ class TextTokenizer(keras.layers.Layer):
         vocabulary: list of tokens (see `learn_vocabulary`).
         sequence_length: tokens kept per text (longer texts are cut).
         lowercase: fold case before splitting.
+        tokenizer: `"core"` (core TensorFlow ops only, the default) or
+            `"unicode_script"` (tensorflow-text ops); see `tokenize`. A
+            saved model from before this option loads as `"unicode_script"`,
+            the tokenizer it was trained with.
 
     Example:
 
@@ -82,11 +110,16 @@ class TextTokenizer(keras.layers.Layer):
     [[3, 2, 1, 0]]
     """
 
-    def __init__(self, vocabulary, sequence_length=128, lowercase=True, **kwargs):
+    def __init__(self, vocabulary, sequence_length=128, lowercase=True, tokenizer="core",
+                 **kwargs):
         super().__init__(**kwargs)
+        if tokenizer not in TOKENIZERS:
+            raise ValueError(f"Unknown tokenizer {tokenizer!r}. Expected one of {TOKENIZERS}. "
+                             f"Received: tokenizer={tokenizer!r}")
         self.vocabulary = list(vocabulary)
         self.sequence_length = int(sequence_length)
         self.lowercase = bool(lowercase)
+        self.tokenizer = tokenizer
         self.lookup = keras.layers.StringLookup(
             vocabulary=self.vocabulary, mask_token=PAD, oov_token=OOV, name="lookup")
 
@@ -99,7 +132,7 @@ class TextTokenizer(keras.layers.Layer):
         self.lookup.build(None)
 
     def call(self, texts):
-        tokens = tokenize(tf.reshape(texts, [-1]), self.lowercase)
+        tokens = tokenize(tf.reshape(texts, [-1]), self.lowercase, self.tokenizer)
         padded = tokens.to_tensor(default_value=PAD, shape=[None, self.sequence_length])
         return tf.cast(self.lookup(padded), "int32")
 
@@ -109,8 +142,13 @@ class TextTokenizer(keras.layers.Layer):
     def get_config(self):
         config = super().get_config()
         config.update(vocabulary=self.vocabulary, sequence_length=self.sequence_length,
-                      lowercase=self.lowercase)
+                      lowercase=self.lowercase, tokenizer=self.tokenizer)
         return config
+
+    @classmethod
+    def from_config(cls, config):
+        # Saved before the option existed: trained with tensorflow-text's tokenizer.
+        return cls(**{"tokenizer": "unicode_script", **config})
 
 
 @keras.saving.register_keras_serializable(package="keras_mmtl")
@@ -127,7 +165,7 @@ class MaskedMeanPooling(keras.layers.Layer):
 
 
 def scratch_encoder(texts, vocabulary, *, embedding_dim=128, hidden_dim=256,
-                    sequence_length=128, dropout=0.1):
+                    sequence_length=128, dropout=0.1, tokenizer="core"):
     """A text branch learned from scratch: tokenizer, embeddings, masked mean, dense.
 
     A fastText-style bag of embeddings: fast, strong on short texts (titles,
@@ -141,11 +179,14 @@ def scratch_encoder(texts, vocabulary, *, embedding_dim=128, hidden_dim=256,
         hidden_dim: size of the output features.
         sequence_length: tokens kept per text.
         dropout: dropout on the pooled embedding.
+        tokenizer: `"core"` or `"unicode_script"` (see `tokenize`), as the
+            vocabulary was learned with.
 
     Returns:
         symbolic features of shape `(batch, hidden_dim)`, one per input.
     """
-    tokenizer = TextTokenizer(vocabulary, sequence_length, name="text_tokenizer")
+    tokenizer = TextTokenizer(vocabulary, sequence_length, tokenizer=tokenizer,
+                              name="text_tokenizer")
     embedding = keras.layers.Embedding(
         tokenizer.vocabulary_size, embedding_dim, name="text_embedding")
     pooling = MaskedMeanPooling(name="text_pooling")
