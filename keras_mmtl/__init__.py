@@ -12,6 +12,7 @@ Example:
 >>> mm.export_saved_model(model, "saved_models/products")  # doctest: +SKIP
 """
 
+from keras_mmtl.calibration import calibrate
 from keras_mmtl.config import RunConfig
 from keras_mmtl.data import (
     DataValidationError,

@@ -155,6 +155,9 @@ class TrainingConfig:
     cache_features: bool = _field(True, "train on cached features of frozen backbones")
     projector: bool = _field(
         True, "write the validation embeddings for TensorBoard's Projector at the end")
+    calibrate: bool = _field(
+        True, "fit temperature scaling on the val split after training (in the exported graph; "
+              "the test report gives the calibration error before and after)")
     precision: str = _field(
         "auto", "'auto' (mixed_float16 on a GPU with tensor cores, else float32), or a Keras "
                 "policy such as float32 or mixed_float16")

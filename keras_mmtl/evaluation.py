@@ -10,7 +10,7 @@ import numpy as np
 from keras_mmtl.data.pipeline import make_dataset
 from keras_mmtl.modalities import modality_kind
 from keras_mmtl.models.builder import class_names as model_class_names
-from keras_mmtl.models.builder import dataset_arguments, model_modalities, model_tasks
+from keras_mmtl.models.builder import dataset_arguments, head_name, model_modalities, model_tasks
 
 
 @dataclasses.dataclass
@@ -31,11 +31,15 @@ class EvaluationReport:
     per_class: list
     confusion: np.ndarray
     curves: dict = dataclasses.field(repr=False, default_factory=dict)
+    ece: float = float("nan")
+    temperature: float = 1.0  # of the head (temperature scaling); 1: not calibrated
+    ece_uncalibrated: float = None  # the ECE the same predictions had at temperature 1
 
     def to_dict(self):
         """The report as plain JSON-able values (curves left out)."""
         summary = {k: getattr(self, k) for k in (
-            "accuracy", "macro_precision", "macro_recall", "macro_f1", "roc_auc", "pr_auc")}
+            "accuracy", "macro_precision", "macro_recall", "macro_f1", "roc_auc", "pr_auc",
+            "ece", "temperature", "ece_uncalibrated")}
         return {**summary, "num_samples": int(self.confusion.sum()),
                 "class_names": self.class_names, "per_class": self.per_class,
                 "confusion_matrix": self.confusion.tolist()}
@@ -44,8 +48,10 @@ class EvaluationReport:
         """One line with the headline scores."""
         return (f"accuracy {self.accuracy:.4f} | macro P {self.macro_precision:.4f} "
                 f"R {self.macro_recall:.4f} F1 {self.macro_f1:.4f} | "
-                f"ROC-AUC {self.roc_auc:.4f} | PR-AUC {self.pr_auc:.4f} "
-                f"| {int(self.confusion.sum())} samples")
+                f"ROC-AUC {self.roc_auc:.4f} | PR-AUC {self.pr_auc:.4f} | ECE {self.ece:.4f}"
+                + ("" if self.ece_uncalibrated is None else
+                   f" (T={self.temperature:.2f}; {self.ece_uncalibrated:.4f} before)")
+                + f" | {int(self.confusion.sum())} samples")
 
     def table(self):
         """The per-class table as aligned text."""
@@ -138,7 +144,44 @@ def classification_report(labels, probabilities, class_names):
         per_class=per_class,
         confusion=confusion,
         curves=curves,
+        ece=expected_calibration_error(labels, probabilities),
     )
+
+
+ECE_BINS = 15
+
+
+def expected_calibration_error(labels, probabilities, bins=ECE_BINS):
+    """The expected calibration error: the gap between confidence and accuracy, averaged.
+
+    Samples are put in `bins` equal-width bins by their top probability; the
+    error is the mean over bins of |accuracy - mean confidence|, weighted by
+    the bin's share of samples.
+
+    Example:
+
+    >>> round(expected_calibration_error([0, 1], [[0.9, 0.1], [0.8, 0.2]]), 3)
+    0.45
+    """
+    labels = np.asarray(labels)
+    probabilities = np.asarray(probabilities, np.float64)
+    confidence = probabilities.max(axis=1)
+    correct = probabilities.argmax(axis=1) == labels
+    which = np.minimum((confidence * bins).astype(int), bins - 1)
+    error = 0.0
+    for b in range(bins):
+        chosen = which == b
+        if chosen.any():
+            error += chosen.mean() * abs(correct[chosen].mean() - confidence[chosen].mean())
+    return float(error)
+
+
+def rescale(probabilities, temperature):
+    """Softmax probabilities as they would be with logits divided by `temperature`."""
+    logits = np.log(np.clip(np.asarray(probabilities, np.float64), 1e-12, 1.0)) / temperature
+    logits -= logits.max(axis=1, keepdims=True)
+    exp = np.exp(logits)
+    return exp / exp.sum(axis=1, keepdims=True)
 
 
 def predict_records(model, records, split=None, batch_size=64):
@@ -175,8 +218,9 @@ def evaluate(model, records, split="test", *, out_dir=None, batch_size=64):
         batch_size: samples per batch.
 
     Returns:
-        `EvaluationReport`; for a multi-task model, a dict of task ->
-        `EvaluationReport`.
+        `EvaluationReport` (with the expected calibration error, before and
+        after temperature scaling when `calibrate` set one); for a
+        multi-task model, a dict of task -> `EvaluationReport`.
 
     Example:
 
@@ -186,15 +230,18 @@ def evaluate(model, records, split="test", *, out_dir=None, batch_size=64):
     tasks = _check_classes(model, records)
     labels, probabilities = predict_records(model, records, split, batch_size)
     if tasks is None:
-        report = classification_report(labels, probabilities, model_class_names(model))
+        labels, probabilities = {None: labels}, {None: probabilities}
+    reports = {}
+    for task in labels:
+        reports[task] = report = classification_report(
+            labels[task], probabilities[task], model_class_names(model, task))
+        report.temperature = model.get_layer(head_name(task)).temperature
+        if report.temperature != 1:  # calibrated: the same predictions before the scaling
+            report.ece_uncalibrated = expected_calibration_error(
+                labels[task], rescale(probabilities[task], 1 / report.temperature))
         if out_dir is not None:
-            report.save(out_dir)
-        return report
-    reports = {task: classification_report(labels[task], probabilities[task], names)
-               for task, names in tasks.items()}
-    for task, report in reports.items() if out_dir is not None else ():
-        report.save(os.path.join(out_dir, task))
-    return reports
+            report.save(out_dir if task is None else os.path.join(out_dir, task))
+    return reports[None] if tasks is None else reports
 
 
 def _check_classes(model, records):

@@ -5,6 +5,7 @@ import os
 
 import keras
 
+from keras_mmtl.calibration import calibrate
 from keras_mmtl.config import CONFIG_FILE, SECTIONS, ConfigError, RunConfig
 from keras_mmtl.data import read_manifest
 from keras_mmtl.evaluation import evaluate, modality_report
@@ -16,7 +17,9 @@ from keras_mmtl.models import (
     model_modalities,
 )
 from keras_mmtl.training import distribution_strategy, setup_precision, train, transfer, tune
+from keras_mmtl.training.callbacks import save_atomic
 from keras_mmtl.training.distribute import is_chief, is_multi_worker
+from keras_mmtl.training.trainer import MODEL_FILE
 
 
 @dataclasses.dataclass
@@ -36,8 +39,10 @@ def run_experiment(config, *, verbose="auto"):
 
     The steps of `keras-mmtl train`: set up precision and distribution, read
     and check the manifest, build the classifier in the strategy's scope,
-    train it (or transfer it from `transfer.source_manifest`), evaluate it on
-    the test split (report in `<run_dir>/eval`) and export it. The complete
+    train it (or transfer it from `transfer.source_manifest`), fit temperature
+    scaling on the val split (`training.calibrate`; the saved model is
+    updated), evaluate it on the test split (report in `<run_dir>/eval`) and
+    export it. The complete
     config is written to `<run_dir>/config.yaml` first, so the run can be
     reproduced from it, and an interrupted run resumes when called again.
 
@@ -97,6 +102,14 @@ def run_experiment(config, *, verbose="auto"):
         # Evaluated on one device: predict under the strategy sees this worker's share only.
         model = clone_classifier(model)
     eval_dir = os.path.join(run_dir, "eval")
+    if fit.calibrate and (records.splits == "val").any():
+        calibration = calibrate(model, records, "val")
+        for task, one in (calibration.items() if isinstance(calibration, dict)
+                          else [(None, calibration)]):
+            print(f"Temperature scaling{'' if task is None else f' of {task}'}: "
+                  f"T={one.temperature:.3f}, val ECE {one.ece_before:.4f} -> {one.ece_after:.4f}")
+        sequential = moved.source_manifest and not moved.joint
+        save_atomic(model.save, os.path.join(run_dir, "target" if sequential else "", MODEL_FILE))
     result = ExperimentResult(model, evaluate(model, records, "test", out_dir=eval_dir), run_dir,
                               history)
     if len(model_modalities(model)) > 1:

@@ -198,8 +198,9 @@ def test_the_cli_trains_evaluates_and_predicts_every_task(tasks_manifest, tmp_pa
         "material": 0.5}
     out = capsys.readouterr().out
     assert "== task colour" in out and "== task material" in out
-    for task in TASKS:
-        assert (run_dir / "eval" / task / "report.json").exists()
+    for task in TASKS:  # calibrated on val by default: the error before and after
+        report = json.loads((run_dir / "eval" / task / "report.json").read_text())
+        assert report["temperature"] != 1.0 and 0 <= report["ece_uncalibrated"] <= 1
     assert main(["evaluate", "--model", str(run_dir / "model.keras"), *data,
                  "--split", "val"]) == 0
     assert "== task material" in capsys.readouterr().out

@@ -14,6 +14,9 @@ class ClassifierHead(keras.layers.Layer):
     Args:
         class_names: label of each output, in order.
         dropout: dropout rate before the dense layer.
+        temperature: the logits are divided by it before the softmax
+            (temperature scaling, set by `keras_mmtl.calibrate`; 1 leaves
+            them as trained). It changes the probabilities, never their order.
 
     Example:
 
@@ -23,10 +26,11 @@ class ClassifierHead(keras.layers.Layer):
     (1, 2)
     """
 
-    def __init__(self, class_names, dropout=0.2, **kwargs):
+    def __init__(self, class_names, dropout=0.2, temperature=1.0, **kwargs):
         super().__init__(**kwargs)
         self.class_names = [str(name) for name in class_names]
         self.dropout_rate = float(dropout)
+        self.temperature = float(temperature)
         self.dropout = keras.layers.Dropout(self.dropout_rate)
         # Softmax in float32 even under a mixed precision policy.
         self.dense = keras.layers.Dense(len(self.class_names), dtype="float32", name="logits")
@@ -36,14 +40,15 @@ class ClassifierHead(keras.layers.Layer):
 
     def call(self, features, training=None):
         features = self.dropout(features, training=training)
-        return keras.ops.softmax(self.dense(keras.ops.cast(features, "float32")))
+        logits = self.dense(keras.ops.cast(features, "float32"))
+        return keras.ops.softmax(logits if self.temperature == 1 else logits / self.temperature)
 
     def compute_output_spec(self, features):
         return keras.KerasTensor((features.shape[0], len(self.class_names)), dtype="float32")
 
     def get_config(self):
         return {**super().get_config(), "class_names": self.class_names,
-                "dropout": self.dropout_rate}
+                "dropout": self.dropout_rate, "temperature": self.temperature}
 
 
 @keras.saving.register_keras_serializable(package="keras_mmtl")

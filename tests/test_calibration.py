@@ -1,0 +1,85 @@
+"""Temperature scaling: the error it measures, the temperature it fits, and where it is applied."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_mmtl.calibration import calibrate, fit_temperature
+from keras_mmtl.evaluation import (
+    evaluate,
+    expected_calibration_error,
+    predict_records,
+    rescale,
+)
+from keras_mmtl.export import export_saved_model
+from keras_mmtl.models import build_classifier_for
+from keras_mmtl.training import train
+
+SMALL = dict(image_backbone="small_cnn", image_weights=None, image_size=(16, 16))
+
+
+def sampled(temperature, n=20000, classes=5, seed=0):
+    """Logits, and labels drawn from softmax(logits / temperature): the truth is `temperature`."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0, 3, (n, classes))
+    truth = softmax(logits / temperature)
+    labels = np.array([rng.choice(classes, p=p) for p in truth])
+    return labels, softmax(logits), truth
+
+
+def softmax(logits):
+    exp = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.5])
+def test_the_fitted_temperature_is_the_true_one(temperature):
+    labels, probabilities, truth = sampled(temperature)
+    assert fit_temperature(labels, probabilities) == pytest.approx(temperature, rel=0.05)
+    # Probabilities drawn from are calibrated; the unscaled ones are not (unless T is 1).
+    assert expected_calibration_error(labels, truth) < 0.02
+    if temperature != 1.0:
+        assert expected_calibration_error(labels, probabilities) > 0.05
+
+
+def test_rescaling_keeps_the_predicted_class():
+    _, probabilities, _ = sampled(2.0, n=100)
+    for t in (0.3, 4.0):
+        np.testing.assert_array_equal(rescale(probabilities, t).argmax(1), probabilities.argmax(1))
+    np.testing.assert_allclose(rescale(rescale(probabilities, 3.0), 1 / 3.0), probabilities,
+                               atol=1e-9)
+
+
+@pytest.mark.slow
+def test_calibration_is_set_in_the_head_and_served(tmp_path, product_records):
+    model = build_classifier_for(product_records, **SMALL)
+    train(model, product_records, str(tmp_path / "run"), epochs=8, patience=8,
+          learning_rate=3e-3, verbose=0, projector=False)
+    _, before = predict_records(model, product_records, "test")
+    result = calibrate(model, product_records, "val")
+    assert model.get_layer("head").temperature == result.temperature != 1.0
+    assert result.nll_after <= result.nll_before  # (4 val rows: too few to judge the ECE)
+    _, after = predict_records(model, product_records, "test")
+    np.testing.assert_allclose(after, rescale(before, result.temperature), atol=1e-5)
+    report = evaluate(model, product_records, "test")
+    assert report.temperature == result.temperature
+    labels = product_records.subset("test").labels
+    assert report.ece_uncalibrated == pytest.approx(expected_calibration_error(labels, before),
+                                                    abs=1e-4)
+    assert report.to_dict()["ece"] == pytest.approx(expected_calibration_error(labels, after),
+                                                    abs=1e-4)
+    # The temperature travels with the saved model and inside the exported graph.
+    model.save(str(tmp_path / "m.keras"))
+    import keras
+
+    assert keras.models.load_model(str(tmp_path / "m.keras")).get_layer(
+        "head").temperature == result.temperature
+    path = export_saved_model(model, str(tmp_path / "saved"))
+    test = product_records.subset("test")
+    served = tf.saved_model.load(path).signatures["serving_default"](
+        image=tf.constant([open(p, "rb").read() for p in test.images]),
+        text=tf.constant(list(test.texts)))
+    np.testing.assert_allclose(served["probabilities"].numpy(), after, atol=1e-4)
+    # Fitting again starts from the uncalibrated logits: the same temperature.
+    assert calibrate(model, product_records, "val").temperature == pytest.approx(
+        result.temperature, rel=1e-3)
