@@ -11,34 +11,19 @@ Run from the repository root:
     python benchmarks/calibration.py
 """
 
-import argparse
 import os
-import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras  # noqa: E402
-
-from keras_mmtl import build_classifier_for, calibrate, evaluate, train  # noqa: E402
+from keras_mmtl import calibrate, evaluate  # noqa: E402
 from keras_mmtl.calibration import negative_log_likelihood  # noqa: E402
 from keras_mmtl.evaluation import predict_records, rescale  # noqa: E402
 from results import append_section  # noqa: E402
-from training import fashion_records  # noqa: E402
-from transfer import IMAGE  # noqa: E402
+from training import trained_from_command_line  # noqa: E402
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=30, help="phase-1 epochs at most")
-    parser.add_argument("--quick", action="store_true",
-                        help="a few hundred rows and 2 epochs, to check the script; writes nothing")
-    args = parser.parse_args()
-    records = fashion_records(args.quick, rows={"train": 320, "val": 64, "test": 128})
-    keras.utils.set_random_seed(0)
-    model = build_classifier_for(records, **IMAGE)
-    with tempfile.TemporaryDirectory() as work:
-        train(model, records, work, epochs=2 if args.quick else args.epochs, fine_tune_epochs=0,
-              projector=False, verbose=0)
+    args, records, model = trained_from_command_line(__doc__)
     labels, raw = predict_records(model, records, "test")
     fitted = calibrate(model, records, "val")
     report = evaluate(model, records, "test")

@@ -102,6 +102,40 @@ def fashion_records(quick, rows=QUICK_ROWS, label_column="article_type"):
     return records.select(np.sort(keep))
 
 
+def trained_default_model(quick, epochs=30):
+    """The fashion task's records and its default model after phase 1 (frozen backbone, cached).
+
+    MobileNetV2-0.35 (ImageNet, local file) at 128x96 + scratch text, concat fusion, `train`'s
+    defaults, no phase 2; with `quick`, a few hundred rows and 2 epochs.
+    """
+    import tempfile
+
+    import keras
+
+    from keras_mmtl import build_classifier_for, train
+    from transfer import IMAGE
+
+    records = fashion_records(quick, rows={"train": 320, "val": 64, "test": 128})
+    keras.utils.set_random_seed(0)
+    model = build_classifier_for(records, **IMAGE)
+    with tempfile.TemporaryDirectory() as work:
+        train(model, records, work, epochs=2 if quick else epochs, fine_tune_epochs=0,
+              projector=False, verbose=0)
+    return records, model
+
+
+def trained_from_command_line(doc):
+    """`--epochs` and `--quick` of a benchmark on the trained default model: `(args, records, model)`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=30, help="phase-1 epochs at most")
+    parser.add_argument("--quick", action="store_true",
+                        help="a few hundred rows and 2 epochs, to check the script; writes nothing")
+    args = parser.parse_args()
+    return (args, *trained_default_model(args.quick, args.epochs))
+
+
 def measure(device, precision, work, quick):
     """One device and precision, in this process: the figures of the two runs."""
     import tensorflow as tf

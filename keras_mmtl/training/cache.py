@@ -29,7 +29,7 @@ CACHEABLE = {
 }
 
 
-def _outputs(model, layer_name, modality):
+def branch_outputs(model, layer_name, modality):
     """The tensors a layer outputs inside `model`'s graph for one of its inputs.
 
     A layer shared by several inputs of a kind (a backbone for `image` and
@@ -71,7 +71,7 @@ def cacheable_outputs(model, exclude=()):
             continue
         for output, frozen in CACHEABLE.get(modality_kind(modality), ()):
             # One output tensor only: a WordPiece tokenizer's dict of ids is cheap anyway.
-            if output in names and len(_outputs(model, output, modality)) == 1 and (
+            if output in names and len(branch_outputs(model, output, modality)) == 1 and (
                     frozen is None or (frozen in names and not model.get_layer(frozen).trainable)):
                 found[modality] = output
                 break
@@ -98,7 +98,7 @@ def split_model(model, exclude=()):
     """
     clone = clone_classifier(model)
     branches = cacheable_outputs(clone, exclude)
-    features = {m: _outputs(clone, layer, m)[0] for m, layer in branches.items()}
+    features = {m: branch_outputs(clone, layer, m)[0] for m, layer in branches.items()}
     top_inputs = {f"{m}_features": t for m, t in features.items()}
     top_inputs.update({m: t for m, t in clone.input.items() if m not in branches})
     with warnings.catch_warnings():  # feature keys differ from the tensors' own names

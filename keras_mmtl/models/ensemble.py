@@ -1,0 +1,121 @@
+"""An ensemble of trained classifiers as one model: the average of their probabilities."""
+
+import keras
+
+from keras_mmtl.models.builder import (
+    class_names,
+    clone_classifier,
+    embedding_model,
+    head_name,
+    image_size,
+    model_modalities,
+    output_tasks,
+    presence_modalities,
+)
+from keras_mmtl.models.heads import ClassifierHead
+
+
+@keras.saving.register_keras_serializable(package="keras_mmtl")
+class EnsembleHead(keras.layers.Layer):
+    """The heads of several classifiers on their concatenated embeddings; their mean probability.
+
+    The input is the members' embeddings side by side (widths `widths`);
+    each member's `ClassifierHead` reads its own part, and the output is the
+    mean of their probabilities, divided in logit space by `temperature`
+    when `keras_mmtl.calibrate` sets one. It has the attributes of a
+    `ClassifierHead` that evaluation and export read (`class_names`,
+    `temperature`), so an ensemble is scored, calibrated and served as one
+    classifier.
+
+    Args:
+        heads: the members' `ClassifierHead`s (same class names).
+        widths: the width of each member's embedding, in order.
+        temperature: as in `ClassifierHead`.
+    """
+
+    def __init__(self, heads, widths, temperature=1.0, **kwargs):
+        super().__init__(**kwargs)
+        self.heads = [keras.saving.deserialize_keras_object(h) if isinstance(h, dict) else h
+                      for h in heads]
+        self.widths = [int(w) for w in widths]
+        self.temperature = float(temperature)
+        names = {tuple(head.class_names) for head in self.heads}
+        if len(names) != 1 or len(self.heads) != len(self.widths):
+            raise ValueError("An ensemble's heads must share their class names, with one width "
+                             f"each. Received class names {sorted(names)}, widths {self.widths}")
+        self.class_names = list(self.heads[0].class_names)
+
+    def build(self, input_shape):
+        for head, width in zip(self.heads, self.widths):
+            if not head.built:
+                head.build((input_shape[0], width))
+
+    def call(self, embeddings, training=None):
+        parts = keras.ops.split(embeddings, list(_offsets(self.widths)), axis=-1)
+        mean = keras.ops.mean(keras.ops.stack(
+            [head(part, training=training) for head, part in zip(self.heads, parts)]), axis=0)
+        if self.temperature == 1:
+            return mean
+        return keras.ops.softmax(keras.ops.log(keras.ops.maximum(mean, 1e-12)) / self.temperature)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], len(self.class_names))
+
+    def get_config(self):
+        return {**super().get_config(), "widths": self.widths, "temperature": self.temperature,
+                "heads": [keras.saving.serialize_keras_object(h) for h in self.heads]}
+
+
+def _offsets(widths):
+    """Where to split the concatenated embeddings: the running sums, last one left out."""
+    total = 0
+    for width in widths[:-1]:
+        total += width
+        yield total
+
+
+def ensemble(models, name="mmtl_ensemble"):
+    """One classifier that averages the class probabilities of several trained ones.
+
+    The members (for example runs with other seeds, fusions or backbones)
+    must share their class names and inputs; each keeps its own weights and
+    preprocessing. The ensemble's embedding is the members' embeddings side
+    by side. Evaluate, calibrate, save and export it like any classifier.
+
+    Args:
+        models: two or more trained classifiers with one output each.
+        name: the ensemble's name.
+
+    Returns:
+        a `keras.Model` (the members are copied: training one later does
+        not change it).
+
+    Example:
+
+    >>> combined = ensemble([first, second, third])  # doctest: +SKIP
+    >>> export_saved_model(combined, "saved_models/products-ensemble")  # doctest: +SKIP
+    """
+    models = list(models)
+    if len(models) < 2:
+        raise ValueError(f"An ensemble needs two or more models. Received: {len(models)}")
+    first = models[0]
+    for other in models[1:]:
+        differs = [what for what, get in (
+            ("outputs", lambda m: output_tasks(m) is None), ("classes", class_names),
+            ("inputs", model_modalities), ("presence inputs", presence_modalities),
+            ("image size", image_size)) if get(other) != get(first)]
+        if output_tasks(other) is not None or differs:
+            raise ValueError(f"The members of an ensemble must have one output and the same "
+                             f"classes, inputs and image size; {other.name} differs from "
+                             f"{first.name} in {differs or ['outputs']}.")
+    inputs = {key: keras.Input(tensor.shape[1:], dtype=tensor.dtype, name=key)
+              for key, tensor in first.input.items()}
+    embeddings, heads = [], []
+    for i, member in enumerate(clone_classifier(m) for m in models):
+        trunk = embedding_model(member)
+        trunk.name = f"member_{i}"
+        embeddings.append(trunk(inputs))
+        heads.append(member.get_layer(head_name()))
+    joined = keras.layers.Concatenate(name="member_embeddings")(embeddings)
+    outputs = EnsembleHead(heads, [e.shape[-1] for e in embeddings], name=head_name())(joined)
+    return keras.Model(inputs, outputs, name=name)

@@ -1,0 +1,67 @@
+"""Ensembles of trained classifiers: averaged probabilities, saved, calibrated and served as one."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_mmtl.calibration import calibrate
+from keras_mmtl.evaluation import evaluate, predict_records
+from keras_mmtl.export import export_saved_model
+from keras_mmtl.models import build_classifier, build_classifier_for, embedding_model, ensemble
+
+SMALL = dict(image_backbone="small_cnn", image_weights=None, image_size=(16, 16))
+
+
+@pytest.fixture
+def members(product_records):
+    models = []
+    for seed, fusion in ((1, "concat"), (2, "gated")):
+        keras.utils.set_random_seed(seed)
+        models.append(build_classifier_for(product_records, fusion=fusion, **SMALL))
+    return models
+
+
+def test_the_ensemble_averages_its_members(members, product_records, tmp_path):
+    combined = ensemble(members)
+    _, expected = zip(*(predict_records(m, product_records, "test") for m in members))
+    _, probabilities = predict_records(combined, product_records, "test")
+    np.testing.assert_allclose(probabilities, np.mean(expected, axis=0), atol=1e-6)
+    assert evaluate(combined, product_records, "test").accuracy >= 0
+    widths = [embedding_model(m).output_shape[-1] for m in members]  # concat 512, gated 256
+    assert embedding_model(combined).output_shape == (None, sum(widths))
+    path = str(tmp_path / "ensemble.keras")
+    combined.save(path)
+    _, again = predict_records(keras.models.load_model(path), product_records, "test")
+    np.testing.assert_allclose(again, probabilities, atol=1e-6)
+    # A copy: the members can change without changing it.
+    members[0].get_layer("head").dense.kernel.assign(
+        np.zeros_like(members[0].get_layer("head").dense.kernel))
+    _, after = predict_records(combined, product_records, "test")
+    np.testing.assert_allclose(after, probabilities, atol=1e-6)
+
+
+def test_members_must_match():
+    text_only = build_classifier(["a", "b"], image_backbone=None, text_vocabulary=["x"])
+    other_classes = build_classifier(["a", "c"], image_backbone=None, text_vocabulary=["x"])
+    with pytest.raises(ValueError, match="differs from .* in \\['classes'\\]"):
+        ensemble([text_only, other_classes])
+    with pytest.raises(ValueError, match="two or more models"):
+        ensemble([text_only])
+
+
+@pytest.mark.slow
+def test_the_ensemble_is_calibrated_and_served_as_one_model(members, product_records, tmp_path):
+    combined = ensemble(members)
+    result = calibrate(combined, product_records, "val")
+    assert combined.get_layer("head").temperature == result.temperature
+    _, expected = predict_records(combined, product_records, "test")
+    path = export_saved_model(combined, str(tmp_path / "saved"), custom_ops="error")
+    signatures = tf.saved_model.load(path).signatures
+    test = product_records.subset("test")
+    inputs = {"image": tf.constant([open(p, "rb").read() for p in test.images]),
+              "text": tf.constant(list(test.texts))}
+    np.testing.assert_allclose(signatures["serving_default"](**inputs)["probabilities"].numpy(),
+                               expected, atol=1e-4)
+    width = embedding_model(combined).output_shape[-1]
+    assert signatures["embed"](**inputs)["embedding"].shape == (len(test), width)

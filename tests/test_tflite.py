@@ -1,0 +1,49 @@
+"""TFLite export: the graph after the tokenizer, three quantizations, the ops raw strings need."""
+
+import numpy as np
+import pytest
+
+from keras_mmtl.evaluation import predict_records
+from keras_mmtl.models import build_classifier, build_classifier_for
+from keras_mmtl.tflite import convert, export_tflite, string_ops, tflite_graph, tflite_predict
+
+SMALL = dict(image_backbone="mobilenet_v2_0.35", image_weights=None, image_size=(32, 32))
+
+
+@pytest.fixture
+def model(product_records):
+    return build_classifier_for(product_records, missing_modalities=True, **SMALL)
+
+
+def test_the_tflite_graph_takes_token_ids(model):
+    graph = tflite_graph(model)
+    assert sorted(graph.input) == ["image", "image_present", "text_ids", "text_present"]
+    assert graph.input["text_ids"].shape[1:] == (128,) and graph.input["text_ids"].dtype == "int32"
+    with pytest.raises(ValueError, match="needs the 'scratch' text encoder"):
+        tflite_graph(build_classifier(["a", "b"], image_backbone=None, text_encoder="tfidf",
+                                      text_vocabulary={"x": 1.0}))
+    with pytest.raises(ValueError, match="one output"):
+        tflite_graph(build_classifier({"a": ["x", "y"], "b": ["u", "v"]}, image_backbone=None,
+                                      text_vocabulary=["x"]))
+
+
+def test_raw_strings_would_need_the_flex_ops_of_the_tokenizer(model):
+    assert string_ops(model) == ["RaggedTensorToTensor", "StaticRegexReplace", "StringLower",
+                                 "StringSplitV2"]
+
+
+@pytest.mark.slow
+def test_each_quantization_answers_like_the_keras_model(model, product_records, tmp_path):
+    _, expected = predict_records(model, product_records, "test")
+    sizes = {}
+    for quantization, tolerance in (("float32", 1e-5), ("float16", 2e-2), ("int8", 5e-2)):
+        path = export_tflite(model, str(tmp_path / f"m.{quantization}.tflite"), quantization)
+        sizes[quantization] = (tmp_path / f"m.{quantization}.tflite").stat().st_size
+        labels, probabilities = tflite_predict(path, model, product_records, "test")
+        np.testing.assert_array_equal(labels, product_records.subset("test").labels)
+        np.testing.assert_allclose(probabilities, expected, atol=tolerance)
+    assert sizes["int8"] < 0.4 * sizes["float32"] and sizes["float16"] < 0.6 * sizes["float32"]
+    vocabulary = (tmp_path / "m.int8.vocab.txt").read_text(encoding="utf-8").splitlines()
+    assert vocabulary == model.get_layer("text_tokenizer").vocabulary
+    with pytest.raises(ValueError, match="Unknown quantization 'int4'"):
+        convert(model, "int4")
