@@ -12,7 +12,12 @@ import dataclasses
 
 import numpy as np
 
-from keras_mmtl.evaluation import expected_calibration_error, predict_records, rescale
+from keras_mmtl.evaluation import (
+    expected_calibration_error,
+    predict_records,
+    rescale,
+    uncalibrated,
+)
 from keras_mmtl.models.builder import head_name, model_tasks
 
 _LOG_T = (-3.0, 3.0)  # temperatures from 0.05 to 20
@@ -97,12 +102,13 @@ def calibrate(model, records, split="val", *, batch_size=64):
     tasks = model_tasks(model)
     heads = {None: model.get_layer(head_name())} if tasks is None else {
         task: model.get_layer(head_name(task)) for task in tasks}
-    labels, probabilities = predict_records(model, records, split, batch_size)
+    with uncalibrated(model):  # fit from the probabilities as trained, not an earlier fit's
+        labels, probabilities = predict_records(model, records, split, batch_size)
     if tasks is None:
         labels, probabilities = {None: labels}, {None: probabilities}
     results = {}
     for task, head in heads.items():
-        raw = rescale(probabilities[task], 1 / head.temperature)  # undo an earlier fit
+        raw = probabilities[task]
         temperature = fit_temperature(labels[task], raw)
         head.temperature = temperature
         scaled = rescale(raw, temperature)

@@ -1,5 +1,6 @@
 """Metrics, per-class table, confusion matrix, ROC/PR curves and their plots."""
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -229,19 +230,49 @@ def evaluate(model, records, split="test", *, out_dir=None, batch_size=64):
     """
     tasks = _check_classes(model, records)
     labels, probabilities = predict_records(model, records, split, batch_size)
+    raw = None
+    if any(head.temperature != 1 for head in _heads(model)):  # calibrated: the ECE before too
+        with uncalibrated(model):
+            raw = predict_records(model, records, split, batch_size)[1]
     if tasks is None:
-        labels, probabilities = {None: labels}, {None: probabilities}
+        labels, probabilities, raw = {None: labels}, {None: probabilities}, {None: raw}
     reports = {}
     for task in labels:
         reports[task] = report = classification_report(
             labels[task], probabilities[task], model_class_names(model, task))
         report.temperature = model.get_layer(head_name(task)).temperature
-        if report.temperature != 1:  # calibrated: the same predictions before the scaling
-            report.ece_uncalibrated = expected_calibration_error(
-                labels[task], rescale(probabilities[task], 1 / report.temperature))
+        if report.temperature != 1:
+            report.ece_uncalibrated = expected_calibration_error(labels[task], raw[task])
         if out_dir is not None:
             report.save(out_dir if task is None else os.path.join(out_dir, task))
     return reports[None] if tasks is None else reports
+
+
+@contextlib.contextmanager
+def uncalibrated(model):
+    """Within: the classifier's heads at temperature 1, giving their probabilities as trained.
+
+    Example:
+
+    >>> with uncalibrated(model):  # doctest: +SKIP
+    ...     _, raw = predict_records(model, records, "val")
+    """
+    heads = _heads(model)
+    temperatures = [head.temperature for head in heads]
+    for head in heads:
+        head.temperature = 1.0
+    model.predict_function = None  # traced with the temperatures
+    try:
+        yield model
+    finally:
+        for head, temperature in zip(heads, temperatures):
+            head.temperature = temperature
+        model.predict_function = None
+
+
+def _heads(model):
+    """The head layer of each task (of the one output)."""
+    return [model.get_layer(head_name(task)) for task in model_tasks(model) or [None]]
 
 
 def _check_classes(model, records):
