@@ -44,6 +44,7 @@ from keras_mmtl.models import (
 )
 from keras_mmtl.training import (
     distribution_strategy,
+    prune,
     setup_precision,
     train,
     transfer,
