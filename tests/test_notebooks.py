@@ -125,3 +125,32 @@ def test_fusion_and_missing_modalities_notebook(tmp_path):
         assert answer, request
         top = [item.rsplit(" ", 1) for item in answer.group(1).split(", ")]
         assert len(top) == 3 and all(name in labels and 0 <= float(p) <= 1 for name, p in top)
+
+
+@pytest.mark.slow
+def test_export_and_serve_notebook(tmp_path):
+    import re
+
+    with open(os.path.join(NOTEBOOKS, "04_export_and_serve.ipynb"), encoding="utf-8") as f:
+        nb = nbformat.read(f, as_version=4)
+    export_dir = tmp_path / "saved_models" / "serving"
+    _with_parameters(nb, NUM_SAMPLES=180, EPOCHS=2, IMAGE_WEIGHTS=None, PRUNE_EPOCHS=1,
+                     VERBOSE=0, RUN_DIR=str(tmp_path / "runs" / "serving"),
+                     EXPORT_DIR=str(export_dir))
+
+    _execute(nb, str(tmp_path))
+
+    outputs = [output for cell in nb.cells if cell.cell_type == "code"
+               for output in cell.get("outputs", [])]
+    assert not [output for output in outputs if output.get("output_type") == "error"]
+    printed = "".join(output.get("text", "") for output in outputs
+                      if output.get("output_type") == "stream" and output.get("name") == "stdout")
+    assert re.search(r"^temperature \d+\.\d{3}; val ECE 0\.\d{4} -> 0\.\d{4}$", printed, re.M)
+    assert re.search(r"^\d+ op types; beyond core TensorFlow: \[\]$", printed, re.M)
+    assert "signatures: ['embed', 'serving_default']" in printed
+    assert (export_dir / "1" / "saved_model.pb").exists()
+    assert (tmp_path / "saved_models" / "serving-ensemble" / "1" / "saved_model.pb").exists()
+    for quantization in ("float32", "float16", "int8"):
+        assert re.search(rf"^TFLite {quantization} +[01]\.\d{{3}} +\d+$", printed, re.M)
+    reached = re.search(r"^sparsity (\d\.\d{3}) \(before: 0\.0\d\d\)$", printed, re.M)
+    assert reached and abs(float(reached.group(1)) - 0.5) < 0.01
