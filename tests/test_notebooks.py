@@ -29,6 +29,15 @@ def _execute(nb, cwd):
     return nb
 
 
+def _printed(nb):
+    """What an executed notebook printed to stdout, once no cell shows an error."""
+    outputs = [output for cell in nb.cells if cell.cell_type == "code"
+               for output in cell.get("outputs", [])]
+    assert not [output for output in outputs if output.get("output_type") == "error"]
+    return "".join(output.get("text", "") for output in outputs
+                   if output.get("output_type") == "stream" and output.get("name") == "stdout")
+
+
 @pytest.mark.slow
 def test_quickstart_notebook(tmp_path):
     with open(os.path.join(NOTEBOOKS, "01_quickstart.ipynb"), encoding="utf-8") as f:
@@ -97,13 +106,7 @@ def test_fusion_and_missing_modalities_notebook(tmp_path):
     _with_parameters(nb, NUM_SAMPLES=180, EPOCHS=1, IMAGE_WEIGHTS=None, VERBOSE=0,
                      RUN_DIR=str(run_dir), EXPORT_DIR=str(export_dir))
 
-    _execute(nb, str(tmp_path))
-
-    outputs = [output for cell in nb.cells if cell.cell_type == "code"
-               for output in cell.get("outputs", [])]
-    assert not [output for output in outputs if output.get("output_type") == "error"]
-    printed = "".join(output.get("text", "") for output in outputs
-                      if output.get("output_type") == "stream" and output.get("name") == "stdout")
+    printed = _printed(_execute(nb, str(tmp_path)))
     # One trained and scored model per fusion, in the comparison table.
     for fusion in ("concat", "gated", "attention", "hierarchical", "late", "shared"):
         assert re.search(rf"^{fusion} +[01]\.\d{{3}} +[01]\.\d{{3}} +[\d,]+ +\d+$", printed,
@@ -138,13 +141,7 @@ def test_export_and_serve_notebook(tmp_path):
                      VERBOSE=0, RUN_DIR=str(tmp_path / "runs" / "serving"),
                      EXPORT_DIR=str(export_dir))
 
-    _execute(nb, str(tmp_path))
-
-    outputs = [output for cell in nb.cells if cell.cell_type == "code"
-               for output in cell.get("outputs", [])]
-    assert not [output for output in outputs if output.get("output_type") == "error"]
-    printed = "".join(output.get("text", "") for output in outputs
-                      if output.get("output_type") == "stream" and output.get("name") == "stdout")
+    printed = _printed(_execute(nb, str(tmp_path)))
     assert re.search(r"^temperature \d+\.\d{3}; val ECE 0\.\d{4} -> 0\.\d{4}$", printed, re.M)
     assert re.search(r"^\d+ op types; beyond core TensorFlow: \[\]$", printed, re.M)
     assert "signatures: ['embed', 'serving_default']" in printed

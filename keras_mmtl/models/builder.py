@@ -10,8 +10,6 @@ from keras_mmtl.models.heads import ClassifierHead
 from keras_mmtl.models.missing import MissingModality, ModalityDropout, presence_input
 from keras_mmtl.models.text import build_text_encoder, needs_vocabulary, vocabulary_learner
 
-MODALITIES = KINDS
-
 
 def build_classifier(
     class_names,
@@ -264,7 +262,7 @@ def build_classifier_for(records, *, modalities=None, max_tokens=20000, **kwargs
     modalities = tuple(records.modalities if modalities is None else modalities)
     unknown = [name for name in modalities if not is_input_name(name)]
     if unknown:
-        raise ValueError(f"Unknown modalities {unknown}. Expected some of {MODALITIES} (or "
+        raise ValueError(f"Unknown modalities {unknown}. Expected some of {KINDS} (or "
                          "image_2, text_2, ... for more columns).")
     missing = set(modalities) - set(records.modalities)
     if missing:

@@ -12,7 +12,6 @@ from keras_mmtl.models.builder import (
     output_tasks,
     presence_modalities,
 )
-from keras_mmtl.models.heads import ClassifierHead
 
 
 @keras.saving.register_keras_serializable(package="keras_mmtl")
