@@ -119,7 +119,11 @@ def test_a_served_export_answers_the_client_like_predict(product_records, tmp_pa
             np.testing.assert_allclose([p for _, p in got], [p for _, p in want], atol=1e-6)
         with pytest.raises(ServingError, match="HTTP 404: Servable not found"):
             rest_predict(predict_url(host, "other"), images=images, texts=texts)
-        with pytest.raises(ServingError, match="HTTP 400"):
+        # An undecodable image fails that request, with a message that says why ...
+        with pytest.raises(ServingError, match="(?s)HTTP 400: .*Unknown image file format"):
             rest_predict(predict_url(host, "demo", 1), images=[b"not an image"], texts=["x"])
+        # ... and the server goes on answering.
+        assert rest_predict(predict_url(host, "demo", 1), images=images, texts=texts, top_k=3) \
+            == served
     finally:
         server.shutdown()
