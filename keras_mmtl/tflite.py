@@ -13,6 +13,7 @@ delegate: `string_ops` lists them.
 import os
 import re
 import tempfile
+import warnings
 
 import keras
 import numpy as np
@@ -60,7 +61,9 @@ def tflite_graph(model):
                              "gives token ids the app can compute); this model's text "
                              "encoder tokenizes inside its graph.")
         inputs[ids_input(name)] = ids[0]
-    return keras.Model(inputs, clone.output, name=f"{model.name}_tflite")
+    with warnings.catch_warnings():  # the ids keys differ from the tensors' own names
+        warnings.simplefilter("ignore", UserWarning)
+        return keras.Model(inputs, clone.output, name=f"{model.name}_tflite")
 
 
 def convert(model, quantization="float32"):
