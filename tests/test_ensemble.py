@@ -48,6 +48,10 @@ def test_members_must_match():
         ensemble([text_only, other_classes])
     with pytest.raises(ValueError, match="two or more models"):
         ensemble([text_only])
+    two_tasks = build_classifier({"a": ["x", "y"], "b": ["u", "v"]}, image_backbone=None,
+                                 text_vocabulary=["x"])
+    with pytest.raises(ValueError, match="one output each"):
+        ensemble([text_only, two_tasks])
 
 
 @pytest.mark.slow

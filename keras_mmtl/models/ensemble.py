@@ -97,16 +97,20 @@ def ensemble(models, name="mmtl_ensemble"):
     models = list(models)
     if len(models) < 2:
         raise ValueError(f"An ensemble needs two or more models. Received: {len(models)}")
+    several = [m.name for m in models if output_tasks(m) is not None]
+    if several:
+        raise ValueError(f"The members of an ensemble have one output each; {several} have "
+                         "several (tasks or auxiliary heads).")
     first = models[0]
     for other in models[1:]:
         differs = [what for what, get in (
-            ("outputs", lambda m: output_tasks(m) is None), ("classes", class_names),
-            ("inputs", model_modalities), ("presence inputs", presence_modalities),
-            ("image size", image_size)) if get(other) != get(first)]
-        if output_tasks(other) is not None or differs:
-            raise ValueError(f"The members of an ensemble must have one output and the same "
-                             f"classes, inputs and image size; {other.name} differs from "
-                             f"{first.name} in {differs or ['outputs']}.")
+            ("classes", class_names), ("inputs", model_modalities),
+            ("presence inputs", presence_modalities), ("image size", image_size))
+            if get(other) != get(first)]
+        if differs:
+            raise ValueError(f"The members of an ensemble must have the same classes, inputs "
+                             f"and image size; {other.name} differs from {first.name} in "
+                             f"{differs}.")
     inputs = {key: keras.Input(tensor.shape[1:], dtype=tensor.dtype, name=key)
               for key, tensor in first.input.items()}
     embeddings, heads = [], []
