@@ -6,6 +6,11 @@ import tensorflow as tf
 
 from keras_mmtl.data import make_dataset
 from keras_mmtl.models import build_classifier_for
+from keras_mmtl.models.backbones import (
+    build_image_backbone,
+    split_frozen_bottom,
+    unfreeze_top_blocks,
+)
 from keras_mmtl.training.cache import cache_key, compute_features, split_model
 
 FROZEN = dict(image_backbone="small_cnn", image_weights=None, image_size=(16, 16),
@@ -48,3 +53,50 @@ def test_cache_is_reused_then_invalidated_by_weights_or_data(tmp_path, product_r
     assert cache_key(split_model(other)[0]["image"], product_records, "train") == key
     os.utime(product_records.images[0], ns=(1, 1))  # an image file was replaced
     assert cache_key(extractor, product_records, "train") != key
+
+
+@pytest.mark.parametrize("name", ["small_cnn", "mobilenet_v2_0.35", "mobilenet_v3_small",
+                                  "efficientnet_b0"])
+def test_frozen_bottom_and_trained_top_compose_to_the_backbone(name):
+    backbone = build_image_backbone(name, weights=None, image_size=(32, 32))
+    unfreeze_top_blocks(backbone, 2)
+    bottom, top = split_frozen_bottom(backbone)
+    images = np.random.default_rng(0).uniform(0, 255, (3, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(top(bottom(images)), backbone(images), atol=1e-5)
+    assert not bottom.trainable_weights
+    assert {w.path for w in top.trainable_weights} == {
+        w.path for w in backbone.trainable_weights}
+
+
+@pytest.mark.parametrize("blocks", [0, "all"])
+def test_nothing_to_split_without_a_frozen_bottom_below_trained_blocks(blocks):
+    backbone = build_image_backbone("mobilenet_v2_0.35", weights=None, image_size=(32, 32))
+    if blocks == 0:
+        backbone.trainable = False
+    else:
+        unfreeze_top_blocks(backbone, blocks)
+    assert split_frozen_bottom(backbone) is None
+
+
+def test_fine_tuning_top_on_cached_frozen_bottom_equals_the_full_model(product_records):
+    model = build_classifier_for(product_records, **FROZEN)
+    unfreeze_top_blocks(model, 1)
+    extractors, top, _ = split_model(model)
+    features = compute_features(extractors, product_records, "test")
+    assert features["image_features"].shape[1:] == (2, 2, 128)  # below block4, not pooled
+    ds = make_dataset(product_records, "test", modalities=(), batch_size=100, features=features)
+    inputs, _ = next(iter(ds))
+    test = product_records.subset("test")
+    images = tf.stack([tf.image.resize(tf.io.decode_jpeg(tf.io.read_file(p)), (16, 16))
+                       for p in test.images])
+    expected = model({"image": images, "text": tf.constant(list(test.texts))})
+    np.testing.assert_allclose(top(inputs).numpy(), expected.numpy(), atol=1e-5)
+    assert {w.path for w in top.trainable_weights} >= {
+        w.path for w in model.get_layer("image_backbone").trainable_weights}
+
+
+def test_augmented_images_are_not_cached_in_fine_tuning(product_records):
+    model = build_classifier_for(product_records, **FROZEN)
+    unfreeze_top_blocks(model, 1)
+    extractors, _, _ = split_model(model, exclude=("image",))
+    assert sorted(extractors) == ["text"]

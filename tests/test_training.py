@@ -1,6 +1,7 @@
 import json
 import os
 
+import keras
 import numpy as np
 import pytest
 
@@ -30,9 +31,10 @@ def test_two_phases_train_head_then_top_blocks(tmp_path, product_records):
     model = build_classifier_for(records, **SMALL)
     top, bottom = _weights(model, "block4_conv"), _weights(model, "block1_conv")
     head = [w.copy() for w in model.get_layer("head").get_weights()]
+    rates = _LearningRateFactors()
     history = train(model, records, str(tmp_path), epochs=2, fine_tune_epochs=2,
                     unfreeze_blocks=2, fine_tune_learning_rate=1e-3, batch_size=8, verbose=0,
-                    projector=False)
+                    projector=False, callbacks=[rates])
     assert history["phase"] == [1, 1, 2, 2]
     assert _changed(head, model.get_layer("head").get_weights())
     assert _changed(top, _weights(model, "block4_conv"))
@@ -41,8 +43,23 @@ def test_two_phases_train_head_then_top_blocks(tmp_path, product_records):
                  "checkpoints/phase2.weights.h5"):
         assert os.path.exists(tmp_path / name)
     assert any(files for _, _, files in os.walk(tmp_path / "logs"))
-    # Phase 1 cached the image features and token ids; phase 2 reused the tokens.
-    assert len(os.listdir(tmp_path / "cache")) == 2
+    # Phase 1 cached the image features and token ids; phase 2 reused the tokens and
+    # cached the feature maps below the fine-tuned blocks.
+    assert len(os.listdir(tmp_path / "cache")) == 3
+    # Layer-wise decay reached the fine-tuned blocks through the top on cached features.
+    assert rates.factors == [[], [0.8, 1.0]]
+
+
+class _LearningRateFactors(keras.callbacks.Callback):
+    """Records the distinct learning-rate factors of each phase's optimizer."""
+
+    def __init__(self):
+        super().__init__()
+        self.factors = []
+
+    def on_train_begin(self, logs=None):
+        multipliers = getattr(self.model.optimizer, "learning_rate_multipliers", {})
+        self.factors.append(sorted(set(multipliers.values())))
 
 
 @pytest.mark.slow

@@ -221,3 +221,56 @@ def unfreeze_top_blocks(model, num_blocks):
         layer.trainable = id(layer) in unfrozen and not isinstance(
             layer, keras.layers.BatchNormalization)
     return [block for block, _ in top]
+
+
+def split_frozen_bottom(backbone):
+    """Splits a partly fine-tuned image backbone where its frozen bottom ends.
+
+    While the top blocks of a backbone are fine-tuned (`unfreeze_top_blocks`)
+    and the blocks below stay frozen, the frozen bottom maps each image to
+    the same feature map in every epoch: it can be computed once, and only
+    the top trained on it. The cut is the one tensor every trainable layer
+    above depends on (a block boundary).
+
+    Args:
+        backbone: the `"image_backbone"` model (`build_image_backbone`).
+
+    Returns:
+        `(bottom, top)` models that share the backbone's layers, with
+        `top(bottom(images)) == backbone(images)`: `bottom` takes the
+        backbone's input, `top` the feature map at the cut. `None` when
+        nothing is frozen below a trainable layer (a wholly frozen or wholly
+        trainable backbone) or no single tensor separates the two parts.
+
+    Example:
+
+    >>> backbone = build_image_backbone("mobilenet_v2_0.35", weights=None,
+    ...                                 image_size=(64, 64))
+    >>> _ = unfreeze_top_blocks(backbone, 3)
+    >>> bottom, top = split_frozen_bottom(backbone)
+    >>> bottom.output_shape, top.output_shape
+    ((None, 2, 2, 56), (None, 1280))
+    """
+    network = backbone_network(backbone)
+    if not backbone.trainable:
+        return None
+    trained = [block for _, block in backbone_blocks(network)
+               if any(layer.trainable_weights for layer in block)]
+    if not trained:
+        return None
+    # Operations, not layers: a residual `x + y` is an operation of the graph, not a layer.
+    operations = network.operations
+    first = next(i for i, op in enumerate(operations) if op is trained[0][0])
+    below = {id(op) for op in operations[:first]}
+    cut = {id(tensor): tensor for op in operations[first:] for node in op._inbound_nodes
+           for tensor in node.input_tensors if id(tensor._keras_history.operation) in below}
+    if len(cut) != 1:
+        return None
+    (tensor,) = cut.values()
+    if tensor is network.input:  # the trainable part starts at the input: nothing to cache
+        return None
+    # backbone.layers: the input, the preprocessing (if any), then the network.
+    bottom = keras.Model(network.input, tensor, name=f"{network.name}_frozen_bottom")
+    bottom = keras.Model(backbone.input, bottom(backbone.layers[-2].output),
+                         name=f"{BACKBONE_NAME}_frozen_bottom")
+    return bottom, keras.Model(tensor, network.output, name=f"{network.name}_trainable_top")

@@ -4,8 +4,10 @@ While a backbone is frozen (and nothing random touches its input), its output fo
 never changes: a phase can train the layers above it on features computed once. The same
 holds for the token ids of the from-scratch text encoder's tokenizer. Phase 1 caches every
 frozen branch; phase 2 still caches the ones it does not fine-tune (a frozen text encoder
-while the image backbone is fine-tuned). The top model shares its layers with (a clone
-of) the classifier, so what it learns is the classifier's.
+while the image backbone is fine-tuned), and caches the frozen bottom of a partly
+fine-tuned image backbone: the feature map below its unfrozen top blocks, so only those
+blocks run each step. The top model shares its layers with (a clone of) the classifier,
+so what it learns is the classifier's.
 """
 
 import hashlib
@@ -19,6 +21,7 @@ import numpy as np
 
 from keras_mmtl.data.pipeline import make_dataset
 from keras_mmtl.modalities import modality_kind
+from keras_mmtl.models.backbones import BACKBONE_NAME, split_frozen_bottom
 from keras_mmtl.models.builder import clone_classifier, image_size, model_modalities
 
 # Per kind of modality, in order of preference: (layer whose output is cached, layer that must be
@@ -94,19 +97,39 @@ def split_model(model, exclude=()):
         `(extractors, top, clone)`: `extractors` maps each cached modality to
         a model from its raw input to `{"<modality>_features": ...}`; `top`
         maps those features plus the other raw inputs to the output, sharing
-        the layers of `clone`.
+        the layers of `clone`. An image backbone whose top blocks train and
+        whose bottom is frozen (phase 2) is cached below the trained blocks
+        (`split_frozen_bottom`): its features are that feature map, and `top`
+        runs the trained blocks.
     """
     clone = clone_classifier(model)
     branches = cacheable_outputs(clone, exclude)
+    split = partial = None
+    if BACKBONE_NAME not in branches.values() and "image" not in exclude and any(
+            layer.name == BACKBONE_NAME for layer in clone.layers):
+        split = split_frozen_bottom(clone.get_layer(BACKBONE_NAME))
+    if split is not None:  # the image inputs read the feature map below the trained blocks
+        partial = [m for m in model_modalities(clone) if modality_kind(m) == "image"]
+        branches.update({m: BACKBONE_NAME for m in partial})
     features = {m: branch_outputs(clone, layer, m)[0] for m, layer in branches.items()}
     top_inputs = {f"{m}_features": t for m, t in features.items()}
     top_inputs.update({m: t for m, t in clone.input.items() if m not in branches})
     with warnings.catch_warnings():  # feature keys differ from the tensors' own names
         warnings.simplefilter("ignore", UserWarning)
+        if partial:
+            bottom, trained_top = split
+            features.update({m: bottom(clone.input[m]) for m in partial})
         extractors = {m: keras.Model({m: clone.input[m]}, {f"{m}_features": t},
                                      name=f"frozen_{m}_features")
                       for m, t in features.items()}
         top = keras.Model(top_inputs, clone.output, name="cached_top")
+        if partial:  # the backbone's trained top blocks, then the rest of the classifier
+            maps = {f"{m}_features" for m in partial}
+            inputs = {name: keras.Input((bottom.output if name in maps else t).shape[1:],
+                                        dtype=t.dtype, name=name)
+                      for name, t in top_inputs.items()}
+            top = keras.Model(inputs, top({name: trained_top(x) if name in maps else x
+                                           for name, x in inputs.items()}), name="cached_top")
     return extractors, top, clone
 
 

@@ -21,7 +21,7 @@ from keras_mmtl.models.builder import (
     output_tasks,
     presence_modalities,
 )
-from keras_mmtl.training.cache import cacheable_outputs, compute_features, split_model
+from keras_mmtl.training.cache import compute_features, split_model
 from keras_mmtl.training.callbacks import (
     AtomicBackupAndRestore,
     BestWeights,
@@ -281,7 +281,8 @@ def train(
                 seed=seed, augment=augment)
             if number == 2:
                 steps = phase_epochs * len(train_ds)
-                optimizer = fine_tuning_optimizer(fit_model, rate, steps, warmup=warmup,
+                # The clone holds the backbones whole (a top on cached features holds part).
+                optimizer = fine_tuning_optimizer(clone or fit_model, rate, steps, warmup=warmup,
                                                   layer_decay=layer_decay,
                                                   weight_decay=weight_decay)
                 schedule = (f"peak learning rate {rate:g} (warmup {warmup:g}, cosine, "
@@ -296,6 +297,8 @@ def train(
                                steps_per_execution=32 if cached == model_modalities(model) else 1)
         if cached:
             title += f", on cached {' and '.join(cached)} features"
+            if number == 2 and image_frozen and any(m.startswith("image") for m in cached):
+                title += " (images: the frozen blocks below the fine-tuned ones)"
         # Epochs of earlier phases; BackupAndRestore resumes inside this one.
         start = sum(1 for phase in state.get("history", {}).get("phase", []) if phase < number)
         print(f"Phase {number}/{len(phases)}: {title}; {phase_epochs} epochs at most, "
@@ -388,17 +391,20 @@ def _fit_setup(model, records, run_dir, *, cache, cache_dir, has_val, batch_size
     augmented) are read from cached features and a top model sharing a
     clone's layers is fitted.
     """
-    cacheable = cacheable_outputs(model, exclude=augment) if cache else {}
+    if cache and "image" in augment and BACKBONE_NAME in {
+            layer.name for layer in model.layers}:
+        print("Image augmentation changes the pixels of every step: the image backbone runs "
+              "whole on each batch (its features are not cached).")
     splits = ("train", "val") if has_val else ("train",)
-    if not cacheable:
+    extractors, top, clone = split_model(model, exclude=augment) if cache else ({}, None, None)
+    if not extractors:
         datasets = [make_dataset(records, split, **dataset_arguments(model),
                                  batch_size=batch_size, seed=seed,
                                  augment=augment if split == "train" else None)
                     for split in splits]
         return model, None, datasets[0], datasets[1] if has_val else None, ()
-    extractors, top, clone = split_model(model, exclude=augment)
     cache_dir = cache_dir or os.path.join(run_dir, "cache")
-    raw = tuple(m for m in model_modalities(model) if m not in cacheable)
+    raw = tuple(m for m in model_modalities(model) if m not in extractors)
     datasets = [make_dataset(records, split, image_size=image_size(model), modalities=raw,
                              presence=presence_modalities(model), tasks=output_tasks(model),
                              batch_size=batch_size, seed=seed,
@@ -406,7 +412,7 @@ def _fit_setup(model, records, run_dir, *, cache, cache_dir, has_val, batch_size
                              features=compute_features(extractors, records, split, cache_dir))
                 for split in splits]
     return (top, clone, datasets[0], datasets[1] if has_val else None,
-            tuple(m for m in model_modalities(model) if m in cacheable))
+            tuple(m for m in model_modalities(model) if m in extractors))
 
 
 def _build_in_scope(model, dataset):
