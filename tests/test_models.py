@@ -8,6 +8,7 @@ import tensorflow as tf
 
 from conftest import MOBILENET_WEIGHTS
 from keras_mmtl.export import export_saved_model, predict
+from keras_mmtl.models.text import NGRAMS
 from keras_mmtl.models import (
     BACKBONES,
     ClassifierHead,
@@ -22,6 +23,7 @@ from keras_mmtl.models import (
     build_image_backbone,
     class_names,
     image_size,
+    learn_ngrams,
     learn_tfidf,
     learn_vocabulary,
     model_modalities,
@@ -212,21 +214,36 @@ def test_learn_tfidf_weights_rare_tokens_higher():
     assert weights["red"] < weights["shirt"] < weights["shoe"]
 
 
-def test_tfidf_text_encoder_trains_saves_and_exports(tmp_path, product_records):
-    model = build_classifier_for(product_records, image_backbone=None, text_encoder="tfidf")
-    assert model.get_layer("text_vectorizer").get_config()["output_mode"] == "tf_idf"
+@pytest.mark.parametrize("encoder, vectorizers", [
+    ("tfidf", ["text_vectorizer"]), ("ngrams", ["text_words", "text_characters"])])
+def test_bag_of_ngrams_text_encoders_save_and_export_with_core_ops(tmp_path, product_records,
+                                                                    encoder, vectorizers):
+    model = build_classifier_for(product_records, image_backbone=None, text_encoder=encoder)
+    for name in vectorizers:
+        assert model.get_layer(name).get_config()["output_mode"] == "tf_idf"
     texts = tf.constant(["red cotton", "blue wool"])
     probabilities = model({"text": texts}).numpy()
     model.save(tmp_path / "m.keras")
     loaded = keras.models.load_model(tmp_path / "m.keras")
     np.testing.assert_allclose(loaded({"text": texts}).numpy(), probabilities, atol=1e-6)
-    served = predict(export_saved_model(model, str(tmp_path / "saved")),
+    served = predict(export_saved_model(model, str(tmp_path / "saved"), custom_ops="error"),
                      texts=["red cotton", "blue wool"], top_k=1)
     np.testing.assert_allclose([top[0][1] for top in served], probabilities.max(axis=1),
                                atol=1e-5)
 
 
-def test_tfidf_encoder_needs_idf_weights():
-    with pytest.raises(ValueError, match="learn_tfidf"):
-        build_classifier(["a", "b"], image_backbone=None, text_encoder="tfidf",
+@pytest.mark.parametrize("encoder", ["tfidf", "ngrams"])
+def test_bag_of_ngrams_encoders_need_idf_weights(encoder):
+    with pytest.raises(ValueError, match=f"learn_{encoder}"):
+        build_classifier(["a", "b"], image_backbone=None, text_encoder=encoder,
                          text_vocabulary=VOCAB)
+
+
+def test_character_ngrams_read_words_outside_the_vocabulary():
+    bags = learn_ngrams(["red cotton shirt", "blue woollen cap"])
+    vectorizer = keras.layers.TextVectorization(
+        output_mode="tf_idf", vocabulary=list(bags["characters"]),
+        idf_weights=list(bags["characters"].values()), **NGRAMS["characters"])
+    # "cottons" is no training word, but shares its character n-grams with "cotton".
+    unseen = np.asarray(vectorizer(tf.constant(["cottons", "zzz"])))
+    assert unseen[0, 1:].sum() > 0 and unseen[1, 1:].sum() == 0

@@ -40,6 +40,7 @@ from keras_mmtl.models.text import (
     MaskedMeanPooling,
     TextTokenizer,
     WordPieceTokenizer,
+    learn_ngrams,
     learn_tfidf,
     learn_vocabulary,
     tokenize,
