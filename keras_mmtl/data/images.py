@@ -90,3 +90,41 @@ def find_undecodable(sources, read_files=True):
             reason = getattr(error, "message", str(error)).strip().splitlines()[0]
             failures[index] = f"cannot decode image ({reason})"
     return failures
+
+
+def median_aspect_ratio(images, image_kind="path", sample=256, seed=0):
+    """The median height / width of (a seeded sample of) some images.
+
+    Only a sample is decoded, so this is quick on any dataset. Empty paths or
+    bytes (samples without an image) are skipped.
+
+    Args:
+        images: file paths, encoded bytes or a uint8 array `(n, h, w, c)`,
+            as `Records.images` holds them.
+        image_kind: `"path"`, `"bytes"` or `"array"`.
+        sample: images decoded at most.
+        seed: seed of the sample.
+
+    Returns:
+        float, or `None` when there is no image.
+
+    Example:
+
+    >>> import numpy as np
+    >>> median_aspect_ratio(np.zeros((2, 80, 60, 3), "uint8"), "array")
+    1.3333333333333333
+    """
+    if image_kind == "array":
+        return images.shape[1] / images.shape[2] if len(images) else None
+    present = [source for source in images if len(source)]
+    if not present:
+        return None
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(len(present), min(sample, len(present)), replace=False)
+    ratios = []
+    for index in chosen:
+        data = tf.io.read_file(present[index]) if image_kind == "path" else present[index]
+        height, width = tf.io.decode_image(data, channels=CHANNELS,
+                                           expand_animations=False).shape[:2]
+        ratios.append(height / width)
+    return float(np.median(ratios))

@@ -96,6 +96,35 @@ def get_backbone(name):
     return BACKBONES[name]
 
 
+def default_image_size(name, aspect_ratio=None):
+    """A backbone's own input size, reshaped to the images' aspect ratio.
+
+    The longer side keeps the size the backbone's ImageNet weights were
+    trained at (objects then appear at the scale its features know, even
+    when the photos are smaller and are scaled up); the shorter side follows
+    `aspect_ratio`, rounded to a multiple of 8, so photos are not stretched.
+
+    Args:
+        name: a key of `BACKBONES`.
+        aspect_ratio: height / width of the images (`median_aspect_ratio`),
+            or `None` for the backbone's own size.
+
+    Returns:
+        `(height, width)`.
+
+    Example:
+
+    >>> default_image_size("mobilenet_v2", 80 / 60), default_image_size("mobilenet_v2")
+    ((224, 168), (224, 224))
+    """
+    height, width = get_backbone(name).image_size
+    if not aspect_ratio:
+        return height, width
+    side = max(height, width)
+    short = max(32, int(round(side / max(aspect_ratio, 1 / aspect_ratio) / 8)) * 8)
+    return (side, short) if aspect_ratio >= 1 else (short, side)
+
+
 def build_image_backbone(name, weights="imagenet", image_size=None):
     """Builds a headless, average-pooled backbone with its own preprocessing.
 

@@ -3,8 +3,9 @@
 import keras
 import numpy as np
 
+from keras_mmtl.data.images import median_aspect_ratio
 from keras_mmtl.modalities import KINDS, input_names, is_input_name, modality_kind, ordered
-from keras_mmtl.models.backbones import build_image_backbone
+from keras_mmtl.models.backbones import build_image_backbone, default_image_size
 from keras_mmtl.models.fusion import get_fusion
 from keras_mmtl.models.heads import ClassifierHead
 from keras_mmtl.models.missing import MissingModality, ModalityDropout, presence_input
@@ -250,7 +251,10 @@ def build_classifier_for(records, *, modalities=None, max_tokens=20000, **kwargs
             the texts of its train split.
         modalities: inputs to use, e.g. `("text",)`; default all the records hold.
         max_tokens: vocabulary size cap.
-        **kwargs: passed to `build_classifier`.
+        **kwargs: passed to `build_classifier`. Without `image_size`, images
+            are fed at the backbone's own size reshaped to the median aspect
+            ratio of the training images (`default_image_size`): 224x168 for
+            MobileNetV2 and 4:3 portrait photos.
 
     Returns:
         an uncompiled `keras.Model`.
@@ -273,6 +277,10 @@ def build_classifier_for(records, *, modalities=None, max_tokens=20000, **kwargs
     kinds = {modality_kind(name) for name in modalities}
     if "image" not in kinds:
         kwargs["image_backbone"] = None
+    elif kwargs.get("image_size") is None:
+        kwargs["image_size"] = default_image_size(
+            kwargs.get("image_backbone", "mobilenet_v2"),
+            median_aspect_ratio(records.subset("train").images, records.image_kind))
     if "tabular" in kinds and kwargs.get("tabular_statistics") is None:
         values = records.subset("train").tabular
         kwargs["tabular_statistics"] = (values.mean(axis=0), values.var(axis=0))

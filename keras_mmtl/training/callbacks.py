@@ -10,6 +10,8 @@ per epoch, `write_hparams` the run's hyperparameters (HParams dashboard) and
 import json
 import math
 import os
+import re
+import time
 
 import keras
 import numpy as np
@@ -62,6 +64,67 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
             "call resumes from the last finished epoch. Usual causes: a learning rate too "
             "high for this model (lower learning_rate / fine_tune_learning_rate), inputs with "
             "NaN or infinite values, or float16 overflow (use float32).")
+
+
+def parse_duration(value):
+    """Seconds of a duration such as `"15m"`, `"1h30m"`, `"90s"`, `"2h"` or a number of seconds.
+
+    Example:
+
+    >>> parse_duration("1h30m"), parse_duration("15m"), parse_duration(90)
+    (5400.0, 900.0, 90.0)
+    """
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        text = str(value).strip().lower()
+        parts = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?",
+                             text)
+        if not text or parts is None:
+            raise ValueError(f"A time limit is a number of seconds or a duration such as 15m, "
+                             f"1h30m or 90s. Received: {value!r}")
+        hours, minutes, rest = (float(part or 0) for part in parts.groups())
+        seconds = hours * 3600 + minutes * 60 + rest
+    if not seconds > 0:
+        raise ValueError(f"A time limit must be positive. Received: {value!r}")
+    return seconds
+
+
+class TimeLimit(keras.callbacks.Callback):
+    """Stops training by a deadline: before an epoch that would not end in time, or mid-epoch.
+
+    After each epoch, training stops when another epoch as long as the last
+    would end past the deadline; a batch that ends past it stops the epoch
+    there (Keras still validates and ends the epoch, so the best checkpoint
+    and early stopping see it).
+
+    Args:
+        deadline: the `time.monotonic()` value to stop by.
+
+    Example:
+
+    >>> import time
+    >>> limit = TimeLimit(time.monotonic() + 600)  # ten minutes from now
+    """
+
+    def __init__(self, deadline):
+        super().__init__()
+        self.deadline = deadline
+        self.stopped = False
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_start = time.monotonic()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._stop_if(time.monotonic() > self.deadline)
+
+    def on_epoch_end(self, epoch, logs=None):
+        now = time.monotonic()
+        self._stop_if(now + (now - self._epoch_start) > self.deadline)
+
+    def _stop_if(self, late):
+        if late:
+            self.model.stop_training = self.stopped = True
 
 
 def save_atomic(save, path):
