@@ -1,5 +1,6 @@
 import json
 import os
+import time
 
 import keras
 import numpy as np
@@ -9,6 +10,7 @@ from conftest import MOBILENET_WEIGHTS
 from keras_mmtl.data import from_arrays
 from keras_mmtl.models import backbone_network, build_classifier_for
 from keras_mmtl.training import class_weights, setup_precision, train
+from keras_mmtl.training.callbacks import parse_duration
 
 # A frozen random small CNN stands in for a pretrained backbone: two phases,
 # healthy gradients, fast.
@@ -184,3 +186,34 @@ def test_regularisation_options_train(tmp_path, product_records, options, cached
     # (one file per branch and split).
     cache = tmp_path / "cache"
     assert (len(os.listdir(cache)) if cache.exists() else 0) == cached, capsys.readouterr().out
+
+
+class _SlowEpochs(keras.callbacks.Callback):
+    """Makes each training batch take a while, as a big dataset would."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        time.sleep(0.05)
+
+
+def test_time_limit_stops_training_and_keeps_the_best_epoch(tmp_path, product_records, capsys):
+    model = build_classifier_for(product_records, **SMALL)
+    started = time.monotonic()
+    history = train(model, product_records, str(tmp_path), epochs=100, fine_tune_epochs=0,
+                    patience=100, batch_size=4, time_limit="3s", verbose=0, projector=False,
+                    callbacks=[_SlowEpochs()])
+    assert 1 <= len(history["epoch"]) < 20  # an epoch takes 0.2-0.4 s here
+    assert time.monotonic() - started < 30
+    assert "stopped by the time limit (3s)" in capsys.readouterr().out
+    assert os.path.exists(tmp_path / "model.keras")
+
+
+@pytest.mark.parametrize("text, seconds", [("15m", 900), ("1h30m", 5400), ("90s", 90),
+                                           ("2.5m", 150), (45, 45)])
+def test_parse_duration(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "fast", "-5", 0, "15 minutes"])
+def test_parse_duration_rejects_what_is_no_duration(text):
+    with pytest.raises(ValueError, match="time limit"):
+        parse_duration(text)

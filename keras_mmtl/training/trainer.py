@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import time
 
 import keras
 import numpy as np
@@ -27,6 +28,8 @@ from keras_mmtl.training.callbacks import (
     BestWeights,
     ConfusionMatrixImage,
     StopOnNonFiniteLoss,
+    TimeLimit,
+    parse_duration,
     save_atomic,
     write_hparams,
     write_projector,
@@ -132,6 +135,7 @@ def train(
     projector=True,
     resume=True,
     seed=0,
+    time_limit=None,
     callbacks=(),
     verbose="auto",
 ):
@@ -211,6 +215,12 @@ def train(
             over them, worth skipping for quick or many runs.
         resume: continue an interrupted run found in `run_dir`.
         seed: seed of shuffling and weight initialisation.
+        time_limit: wall time this call may take, in seconds or as a
+            duration such as `"15m"` (`parse_duration`); `None` for no limit.
+            Phase 1 stops by half of it (phase 2 can have what phase 1 left)
+            and phase 2 by all of it, each at the end of an epoch when
+            another would not end in time (`TimeLimit`); each keeps its
+            best epoch as usual.
         callbacks: more Keras callbacks, run in both phases (after ours).
         verbose: Keras progress output (`"auto"`, 0, 1, 2).
 
@@ -223,9 +233,11 @@ def train(
 
     >>> history = train(model, records, "runs/products", epochs=5)  # doctest: +SKIP
     """
+    started = time.monotonic()
     hparams = {name: value for name, value in locals().items() if name not in (
         "model", "records", "run_dir", "cache_dir", "projector", "resume", "callbacks",
-        "verbose")}
+        "verbose", "started", "time_limit")}
+    budget = None if time_limit is None else parse_duration(time_limit)
     keras.utils.set_random_seed(seed)
     if class_weight is not None and output_tasks(model) is not None:
         raise ValueError("class_weight works for models with one output; this one has "
@@ -304,6 +316,10 @@ def train(
         print(f"Phase {number}/{len(phases)}: {title}; {phase_epochs} epochs at most, "
               f"{schedule}, {_count(fit_model.trainable_weights):,} trainable parameters.")
         best = os.path.join(run_dir, "checkpoints", f"phase{number}.weights.h5")
+        limit = []
+        if budget is not None:  # phase 1 of two gets half the budget
+            share = 0.5 if number < len(phases) else 1.0
+            limit = [TimeLimit(started + share * budget)]
         _build_in_scope(fit_model, train_ds)
         fit_model.fit(
             train_ds,
@@ -314,10 +330,13 @@ def train(
             callbacks=[_RecordEpochs(state, state_path, number),
                        *_callbacks(run_dir, number, monitor, patience, best,
                                    _best(state, monitor, number), class_names(model)),
-                       *callbacks],
+                       *limit, *callbacks],
             shuffle=False,  # the dataset shuffles itself
             verbose=verbose,
         )
+        if limit and limit[0].stopped:
+            print(f"Phase {number} stopped by the time limit ({time_limit}) after "
+                  f"{time.monotonic() - started:.0f} s of training.")
         if os.path.exists(best):
             fit_model.load_weights(best)
         if clone is not None:
