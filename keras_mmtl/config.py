@@ -8,6 +8,8 @@ from typing import Optional, Union
 
 import yaml
 
+from keras_mmtl.presets import PRESETS
+
 CONFIG_FILE = "config.yaml"
 
 
@@ -95,9 +97,10 @@ class ModelConfig:
     image_size: Optional[list] = _field(
         None, "HEIGHTxWIDTH of model images (default: the backbone's own)", type=_size)
     text_encoder: str = _field(
-        "scratch", "'scratch' (word embeddings learned from your texts), 'tfidf' (a TF-IDF bag "
-                   "of words), or a keras-hub preset name or local directory of a pretrained "
-                   "BERT-family encoder (needs keras-mmtl[hub])")
+        "ngrams", "'ngrams' (TF-IDF of word 1-2 grams and character 3-5 grams), 'scratch' (word "
+                  "embeddings learned from your texts), 'tfidf' (a TF-IDF bag of words), or a "
+                  "keras-hub preset name or local directory of a pretrained BERT-family encoder "
+                  "(needs keras-mmtl[hub])")
     sequence_length: int = _field(128, "tokens kept per text")
     text_tokenizer: str = _field(
         "core", "tokenizer of the scratch text encoder: 'core' (core TensorFlow ops: the export "
@@ -125,6 +128,15 @@ class ModelConfig:
 class TrainingConfig:
     """How the classifier is trained (see `keras_mmtl.train`)."""
 
+    preset: str = _field(
+        "auto", "quality preset: fast, medium or best (see keras_mmtl.presets); settings given "
+                "explicitly win. 'auto': medium, or with --time-limit the best preset that fits",
+        choices=["auto", *PRESETS])
+    time_limit: Optional[str] = _field(
+        None, "wall-time budget of the run, e.g. 15m, 1h30m or 600 (seconds): training stops "
+              "in time to evaluate and export", type=_none_or)
+    ensemble: int = _field(
+        1, "models trained with seeds seed, seed+1, ... and averaged into one served model")
     epochs: int = _field(30, "max epochs, frozen backbone (early stopping ends most sooner)")
     fine_tune_epochs: int = _field(5, "max epochs, fine-tuning")
     learning_rate: float = _field(1e-3, "learning rate with the backbone frozen")
@@ -140,8 +152,9 @@ class TrainingConfig:
     batch_size: int = _field(32, "samples per batch (and per replica with several devices)")
     patience: int = _field(3, "epochs without validation improvement before a phase stops")
     class_weight: Optional[str] = _field(
-        None, "'balanced': rare classes weigh as much as frequent ones (better macro-F1 on "
-              "imbalanced data)", choices=["balanced"])
+        "balanced", "'balanced': rare classes weigh as much as frequent ones (better macro-F1 on "
+                    "imbalanced data; models with one output), or 'none'",
+        choices=["balanced", None], type=_none_or)
     focal_gamma: float = _field(0.0, "focal loss exponent (0: cross-entropy; 2 is usual)")
     label_smoothing: float = _field(0.0, "target mass spread over all classes, e.g. 0.1")
     weight_decay: float = _field(0.0, "decoupled (AdamW) weight decay of kernels, e.g. 1e-4")

@@ -2,24 +2,36 @@
 
 import dataclasses
 import os
+import time
 
 import keras
 
 from keras_mmtl.calibration import calibrate
-from keras_mmtl.config import CONFIG_FILE, SECTIONS, ConfigError, RunConfig
+from keras_mmtl.config import CONFIG_FILE, SECTIONS, ConfigError, RunConfig, TrainingConfig
 from keras_mmtl.data import read_manifest
 from keras_mmtl.evaluation import evaluate, modality_report
 from keras_mmtl.export import export_saved_model
 from keras_mmtl.models import (
     build_classifier_for,
     clone_classifier,
+    ensemble,
     learn_text_vocabulary,
     model_modalities,
+)
+from keras_mmtl.presets import (
+    DEFAULT_PRESET,
+    choose_preset,
+    get_preset,
+    parse_duration,
+    preset_arguments,
 )
 from keras_mmtl.training import distribution_strategy, setup_precision, train, transfer, tune
 from keras_mmtl.training.callbacks import save_atomic
 from keras_mmtl.training.distribute import is_chief, is_multi_worker
 from keras_mmtl.training.trainer import MODEL_FILE
+
+# Of a run's time limit, the share kept for calibration, evaluation and export.
+EVALUATION_SHARE = 0.15
 
 
 @dataclasses.dataclass
@@ -68,34 +80,55 @@ def run_experiment(config, *, verbose="auto"):
                           "(--source-manifest).")
     # Precision first (GPU memory growth), then the strategy: a multi-worker
     # strategy must exist before TensorFlow runs anything else.
+    started = time.monotonic()
     setup_precision(fit.precision)
     strategy = distribution_strategy(fit.strategy)
-    keras.utils.set_random_seed(data.seed)  # weight initialisation too, not only training
     run_dir = config.output_dir
-    config.save(os.path.join(run_dir, CONFIG_FILE))
     records = _read(config, data.manifest)
+    config, why = resolve_preset(config, int((records.splits != "test").sum()))
+    options, fit = config.model, config.training
+    if fit.ensemble > 1 and moved.source_manifest:
+        raise ConfigError("training.ensemble (--ensemble) trains several models on one "
+                          "dataset; it does not combine with transfer.source_manifest.")
+    config.save(os.path.join(run_dir, CONFIG_FILE))
     classes = ", ".join(f"{len(names)} {task} classes" for task, names in records.tasks.items())
     print(f"{len(records)} rows, {classes}, inputs {list(records.modalities)}; "
           f"run folder {run_dir}")
+    print(f"Preset {fit.preset!r} ({why}): {get_preset(fit.preset).description}.")
     source = _read(config, moved.source_manifest) if moved.source_manifest else None
     build = build_arguments(config)
     kwargs = train_arguments(config, verbose=verbose)
-    with strategy.scope():
-        if source is None:
-            model = build_classifier_for(records, **build)
+    budget = fit.time_limit and parse_duration(fit.time_limit)
+    models, history = [], None
+    for member in range(fit.ensemble):
+        seed = data.seed + member
+        keras.utils.set_random_seed(seed)  # weight initialisation too, not only training
+        with strategy.scope():
+            if source is None:
+                model = build_classifier_for(records, **build)
+            else:
+                vocabulary = None
+                if "text" in source.modalities:  # one vocabulary for source and target texts
+                    vocabulary = learn_text_vocabulary([source, records], options.text_encoder,
+                                                       options.text_tokenizer)
+                model = build_classifier_for(source, text_vocabulary=vocabulary, **build)
+        if budget and source is None:  # left, shared by the members to train, less evaluation
+            left = budget * (1 - EVALUATION_SHARE) - (time.monotonic() - started)
+            kwargs["time_limit"] = max(left / (fit.ensemble - member), 1.0)
+        if source is None and fit.ensemble == 1:
+            history = train(model, records, run_dir, **kwargs)
+        elif source is None:  # members share the cache of frozen features
+            print(f"Ensemble member {member + 1}/{fit.ensemble} (seed {seed}):")
+            train(model, records, os.path.join(run_dir, f"member{member + 1}"),
+                  cache_dir=os.path.join(run_dir, "cache"), **{**kwargs, "seed": seed})
         else:
-            vocabulary = None
-            if "text" in source.modalities:  # one vocabulary for source and target texts
-                vocabulary = learn_text_vocabulary([source, records], options.text_encoder,
-                                                   options.text_tokenizer)
-            model = build_classifier_for(source, text_vocabulary=vocabulary, **build)
-    history = None
-    if source is None:
-        history = train(model, records, run_dir, **kwargs)
-    else:
-        model = transfer(model, source, records, run_dir, joint=moved.joint, alpha=moved.alpha,
-                         domain_adversarial=moved.domain_adversarial,
-                         freeze=tuple(moved.freeze), **kwargs)
+            model = transfer(model, source, records, run_dir, joint=moved.joint,
+                             alpha=moved.alpha, domain_adversarial=moved.domain_adversarial,
+                             freeze=tuple(moved.freeze), **kwargs)
+        models.append(model)
+    if len(models) > 1:
+        model = ensemble(models, name=f"{models[0].name}_ensemble")
+        save_atomic(model.save, os.path.join(run_dir, MODEL_FILE))
     if is_multi_worker(strategy):
         if not is_chief():
             return ExperimentResult(model, None, run_dir, history)  # the chief evaluates
@@ -118,6 +151,50 @@ def run_experiment(config, *, verbose="auto"):
         result.export_path = export_saved_model(
             model, config.output.export_dir or os.path.join("saved_models", config.name))
     return result
+
+
+def resolve_preset(config, rows):
+    """The config with its preset's settings, and why that preset.
+
+    The preset (`training.preset`; `"auto"` is the default preset, or with
+    `training.time_limit` the best one that fits, see `choose_preset`) sets
+    the keys that the config leaves at their defaults (the medium preset's
+    values); keys set to anything else keep their value. A model with
+    several outputs gets no class weights unless asked. The returned config names the preset it used, so
+    running it again gives the same settings.
+
+    Args:
+        config: a `RunConfig`.
+        rows: the rows that train and validate (for the time estimate).
+
+    Returns:
+        `(config, a phrase saying why this preset)`.
+
+    Example:
+
+    >>> config, why = resolve_preset(RunConfig(), rows=10_000)
+    >>> config.training.preset, config.model.text_encoder, why
+    ('medium', 'ngrams', 'the default')
+    """
+    fit = config.training
+    name, why = fit.preset, "chosen"
+    if name == "auto" and fit.time_limit:
+        name, why = choose_preset(fit.time_limit, rows)
+    elif name == "auto":
+        name, why = DEFAULT_PRESET, "the default"
+    several = isinstance(config.data.label_column, list) or config.model.auxiliary_heads
+    changes = {}
+    for section in ("model", "training"):
+        defaults, values = SECTIONS[section](), getattr(config, section)
+        changes[section] = {key: value for key, value in
+                            preset_arguments(name, section, several).items()
+                            if getattr(values, key) == getattr(defaults, key)}
+    if several and fit.class_weight == TrainingConfig().class_weight:
+        changes["training"]["class_weight"] = None  # Keras weighs classes of one output only
+    changes["training"]["preset"] = name
+    if fit.ensemble == TrainingConfig().ensemble:
+        changes["training"]["ensemble"] = get_preset(name).ensemble
+    return config.replace(**changes), why
 
 
 def build_arguments(config):

@@ -10,7 +10,7 @@ from conftest import MOBILENET_WEIGHTS
 from keras_mmtl.data import from_arrays
 from keras_mmtl.models import backbone_network, build_classifier_for
 from keras_mmtl.training import class_weights, setup_precision, train
-from keras_mmtl.training.callbacks import parse_duration
+from keras_mmtl.presets import parse_duration
 
 # A frozen random small CNN stands in for a pretrained backbone: two phases,
 # healthy gradients, fast.

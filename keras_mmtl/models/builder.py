@@ -10,6 +10,7 @@ from keras_mmtl.models.fusion import get_fusion
 from keras_mmtl.models.heads import ClassifierHead
 from keras_mmtl.models.missing import MissingModality, ModalityDropout, presence_input
 from keras_mmtl.models.text import build_text_encoder, needs_vocabulary, vocabulary_learner
+from keras_mmtl.presets import with_preset
 
 
 def build_classifier(
@@ -243,6 +244,7 @@ def tabular_branch(inputs, mean, variance, units=256):
     return keras.layers.Dense(units, activation="relu", name="tabular_features")(x)
 
 
+@with_preset("model")
 def build_classifier_for(records, *, modalities=None, max_tokens=20000, **kwargs):
     """Builds the classifier that fits a dataset: its classes, inputs and vocabulary.
 
@@ -251,6 +253,8 @@ def build_classifier_for(records, *, modalities=None, max_tokens=20000, **kwargs
             the texts of its train split.
         modalities: inputs to use, e.g. `("text",)`; default all the records hold.
         max_tokens: vocabulary size cap.
+        preset: a quality preset (`keras_mmtl.presets`) whose model settings
+            (such as the text encoder) fill the arguments not passed.
         **kwargs: passed to `build_classifier`. Without `image_size`, images
             are fed at the backbone's own size reshaped to the median aspect
             ratio of the training images (`default_image_size`): 224x168 for

@@ -10,7 +10,6 @@ per epoch, `write_hparams` the run's hyperparameters (HParams dashboard) and
 import json
 import math
 import os
-import re
 import time
 
 import keras
@@ -64,30 +63,6 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
             "call resumes from the last finished epoch. Usual causes: a learning rate too "
             "high for this model (lower learning_rate / fine_tune_learning_rate), inputs with "
             "NaN or infinite values, or float16 overflow (use float32).")
-
-
-def parse_duration(value):
-    """Seconds of a duration such as `"15m"`, `"1h30m"`, `"90s"`, `"2h"` or a number of seconds.
-
-    Example:
-
-    >>> parse_duration("1h30m"), parse_duration("15m"), parse_duration(90)
-    (5400.0, 900.0, 90.0)
-    """
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        seconds = float(value)
-    else:
-        text = str(value).strip().lower()
-        parts = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?",
-                             text)
-        if not text or parts is None:
-            raise ValueError(f"A time limit is a number of seconds or a duration such as 15m, "
-                             f"1h30m or 90s. Received: {value!r}")
-        hours, minutes, rest = (float(part or 0) for part in parts.groups())
-        seconds = hours * 3600 + minutes * 60 + rest
-    if not seconds > 0:
-        raise ValueError(f"A time limit must be positive. Received: {value!r}")
-    return seconds
 
 
 class TimeLimit(keras.callbacks.Callback):

@@ -11,6 +11,7 @@ import numpy as np
 from keras_mmtl.data.augmentation import make_augmentation
 from keras_mmtl.data.pipeline import make_dataset
 from keras_mmtl.models import text
+from keras_mmtl.presets import parse_duration, with_preset
 from keras_mmtl.models.backbones import BACKBONE_NAME, backbone_network, unfreeze_top_blocks
 from keras_mmtl.models.builder import (
     class_names,
@@ -29,7 +30,6 @@ from keras_mmtl.training.callbacks import (
     ConfusionMatrixImage,
     StopOnNonFiniteLoss,
     TimeLimit,
-    parse_duration,
     save_atomic,
     write_hparams,
     write_projector,
@@ -107,6 +107,7 @@ def _loss_weights(tasks, task_weights, auxiliary_weight):
             for name, task in tasks.items()}
 
 
+@with_preset("training", multi_output=lambda model, *args: output_tasks(model) is not None)
 def train(
     model,
     records,
@@ -170,6 +171,11 @@ def train(
         model: a classifier from `keras_mmtl.models.build_classifier`.
         records: `keras_mmtl.data.Records` with train (and val) splits.
         run_dir: folder of this run.
+        preset: a quality preset (`"fast"`, `"medium"`, `"best"`; see
+            `keras_mmtl.presets`) whose training settings fill the arguments
+            not passed; `None` for the defaults below. Its model settings go
+            to `build_classifier_for(preset=...)`, and its ensemble to
+            `run_experiment`.
         epochs: maximum epochs of phase 1.
         fine_tune_epochs: maximum epochs of phase 2 (0 skips it; models
             without a frozen image backbone have no phase 2).

@@ -1,0 +1,169 @@
+"""Quality presets: recipes measured together, and the one that fits a time budget.
+
+A preset is a set of model and training settings chosen together and measured together
+on held-out data (`benchmarks/recipe.py`), as AutoGluon's presets are: `"fast"`,
+`"medium"` (what `keras-mmtl train` does by default) and `"best"`. Settings given
+explicitly always win over the preset's.
+"""
+
+import dataclasses
+import functools
+import re
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """One recipe.
+
+    Attributes:
+        description: what it does, in a sentence.
+        model: `build_classifier_for` arguments (keys of the config's `model` section).
+        training: `train` arguments (keys of the config's `training` section).
+        ensemble: models trained with consecutive seeds and averaged into one.
+        minutes_per_10k_rows: wall time of a whole `keras-mmtl train` run
+            (reading, feature extraction, training, evaluation, export) for
+            10,000 image + text rows on 2 CPU cores, as `benchmarks/recipe.py`
+            measured it; what `choose_preset` plans with.
+    """
+
+    description: str
+    model: dict
+    training: dict
+    ensemble: int
+    minutes_per_10k_rows: float
+
+
+# The recipe every preset shares: n-gram text features that beat word embeddings on short
+# texts, and balanced class weights for macro-F1 on imbalanced classes.
+_RECIPE_MODEL = {"text_encoder": "ngrams"}
+_RECIPE_TRAINING = {"class_weight": "balanced"}
+
+PRESETS = {
+    "fast": Preset(
+        "the head on frozen pretrained features only (no fine-tuning)",
+        _RECIPE_MODEL, {**_RECIPE_TRAINING, "fine_tune_epochs": 0}, 1, 5.0),
+    "medium": Preset(
+        "frozen features, then the top 3 image-backbone blocks fine-tuned on their cached "
+        "inputs", _RECIPE_MODEL, {**_RECIPE_TRAINING, "fine_tune_epochs": 5}, 1, 8.0),
+    "best": Preset(
+        "medium, three times with other seeds, averaged into one model",
+        _RECIPE_MODEL, {**_RECIPE_TRAINING, "fine_tune_epochs": 5}, 3, 16.0),
+}
+DEFAULT_PRESET = "medium"
+
+
+def get_preset(name):
+    """A preset by name."""
+    if name not in PRESETS:
+        raise ValueError(f"Unknown preset {name!r}. Expected one of {list(PRESETS)}. "
+                         f"Received: preset={name!r}")
+    return PRESETS[name]
+
+
+def preset_arguments(name, section, multi_output=False):
+    """The settings a preset gives one section: `"model"` or `"training"`.
+
+    Args:
+        name: a preset name.
+        section: `"model"` (for `build_classifier_for`) or `"training"` (for `train`).
+        multi_output: the model has several outputs (tasks or auxiliary
+            heads), which Keras' class weights do not support: they are left out.
+
+    Example:
+
+    >>> preset_arguments("fast", "training")
+    {'class_weight': 'balanced', 'fine_tune_epochs': 0}
+    """
+    values = dict(getattr(get_preset(name), section))
+    if multi_output:
+        values.pop("class_weight", None)
+    return values
+
+
+def with_preset(section, multi_output=None):
+    """Gives a function a `preset=` argument that fills the settings not passed explicitly.
+
+    Args:
+        section: `"model"` or `"training"`: which of the preset's settings.
+        multi_output: a function of the call's positional arguments that
+            says whether the model has several outputs (see `preset_arguments`).
+
+    Example:
+
+    >>> @with_preset("training")
+    ... def fit(model, fine_tune_epochs=5, class_weight=None):
+    ...     return fine_tune_epochs, class_weight
+    >>> fit(None, preset="fast"), fit(None, preset="fast", fine_tune_epochs=2)
+    ((0, 'balanced'), (2, 'balanced'))
+    """
+
+    def decorate(function):
+        @functools.wraps(function)
+        def wrapper(*args, preset=None, **kwargs):
+            if preset is not None:
+                several = bool(multi_output and multi_output(*args))
+                kwargs = {**preset_arguments(preset, section, several), **kwargs}
+            return function(*args, **kwargs)
+
+        return wrapper
+
+    return decorate
+
+
+def parse_duration(value):
+    """Seconds of a duration such as `"15m"`, `"1h30m"`, `"90s"`, `"2h"` or a number of seconds.
+
+    Example:
+
+    >>> parse_duration("1h30m"), parse_duration("15m"), parse_duration(90)
+    (5400.0, 900.0, 90.0)
+    """
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        text = str(value).strip().lower()
+        parts = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?",
+                             text)
+        if not text or parts is None:
+            raise ValueError(f"A time limit is a number of seconds or a duration such as 15m, "
+                             f"1h30m or 90s. Received: {value!r}")
+        hours, minutes, rest = (float(part or 0) for part in parts.groups())
+        seconds = hours * 3600 + minutes * 60 + rest
+    if not seconds > 0:
+        raise ValueError(f"A time limit must be positive. Received: {value!r}")
+    return seconds
+
+
+def estimated_minutes(name, rows):
+    """The wall time a preset's run is expected to take on 2 CPU cores, in minutes."""
+    return get_preset(name).minutes_per_10k_rows * rows / 10_000
+
+
+def choose_preset(time_limit, rows):
+    """The best preset whose expected time fits a time limit, and why.
+
+    Plans with 90% of the limit (the rest is slack for a slower machine);
+    a GPU makes every preset faster, so the choice is on the safe side.
+
+    Args:
+        time_limit: seconds, or a duration such as `"15m"`.
+        rows: training + validation rows.
+
+    Returns:
+        `(preset name, a sentence saying why)`; `"fast"` when none fits.
+
+    Example:
+
+    >>> choose_preset("15m", 10_000)[0], choose_preset("1h", 10_000)[0]
+    ('medium', 'best')
+    """
+    seconds = parse_duration(time_limit)
+    minutes = {name: estimated_minutes(name, rows) for name in PRESETS}
+    fitting = [name for name in PRESETS if minutes[name] * 60 <= 0.9 * seconds]
+    chosen = fitting[-1] if fitting else "fast"
+    others = ", ".join(f"{name} ~{minutes[name]:.0f} min" for name in PRESETS)
+    why = (f"preset {chosen!r} fits the time limit of {seconds / 60:g} min for {rows:,} rows "
+           f"({others} on 2 CPU cores)" if fitting else
+           f"no preset fits the time limit of {seconds / 60:g} min for {rows:,} rows "
+           f"({others} on 2 CPU cores): 'fast', and training stops at the limit")
+    return chosen, why
