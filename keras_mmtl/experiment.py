@@ -50,8 +50,12 @@ def run_experiment(config, *, verbose="auto"):
     """Trains, evaluates and exports the classifier a `RunConfig` describes.
 
     The steps of `keras-mmtl train`: set up precision and distribution, read
-    and check the manifest, build the classifier in the strategy's scope,
-    train it (or transfer it from `transfer.source_manifest`), fit temperature
+    and check the manifest, apply the quality preset (`resolve_preset`),
+    build the classifier in the strategy's scope, train it (with
+    `training.ensemble` > 1, that many with consecutive seeds, in
+    `<run_dir>/member<k>` sharing one feature cache, averaged into one model;
+    with `training.time_limit`, each in its share of the budget) or transfer
+    it from `transfer.source_manifest`, fit temperature
     scaling on the val split (`training.calibrate`; the saved model is
     updated), evaluate it on the test split (report in `<run_dir>/eval`) and
     export it. The complete

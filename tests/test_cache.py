@@ -22,14 +22,24 @@ def test_top_on_cached_features_equals_the_full_model(product_records):
     extractors, top, _ = split_model(model)
     features = compute_features(extractors, product_records, "test")
     assert set(features) == {"image_features", "text_features"}
-    ds = make_dataset(product_records, "test", modalities=(), batch_size=100, features=features)
-    inputs, labels = next(iter(ds))
-    test = product_records.subset("test")
+    inputs, labels = _cached_test_batch(product_records, features)
+    np.testing.assert_allclose(top(inputs).numpy(), _full_model_output(model, product_records),
+                               atol=1e-5)
+    np.testing.assert_array_equal(labels.numpy(), product_records.subset("test").labels)
+
+
+def _cached_test_batch(records, features):
+    """The test split's cached features (and labels) as one batch."""
+    ds = make_dataset(records, "test", modalities=(), batch_size=100, features=features)
+    return next(iter(ds))
+
+
+def _full_model_output(model, records):
+    """The classifier's output on the test split's decoded images and texts."""
+    test = records.subset("test")
     images = tf.stack([tf.image.resize(tf.io.decode_jpeg(tf.io.read_file(p)), (16, 16))
                        for p in test.images])
-    expected = model({"image": images, "text": tf.constant(list(test.texts))})
-    np.testing.assert_allclose(top(inputs).numpy(), expected.numpy(), atol=1e-5)
-    np.testing.assert_array_equal(labels.numpy(), test.labels)
+    return model({"image": images, "text": tf.constant(list(test.texts))}).numpy()
 
 
 def test_cache_is_reused_then_invalidated_by_weights_or_data(tmp_path, product_records,
@@ -84,13 +94,9 @@ def test_fine_tuning_top_on_cached_frozen_bottom_equals_the_full_model(product_r
     extractors, top, _ = split_model(model)
     features = compute_features(extractors, product_records, "test")
     assert features["image_features"].shape[1:] == (2, 2, 128)  # below block4, not pooled
-    ds = make_dataset(product_records, "test", modalities=(), batch_size=100, features=features)
-    inputs, _ = next(iter(ds))
-    test = product_records.subset("test")
-    images = tf.stack([tf.image.resize(tf.io.decode_jpeg(tf.io.read_file(p)), (16, 16))
-                       for p in test.images])
-    expected = model({"image": images, "text": tf.constant(list(test.texts))})
-    np.testing.assert_allclose(top(inputs).numpy(), expected.numpy(), atol=1e-5)
+    inputs, _ = _cached_test_batch(product_records, features)
+    np.testing.assert_allclose(top(inputs).numpy(), _full_model_output(model, product_records),
+                               atol=1e-5)
     assert {w.path for w in top.trainable_weights} >= {
         w.path for w in model.get_layer("image_backbone").trainable_weights}
 

@@ -1,0 +1,241 @@
+"""The default recipe against classical baselines, measured in one run, on the fashion task.
+
+On the benchmark task of ../shared/data (article_type from the photo and `title_masked`,
+55 classes; train on `train`, select on `val`, report on `test`):
+
+1. `keras-mmtl train` exactly as the README's fashion command gives it (every setting at
+   its default: the medium preset), for the fused model, the image-only model
+   (`--text-column none`) and the text-only model (`--image-column none`), with seeds
+   0, 1 and 2, each a fresh process timed from start to end (reading, feature
+   extraction, both phases, calibration, evaluation and export included);
+2. the classical baselines, fitted on `train` with the inverse regularisation C chosen on
+   `val` from (0.1, 1, 10): scikit-learn logistic regression on TF-IDF word 1-2 grams of
+   the text, on frozen MobileNetV2-0.35 features (the README's 128x96, and the model's
+   224x168), and the late fusion of text and image (sum of log-probabilities);
+3. the phase-2 feature cache: phase 1 of the fused model once, then phase 2 (2 epochs, the
+   top 3 blocks) with the frozen bottom of the backbone cached and without, from the same
+   weights: training samples/s (median epoch) and best validation accuracy of each.
+
+Prints the tables and appends a section to `benchmarks/RESULTS.md`. scikit-learn is a
+benchmark dependency only. Run from the repository root (about an hour on 2 CPU cores):
+
+    python benchmarks/recipe.py
+"""
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from results import append_section  # noqa: E402
+from transfer import FASHION, WEIGHTS  # noqa: E402
+
+SEEDS = (0, 1, 2)
+MODELS = {"fused": [], "image": ["--text-column", "none"], "text": ["--image-column", "none"]}
+COMMAND = ["train", "--manifest", FASHION, "--image-column", "image", "--text-column",
+           "title_masked", "--label-column", "article_type", "--split-column", "split",
+           "--min-class-count", "20", "--image-backbone", "mobilenet_v2_0.35",
+           "--image-weights", WEIGHTS]
+CS = (0.1, 1.0, 10.0)
+
+
+def run_command(name, seed, work):
+    """One `keras-mmtl train` in a fresh process: `{accuracy, macro_f1, minutes}`."""
+    run_dir = os.path.join(work, f"{name}-{seed}")
+    command = [sys.executable, "-m", "keras_mmtl", *COMMAND, *MODELS[name], "--seed", str(seed),
+               "--run-dir", run_dir, "--export-dir", os.path.join(work, "saved", f"{name}-{seed}")]
+    print(f"== {name}, seed {seed}: keras-mmtl {' '.join(command[3:])}", flush=True)
+    start = time.perf_counter()
+    with open(os.path.join(work, f"{name}-{seed}.log"), "w") as log:
+        subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT)
+    minutes = (time.perf_counter() - start) / 60
+    with open(os.path.join(run_dir, "eval", "report.json")) as f:
+        report = json.load(f)
+    print(f"   test accuracy {report['accuracy']:.4f}, macro-F1 {report['macro_f1']:.4f}, "
+          f"{minutes:.1f} min", flush=True)
+    return dict(accuracy=report["accuracy"], macro_f1=report["macro_f1"], minutes=minutes)
+
+
+def classical(records, work):
+    """Logistic regression on TF-IDF text, frozen image features, and their late fusion."""
+    import numpy as np
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import accuracy_score, f1_score
+    from sklearn.preprocessing import StandardScaler
+
+    splits = {name: records.splits == name for name in ("train", "val", "test")}
+    labels = records.labels
+
+    def fit(features, name):
+        """The val-selected logistic regression: test log-probabilities and figures."""
+        best = None
+        for c in CS:
+            model = LogisticRegression(C=c, max_iter=2000).fit(features["train"],
+                                                               labels[splits["train"]])
+            score = f1_score(labels[splits["val"]], model.predict(features["val"]),
+                             average="macro")
+            if best is None or score > best[0]:
+                best = (score, c, model)
+        _, c, model = best
+        log_probabilities = np.full((splits["test"].sum(), len(records.class_names)), -50.0)
+        log_probabilities[:, model.classes_] = model.predict_log_proba(features["test"])
+        return log_probabilities, score_of(log_probabilities, name, c)
+
+    def score_of(log_probabilities, name, c=None):
+        predicted = log_probabilities.argmax(-1)
+        truth = labels[splits["test"]]
+        figures = dict(accuracy=accuracy_score(truth, predicted),
+                       macro_f1=f1_score(truth, predicted, average="macro"), C=c)
+        print(f"   {name}: test accuracy {figures['accuracy']:.4f}, macro-F1 "
+              f"{figures['macro_f1']:.4f}" + (f" (C={c:g})" if c else ""), flush=True)
+        return figures
+
+    texts = records.texts.astype(str)
+    vectorizer = TfidfVectorizer(ngram_range=(1, 2)).fit(texts[splits["train"]])
+    text_log, results = {}, {}
+    text_log, results["text: TF-IDF word 1-2 grams"] = fit(
+        {s: vectorizer.transform(texts[m]) for s, m in splits.items()}, "text TF-IDF")
+    for size in ((128, 96), (224, 168)):
+        features = image_features(records, size, work)
+        scaler = StandardScaler().fit(features[splits["train"]])
+        image_log, results[f"image: frozen features at {size[0]}x{size[1]}"] = fit(
+            {s: scaler.transform(features[m]) for s, m in splits.items()},
+            f"image {size[0]}x{size[1]}")
+        results[f"late fusion at {size[0]}x{size[1]}"] = score_of(
+            text_log + image_log, f"late fusion {size[0]}x{size[1]}")
+    return results
+
+
+def image_features(records, size, work):
+    """Pooled frozen MobileNetV2-0.35 (ImageNet) features of every row, at `size`."""
+    from keras_mmtl.data import make_dataset
+    from keras_mmtl.models.backbones import build_image_backbone
+
+    backbone = build_image_backbone("mobilenet_v2_0.35", WEIGHTS, size)
+    data = make_dataset(records, image_size=size, modalities=("image",), batch_size=64,
+                        shuffle=False).map(lambda x, y: x["image"])
+    return backbone.predict(data, verbose=0)
+
+
+def phase2_cache(records, work):
+    """Phase 2 of the fused default model with and without the cached frozen bottom."""
+    import keras
+
+    from keras_mmtl import build_classifier_for, train
+    from keras_mmtl.presets import preset_arguments
+    from training import TrainingTimer, throughput
+
+    def default_model():
+        keras.utils.set_random_seed(0)
+        return build_classifier_for(records, image_backbone="mobilenet_v2_0.35",
+                                    image_weights=WEIGHTS, preset="medium")
+
+    settings = preset_arguments("medium", "training")
+    phase1 = os.path.join(work, "phase1")
+    train(default_model(), records, phase1, **{**settings, "fine_tune_epochs": 0},
+          projector=False, verbose=2)
+    samples = len(records.subset("train"))
+    figures = {}
+    for cached in (True, False):
+        run_dir = os.path.join(work, f"phase2-{'cached' if cached else 'uncached'}")
+        shutil.copytree(phase1, run_dir)
+        model = default_model()  # frozen again: phase 2 resumes from phase 1's weights
+        timer = TrainingTimer()
+        history = train(model, records, run_dir, **{**settings, "fine_tune_epochs": 2},
+                        patience=10, cache_features=cached, cache_dir=os.path.join(
+                            run_dir, "cache" if cached else "none"),
+                        projector=False, callbacks=[timer], verbose=2)
+        accuracy = max(a for a, p in zip(history["val_accuracy"], history["phase"]) if p == 2)
+        figures[cached] = dict(**throughput(timer.phases[-1], samples), val_accuracy=accuracy)
+        print(f"   phase 2, {'cached' if cached else 'not cached'}: "
+              f"{figures[cached]['steady'] or figures[cached]['first']:.0f} samples/s, best "
+              f"val accuracy {accuracy:.4f}", flush=True)
+    return figures
+
+
+def mean_std(values):
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work-dir", help="where runs go (default: a temporary folder)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+    args = parser.parse_args()
+    work = args.work_dir or tempfile.mkdtemp(prefix="recipe_")
+    os.makedirs(work, exist_ok=True)
+    start = time.perf_counter()
+
+    from keras_mmtl import read_manifest
+
+    records = read_manifest(FASHION, "image", "title_masked", "article_type", "split",
+                            min_class_count=20)
+    print("== classical baselines", flush=True)
+    baselines = classical(records, work)
+    print("== phase 2 with and without the partial cache", flush=True)
+    cache = phase2_cache(records, work)
+    runs = {name: [run_command(name, seed, work) for seed in args.seeds] for name in MODELS}
+
+    rows = ["| model | test accuracy | test macro-F1 | wall time (min) |", "|---|---|---|---|"]
+    for name, results in runs.items():
+        accuracy, macro_f1 = (mean_std([r[key] for r in results])
+                              for key in ("accuracy", "macro_f1"))
+        minutes = mean_std([r["minutes"] for r in results])
+        rows.append(f"| keras-mmtl {name}, {len(results)} seeds | {accuracy[0]:.4f} ± "
+                    f"{accuracy[1]:.4f} | {macro_f1[0]:.4f} ± {macro_f1[1]:.4f} | "
+                    f"{minutes[0]:.1f} ± {minutes[1]:.1f} |")
+    for name, figures in baselines.items():
+        rows.append(f"| logistic regression, {name} (C={figures['C'] or '-'}) | "
+                    f"{figures['accuracy']:.4f} | {figures['macro_f1']:.4f} | - |")
+    speed = {c: f["steady"] or f["first"] for c, f in cache.items()}
+    body = (
+        "Fashion benchmark task (8730 train, 1246 val, 2521 test rows, 55 classes). "
+        "keras-mmtl: the README's fashion command with every setting at its default (preset "
+        "medium: n-gram text, balanced class weights, MobileNetV2-0.35 ImageNet at its own "
+        "224 px reshaped to the photos' 4:3, phase 2 on the top 3 blocks over the cached frozen "
+        "bottom), `--seed` 0, 1, 2; mean ± standard deviation; each run's wall time is the "
+        "whole command in a fresh process (reading, features, training, calibration, "
+        "evaluation, export). Classical rows: scikit-learn logistic regression fitted on "
+        "train, C chosen on val, scored on test, in the same run.\n\n" + "\n".join(rows) +
+        "\n\nPhase 2 (2 epochs, top 3 blocks, same starting weights): "
+        f"{speed[True]:.0f} training samples/s with the frozen bottom cached, "
+        f"{speed[False]:.0f} without; best val accuracy {cache[True]['val_accuracy']:.4f} vs "
+        f"{cache[False]['val_accuracy']:.4f}.\n\nWall time of the benchmark: "
+        f"{(time.perf_counter() - start) / 60:.0f} min.")
+    print(body)
+
+    def macro(name):
+        return round(mean_std([r["macro_f1"] for r in runs[name]])[0], 4)
+
+    headline = {
+        "recipe_fused_macro_f1_mean": macro("fused"),
+        "recipe_fused_macro_f1_std": round(mean_std([r["macro_f1"] for r in runs["fused"]])[1], 4),
+        "recipe_image_macro_f1_mean": macro("image"),
+        "recipe_text_macro_f1_mean": macro("text"),
+        "classical_late_fusion_macro_f1": round(baselines["late fusion at 128x96"]["macro_f1"], 4),
+        "classical_late_fusion_224_macro_f1": round(
+            baselines["late fusion at 224x168"]["macro_f1"], 4),
+        "classical_image_macro_f1": round(
+            baselines["image: frozen features at 128x96"]["macro_f1"], 4),
+        "classical_image_224_macro_f1": round(
+            baselines["image: frozen features at 224x168"]["macro_f1"], 4),
+        "classical_text_macro_f1": round(baselines["text: TF-IDF word 1-2 grams"]["macro_f1"], 4),
+        "recipe_train_minutes": round(mean_std([r["minutes"] for r in runs["fused"]])[0], 2),
+        "phase2_cache_speedup": round(speed[True] / speed[False], 2),
+        "phase2_cache_accuracy_delta_points": round(
+            100 * abs(cache[True]["val_accuracy"] - cache[False]["val_accuracy"]), 2),
+    }
+    append_section("recipe", body, headline)
+
+
+if __name__ == "__main__":
+    main()
