@@ -164,8 +164,8 @@ def resolve_preset(config, rows):
     `training.time_limit` the best one that fits, see `choose_preset`) sets
     the keys that the config leaves at their defaults (the medium preset's
     values); keys set to anything else keep their value. A model with
-    several outputs gets no class weights unless asked. The returned config names the preset it used, so
-    running it again gives the same settings.
+    several outputs gets no class weights unless asked. The returned config
+    names the preset it used, so running it again gives the same settings.
 
     Args:
         config: a `RunConfig`.
