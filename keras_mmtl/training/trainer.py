@@ -11,7 +11,6 @@ import numpy as np
 from keras_mmtl.data.augmentation import make_augmentation
 from keras_mmtl.data.pipeline import make_dataset
 from keras_mmtl.models import text
-from keras_mmtl.presets import parse_duration, with_preset
 from keras_mmtl.models.backbones import BACKBONE_NAME, backbone_network, unfreeze_top_blocks
 from keras_mmtl.models.builder import (
     class_names,
@@ -23,6 +22,7 @@ from keras_mmtl.models.builder import (
     output_tasks,
     presence_modalities,
 )
+from keras_mmtl.presets import parse_duration, with_preset
 from keras_mmtl.training.cache import compute_features, split_model
 from keras_mmtl.training.callbacks import (
     AtomicBackupAndRestore,
