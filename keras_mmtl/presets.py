@@ -38,9 +38,10 @@ class Preset:
 _RECIPE_MODEL = {"text_encoder": "ngrams"}
 _RECIPE_TRAINING = {"class_weight": "balanced"}
 
-# Minutes: medium as benchmarks/recipe.py measured it on the fashion task (9,976 train + val
-# rows, 2026-12-02: 8.4 min); fast and best from its parts (phase 2 and the bottom features
-# about 2.9 min; each more member about 4.5 min of training and 1 min of evaluation).
+# Minutes for the fashion task (9,976 train + val rows, 2 CPU cores, 2026-12-02): medium as
+# benchmarks/recipe.py measured it (8.4 min, its slowest seed), best from one run of the
+# README's command with --preset best (17 min); fast from medium's parts (phase 2 and the
+# bottom features take about 2.9 min of it).
 PRESETS = {
     "fast": Preset(
         "the head on frozen pretrained features only (no fine-tuning)",
@@ -50,7 +51,7 @@ PRESETS = {
         "inputs", _RECIPE_MODEL, {**_RECIPE_TRAINING, "fine_tune_epochs": 5}, 1, 8.4),
     "best": Preset(
         "medium, three times with other seeds, averaged into one model",
-        _RECIPE_MODEL, {**_RECIPE_TRAINING, "fine_tune_epochs": 5}, 3, 19.5),
+        _RECIPE_MODEL, {**_RECIPE_TRAINING, "fine_tune_epochs": 5}, 3, 17.0),
 }
 DEFAULT_PRESET = "medium"
 
