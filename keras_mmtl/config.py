@@ -8,7 +8,10 @@ from typing import Optional, Union
 
 import yaml
 
-from keras_mmtl.presets import PRESETS
+from keras_mmtl.presets import DEFAULT_PRESET, PRESETS
+
+# The defaults below are the default preset's recipe, read from it (one source of truth).
+_DEFAULT = PRESETS[DEFAULT_PRESET]
 
 CONFIG_FILE = "config.yaml"
 
@@ -97,7 +100,7 @@ class ModelConfig:
     image_size: Optional[list] = _field(
         None, "HEIGHTxWIDTH of model images (default: the backbone's own)", type=_size)
     text_encoder: str = _field(
-        "ngrams", "'ngrams' (TF-IDF of word 1-2 grams and character 3-5 grams), 'scratch' (word "
+        _DEFAULT.model["text_encoder"], "'ngrams' (TF-IDF of word 1-2 grams and character 3-5 grams), 'scratch' (word "
                   "embeddings learned from your texts), 'tfidf' (a TF-IDF bag of words), or a "
                   "keras-hub preset name or local directory of a pretrained BERT-family encoder "
                   "(needs keras-mmtl[hub])")
@@ -138,7 +141,8 @@ class TrainingConfig:
     ensemble: int = _field(
         1, "models trained with seeds seed, seed+1, ... and averaged into one served model")
     epochs: int = _field(30, "max epochs, frozen backbone (early stopping ends most sooner)")
-    fine_tune_epochs: int = _field(5, "max epochs, fine-tuning")
+    fine_tune_epochs: int = _field(_DEFAULT.training["fine_tune_epochs"],
+                                   "max epochs, fine-tuning")
     learning_rate: float = _field(1e-3, "learning rate with the backbone frozen")
     fine_tune_learning_rate: float = _field(1e-4, "peak learning rate of fine-tuning")
     unfreeze_blocks: Union[int, str] = _field(
@@ -152,7 +156,7 @@ class TrainingConfig:
     batch_size: int = _field(32, "samples per batch (and per replica with several devices)")
     patience: int = _field(3, "epochs without validation improvement before a phase stops")
     class_weight: Optional[str] = _field(
-        "balanced", "'balanced': rare classes weigh as much as frequent ones (better macro-F1 on "
+        _DEFAULT.training["class_weight"], "'balanced': rare classes weigh as much as frequent ones (better macro-F1 on "
                     "imbalanced data; models with one output), or 'none'",
         choices=["balanced", None], type=_none_or)
     focal_gamma: float = _field(0.0, "focal loss exponent (0: cross-entropy; 2 is usual)")
