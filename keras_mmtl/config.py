@@ -156,8 +156,8 @@ class TrainingConfig:
     batch_size: int = _field(32, "samples per batch (and per replica with several devices)")
     patience: int = _field(3, "epochs without validation improvement before a phase stops")
     class_weight: Optional[str] = _field(
-        _DEFAULT.training["class_weight"], "'balanced': rare classes weigh as much as frequent ones (better macro-F1 on "
-                    "imbalanced data; models with one output), or 'none'",
+        _DEFAULT.training["class_weight"], "'balanced': rare classes weigh as much as frequent "
+        "ones (better macro-F1 on imbalanced data; each task by its own classes), or 'none'",
         choices=["balanced", None], type=_none_or)
     focal_gamma: float = _field(0.0, "focal loss exponent (0: cross-entropy; 2 is usual)")
     label_smoothing: float = _field(0.0, "target mass spread over all classes, e.g. 0.1")

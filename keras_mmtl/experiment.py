@@ -163,8 +163,7 @@ def resolve_preset(config, rows):
     The preset (`training.preset`; `"auto"` is the default preset, or with
     `training.time_limit` the best one that fits, see `choose_preset`) sets
     the keys that the config leaves at their defaults (the medium preset's
-    values); keys set to anything else keep their value. A model with
-    several outputs gets no class weights unless asked. The returned config
+    values); keys set to anything else keep their value. The returned config
     names the preset it used, so running it again gives the same settings.
 
     Args:
@@ -186,15 +185,12 @@ def resolve_preset(config, rows):
         name, why = choose_preset(fit.time_limit, rows)
     elif name == "auto":
         name, why = DEFAULT_PRESET, "the default"
-    several = isinstance(config.data.label_column, list) or config.model.auxiliary_heads
     changes = {}
     for section in ("model", "training"):
         defaults, values = SECTIONS[section](), getattr(config, section)
         changes[section] = {key: value for key, value in
-                            preset_arguments(name, section, several).items()
+                            preset_arguments(name, section).items()
                             if getattr(values, key) == getattr(defaults, key)}
-    if several and fit.class_weight == TrainingConfig().class_weight:
-        changes["training"]["class_weight"] = None  # Keras weighs classes of one output only
     changes["training"]["preset"] = name
     if fit.ensemble == TrainingConfig().ensemble:
         changes["training"]["ensemble"] = get_preset(name).ensemble

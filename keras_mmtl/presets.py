@@ -64,33 +64,26 @@ def get_preset(name):
     return PRESETS[name]
 
 
-def preset_arguments(name, section, multi_output=False):
+def preset_arguments(name, section):
     """The settings a preset gives one section: `"model"` or `"training"`.
 
     Args:
         name: a preset name.
         section: `"model"` (for `build_classifier_for`) or `"training"` (for `train`).
-        multi_output: the model has several outputs (tasks or auxiliary
-            heads), which Keras' class weights do not support: they are left out.
 
     Example:
 
     >>> preset_arguments("fast", "training")
     {'class_weight': 'balanced', 'fine_tune_epochs': 0}
     """
-    values = dict(getattr(get_preset(name), section))
-    if multi_output:
-        values.pop("class_weight", None)
-    return values
+    return dict(getattr(get_preset(name), section))
 
 
-def with_preset(section, multi_output=None):
+def with_preset(section):
     """Gives a function a `preset=` argument that fills the settings not passed explicitly.
 
     Args:
         section: `"model"` or `"training"`: which of the preset's settings.
-        multi_output: a function of the call's positional arguments that
-            says whether the model has several outputs (see `preset_arguments`).
 
     Example:
 
@@ -105,8 +98,7 @@ def with_preset(section, multi_output=None):
         @functools.wraps(function)
         def wrapper(*args, preset=None, **kwargs):
             if preset is not None:
-                several = bool(multi_output and multi_output(*args))
-                kwargs = {**preset_arguments(preset, section, several), **kwargs}
+                kwargs = {**preset_arguments(preset, section), **kwargs}
             return function(*args, **kwargs)
 
         return wrapper

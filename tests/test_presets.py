@@ -40,12 +40,6 @@ def test_a_preset_sets_what_the_config_leaves_at_its_defaults(preset, fine_tune_
     assert config.model.text_encoder == "scratch" and config.training.epochs == 4
 
 
-def test_several_outputs_get_no_class_weights():
-    config = RunConfig.from_dict({"data": {"label_column": ["type", "colour"]}})
-    assert resolve_preset(config, rows=1000)[0].training.class_weight is None
-    assert "class_weight" not in preset_arguments("medium", "training", multi_output=True)
-
-
 @pytest.mark.parametrize("limit, rows, expected", [
     ("15m", 10_000, "medium"), ("1h", 10_000, "best"), ("6m", 10_000, "fast"),
     ("15m", 100_000, "fast"), (2400, 30_000, "medium")])

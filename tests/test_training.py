@@ -118,13 +118,37 @@ def test_crash_in_phase_two_keeps_phase_one(tmp_path, product_records, monkeypat
 
 @pytest.mark.parametrize("class_weight, expected", [
     (None, None),
-    ("balanced", {0: 0.75, 1: 1.5}),
-    ({"b": 3.0}, {0: 1.0, 1: 3.0}),
+    ("balanced", [0.75, 1.5]),
+    ({"b": 3.0}, [1.0, 3.0]),
 ])
 def test_class_weights(class_weight, expected):
     records = from_arrays(["a", "a", "a", "a", "b", "b", "a"], texts=["x"] * 7,
                           splits=["train"] * 6 + ["test"])
     assert class_weights(records, class_weight) == expected
+
+
+def test_each_task_is_balanced_by_its_own_classes():
+    records = from_arrays({"type": ["a", "a", "a", "b"], "size": ["s", "m", "l", "l"]},
+                          texts=["x"] * 4, splits=["train"] * 4)
+    assert class_weights(records, "balanced", "type") == [2 / 3, 2.0]
+    assert class_weights(records, "balanced", "size") == [2 / 3, 4 / 3, 4 / 3]  # l, m, s
+    with pytest.raises(ValueError, match="main task"):
+        class_weights(records, {"s": 2.0}, "size")
+
+
+@pytest.mark.parametrize("options", [{"auxiliary_heads": True}, {}])
+def test_class_weights_train_models_with_several_outputs(tmp_path, options):
+    # Two tasks of different class counts (and auxiliary heads): each output's
+    # loss weighs its own task's classes.
+    rows = 24
+    records = from_arrays(
+        {"type": ["a", "b", "a", "a"] * (rows // 4), "size": ["s", "m", "l", "l", "l", "s"] * 4},
+        texts=[f"word{i % 3}" for i in range(rows)], tabular=np.eye(rows, 2, dtype="float32"),
+        splits=["train"] * 16 + ["val"] * 8)
+    model = build_classifier_for(records, text_encoder="scratch", **options)
+    history = train(model, records, str(tmp_path), epochs=1, fine_tune_epochs=0, batch_size=8,
+                    class_weight="balanced", verbose=0, projector=False)
+    assert np.isfinite(history["loss"]).all()
 
 
 @pytest.mark.parametrize("class_weight, message", [("rare", "'balanced'"), ({"c": 2}, "'c'")])

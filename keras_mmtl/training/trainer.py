@@ -65,10 +65,14 @@ def compile_classifier(model, optimizer, steps_per_execution=1, loss=None, task_
             (Adam with fused and lazy updates, no multipliers).
         steps_per_execution: batches per compiled call; more cuts Python
             overhead where a step is tiny (a head on cached features).
-        loss: a loss on integer labels; default `ClassificationLoss()`
-            (sparse categorical cross-entropy).
+        loss: a loss on integer labels, or for a model with several outputs
+            a dict of output -> loss (one loss is used for all); default
+            `ClassificationLoss()` (sparse categorical cross-entropy).
         task_weights: dict of task -> loss weight (tasks left out weigh 1).
         auxiliary_weight: loss weight of each auxiliary head.
+
+    Returns:
+        the main task's `MacroF1` metric (its confusion matrix is the one drawn).
     """
     if not isinstance(optimizer, keras.optimizers.Optimizer):
         optimizer = LayerwiseAdam(learning_rate=optimizer)
@@ -80,15 +84,17 @@ def compile_classifier(model, optimizer, steps_per_execution=1, loss=None, task_
         return [keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
                 MacroF1(output.shape[-1])]
 
+    metrics = metrics(model.output) if tasks is None else {
+        name: metrics(model.output[name]) if name == task else [] for name, task in tasks.items()}
     model.compile(
         optimizer=optimizer,
-        loss=loss if tasks is None else {name: loss for name in tasks},
+        loss=loss if tasks is None or isinstance(loss, dict) else {name: loss for name in tasks},
         loss_weights=weights,
-        metrics=metrics(model.output) if tasks is None else {
-            name: metrics(model.output[name]) if name == task else []
-            for name, task in tasks.items()},
+        metrics=metrics,
         steps_per_execution=steps_per_execution,
     )
+    # The first task's (`class_names(model)`): the model's first main output.
+    return (metrics if tasks is None else next(m for m in metrics.values() if m))[-1]
 
 
 def _loss_weights(tasks, task_weights, auxiliary_weight):
@@ -107,7 +113,7 @@ def _loss_weights(tasks, task_weights, auxiliary_weight):
             for name, task in tasks.items()}
 
 
-@with_preset("training", multi_output=lambda model, *args: output_tasks(model) is not None)
+@with_preset("training")
 def train(
     model,
     records,
@@ -245,9 +251,6 @@ def train(
         "verbose", "started", "time_limit")}
     budget = None if time_limit is None else parse_duration(time_limit)
     keras.utils.set_random_seed(seed)
-    if class_weight is not None and output_tasks(model) is not None:
-        raise ValueError("class_weight works for models with one output; this one has "
-                         f"{list(model.output)}. Use focal_gamma for imbalanced tasks instead.")
     _loss_weights(output_tasks(model), task_weights, auxiliary_weight)  # checks them early
     strategy = model.distribute_strategy
     if is_multi_worker(strategy):
@@ -260,7 +263,8 @@ def train(
         print(f"Training with {describe(strategy)}; global batch "
               f"{batch_size * strategy.num_replicas_in_sync}.")
     augment = make_augmentation(image=augment_images, text=augment_text, seed=seed)
-    loss = ClassificationLoss(gamma=focal_gamma, label_smoothing=label_smoothing)
+    loss = _losses(model, records, class_weight, gamma=focal_gamma,
+                   label_smoothing=label_smoothing)
     os.makedirs(run_dir, exist_ok=True)
     state_path = os.path.join(run_dir, STATE_FILE)
     if not resume:
@@ -310,9 +314,10 @@ def train(
                     LayerwiseAdam(learning_rate=rate, weight_decay=weight_decay or None))
                 schedule = f"learning rate {rate:g}"
             # A head on cached features takes a few ms a step: run many steps per call.
-            compile_classifier(fit_model, optimizer, loss=loss, task_weights=task_weights,
-                               auxiliary_weight=auxiliary_weight,
-                               steps_per_execution=32 if cached == model_modalities(model) else 1)
+            macro_f1 = compile_classifier(
+                fit_model, optimizer, loss=loss, task_weights=task_weights,
+                auxiliary_weight=auxiliary_weight,
+                steps_per_execution=32 if cached == model_modalities(model) else 1)
         if cached:
             title += f", on cached {' and '.join(cached)} features"
             if number == 2 and image_frozen and any(m.startswith("image") for m in cached):
@@ -329,13 +334,12 @@ def train(
         _build_in_scope(fit_model, train_ds)
         fit_model.fit(
             train_ds,
-            class_weight=class_weights(records, class_weight),
             validation_data=val_ds,
             initial_epoch=start,
             epochs=start + phase_epochs,
             callbacks=[_RecordEpochs(state, state_path, number),
                        *_callbacks(run_dir, number, monitor, patience, best,
-                                   _best(state, monitor, number), class_names(model)),
+                                   _best(state, monitor, number), macro_f1, class_names(model)),
                        *limit, *callbacks],
             shuffle=False,  # the dataset shuffles itself
             verbose=verbose,
@@ -361,40 +365,52 @@ def train(
     return state.get("history", {})
 
 
-def class_weights(records, class_weight):
-    """The `fit` class weights (by class index) that `class_weight` asks for.
+def _losses(model, records, class_weight, **options):
+    """The loss of a one-output model, or `{output: loss}`, each weighing its own task's classes."""
+    tasks = output_tasks(model)
+    if tasks is None:
+        return ClassificationLoss(class_weights=class_weights(records, class_weight), **options)
+    return {name: ClassificationLoss(class_weights=class_weights(records, class_weight, task),
+                                     **options) for name, task in tasks.items()}
+
+
+def class_weights(records, class_weight, task=None):
+    """The weight of each class (by class index) that `class_weight` asks for.
 
     Args:
         records: `Records`; "balanced" counts the classes of its train split.
         class_weight: `None`, `"balanced"`, or a dict of class name -> weight
-            (classes left out weigh 1).
+            (classes left out weigh 1; the main task's classes only).
+        task: the task (label column) weighed; default the main one.
 
     Returns:
-        `None` or a dict of class index -> weight.
+        `None` or a list with one weight per class.
 
     Example:
 
-    >>> import numpy as np
     >>> from keras_mmtl.data import from_arrays
     >>> records = from_arrays(["a", "a", "a", "b"], texts=["x"] * 4, splits=["train"] * 4)
     >>> class_weights(records, "balanced")
-    {0: 0.6666666666666666, 1: 2.0}
+    [0.6666666666666666, 2.0]
     """
     if class_weight is None:
         return None
-    names = list(records.class_names)
+    task = records.label_name if task is None else task
+    names = records.tasks[task]
     if isinstance(class_weight, str):
         if class_weight != "balanced":
             raise ValueError(f"class_weight must be None, 'balanced' or a dict of class name -> "
                              f"weight. Received: class_weight={class_weight!r}")
-        counts = np.bincount(records.subset("train").labels, minlength=len(names))
-        return {i: float(counts.sum() / (len(names) * max(count, 1)))
-                for i, count in enumerate(counts)}
+        counts = np.bincount(records.subset("train").task_labels(task), minlength=len(names))
+        return [float(counts.sum() / (len(names) * max(count, 1))) for count in counts]
+    if task != records.label_name:
+        raise ValueError(f"A dict of class weights is for the main task ({records.label_name!r}) "
+                         f"only; task {task!r} takes class_weight='balanced' or None.")
     unknown = sorted(set(class_weight) - set(names))
     if unknown:
         raise ValueError(f"class_weight names classes {unknown} that the data does not have; "
                          f"its classes: {names}")
-    return {i: float(class_weight.get(name, 1.0)) for i, name in enumerate(names)}
+    return [float(class_weight.get(name, 1.0)) for name in names]
 
 
 def _unfreeze(model, image_blocks, text_layers):
@@ -489,11 +505,11 @@ def _clear_run(run_dir):
             os.remove(os.path.join(run_dir, name))
 
 
-def _callbacks(run_dir, phase, monitor, patience, best, best_value, names):
+def _callbacks(run_dir, phase, monitor, patience, best, best_value, macro_f1, names):
     return [
         AtomicBackupAndRestore(os.path.join(run_dir, "backup", f"phase{phase}")),
         keras.callbacks.TensorBoard(os.path.join(run_dir, LOGS)),
-        ConfusionMatrixImage(log_dir=os.path.join(run_dir, LOGS), class_names=names),
+        ConfusionMatrixImage(macro_f1, os.path.join(run_dir, LOGS), names),
         BestWeights(best, monitor, best_value),
         keras.callbacks.EarlyStopping(monitor=monitor, patience=patience),
         StopOnNonFiniteLoss(run_dir),
