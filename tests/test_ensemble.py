@@ -50,8 +50,20 @@ def test_members_must_match():
         ensemble([text_only])
     two_tasks = build_classifier({"a": ["x", "y"], "b": ["u", "v"]}, image_backbone=None,
                                  text_vocabulary=["x"])
-    with pytest.raises(ValueError, match="one output each"):
+    with pytest.raises(ValueError, match="one task each"):
         ensemble([text_only, two_tasks])
+
+
+def test_members_with_auxiliary_heads_take_part_with_their_main_head(product_records):
+    keras.utils.set_random_seed(3)
+    plain = build_classifier_for(product_records, **SMALL)
+    deep = build_classifier_for(product_records, auxiliary_heads=True, **SMALL)
+    combined = ensemble([plain, deep])
+    assert not isinstance(combined.output, dict)  # one output: the auxiliary heads are left out
+    _, first = predict_records(plain, product_records, "test")
+    _, second = predict_records(deep, product_records, "test")
+    _, probabilities = predict_records(combined, product_records, "test")
+    np.testing.assert_allclose(probabilities, (first + second["label"]) / 2, atol=1e-6)
 
 
 @pytest.mark.slow

@@ -112,13 +112,17 @@ def test_one_task_with_auxiliary_heads_and_errors():
         build_classifier({"a/b": ["x", "y"]}, image_backbone=None, text_vocabulary=["x"])
 
 
+def test_auxiliary_heads_apply_where_the_data_has_two_inputs(task_records):
+    # The recipes ask for auxiliary heads whatever the data: one input gets none.
+    text_only = build_classifier_for(task_records, modalities=("text",), auxiliary_heads=True)
+    assert list(text_only.output) == TASKS
+
+
 def test_training_learns_every_task_and_weighs_their_losses(task_records, tmp_path):
     model = build_classifier_for(task_records, auxiliary_heads=True, **SMALL)
     with pytest.raises(ValueError, match="task_weights names tasks \\['size'\\]"):
         train(model, task_records, str(tmp_path / "bad"), task_weights={"size": 1.0},
               projector=False)
-    with pytest.raises(ValueError, match="class_weight works for models with one output"):
-        train(model, task_records, str(tmp_path / "bad"), class_weight="balanced", projector=False)
     untouched = model.get_layer("head_material_aux_image").get_weights()
     history = train(model, task_records, str(tmp_path / "run"), epochs=25, patience=25,
                     learning_rate=3e-3, task_weights={"colour": 2.0}, verbose=0, projector=False)

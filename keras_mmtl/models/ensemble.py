@@ -9,7 +9,7 @@ from keras_mmtl.models.builder import (
     head_name,
     image_size,
     model_modalities,
-    output_tasks,
+    model_tasks,
     presence_modalities,
 )
 
@@ -80,9 +80,10 @@ def ensemble(models, name="mmtl_ensemble"):
     must share their class names and inputs; each keeps its own weights and
     preprocessing. The ensemble's embedding is the members' embeddings side
     by side. Evaluate, calibrate, save and export it like any classifier.
+    Members trained with auxiliary heads take part with their main head.
 
     Args:
-        models: two or more trained classifiers with one output each.
+        models: two or more trained classifiers of one task each.
         name: the ensemble's name.
 
     Returns:
@@ -97,10 +98,10 @@ def ensemble(models, name="mmtl_ensemble"):
     models = list(models)
     if len(models) < 2:
         raise ValueError(f"An ensemble needs two or more models. Received: {len(models)}")
-    several = [m.name for m in models if output_tasks(m) is not None]
+    several = [m.name for m in models if len(model_tasks(m) or [None]) > 1]
     if several:
-        raise ValueError(f"The members of an ensemble have one output each; {several} have "
-                         "several (tasks or auxiliary heads).")
+        raise ValueError(f"The members of an ensemble have one task each; {several} have "
+                         "several.")
     first = models[0]
     for other in models[1:]:
         differs = [what for what, get in (
@@ -118,7 +119,7 @@ def ensemble(models, name="mmtl_ensemble"):
         trunk = embedding_model(member)
         trunk.name = f"member_{i}"
         embeddings.append(trunk(inputs))
-        heads.append(member.get_layer(head_name()))
+        heads.append(member.get_layer(head_name(next(iter(model_tasks(member) or [None])))))
     joined = keras.layers.Concatenate(name="member_embeddings")(embeddings)
     outputs = EnsembleHead(heads, [e.shape[-1] for e in embeddings], name=head_name())(joined)
     return keras.Model(inputs, outputs, name=name)
