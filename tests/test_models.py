@@ -8,7 +8,8 @@ import tensorflow as tf
 
 from conftest import MOBILENET_WEIGHTS
 from keras_mmtl.export import export_saved_model, predict
-from keras_mmtl.models.text import NGRAMS
+from keras_mmtl.models.text import NGRAMS, NgramProjection
+from keras_mmtl.training.optimizers import LayerwiseAdam
 from keras_mmtl.models import (
     BACKBONES,
     ClassifierHead,
@@ -214,13 +215,10 @@ def test_learn_tfidf_weights_rare_tokens_higher():
     assert weights["red"] < weights["shirt"] < weights["shoe"]
 
 
-@pytest.mark.parametrize("encoder, vectorizers", [
-    ("tfidf", ["text_vectorizer"]), ("ngrams", ["text_words", "text_characters"])])
+@pytest.mark.parametrize("encoder", ["tfidf", "ngrams"])
 def test_bag_of_ngrams_text_encoders_save_and_export_with_core_ops(tmp_path, product_records,
-                                                                    encoder, vectorizers):
+                                                                    encoder):
     model = build_classifier_for(product_records, image_backbone=None, text_encoder=encoder)
-    for name in vectorizers:
-        assert model.get_layer(name).get_config()["output_mode"] == "tf_idf"
     texts = tf.constant(["red cotton", "blue wool"])
     probabilities = model({"text": texts}).numpy()
     model.save(tmp_path / "m.keras")
@@ -237,6 +235,51 @@ def test_bag_of_ngrams_encoders_need_idf_weights(encoder):
     with pytest.raises(ValueError, match=f"learn_{encoder}"):
         build_classifier(["a", "b"], image_backbone=None, text_encoder=encoder,
                          text_vocabulary=VOCAB)
+
+
+def _ngram_counts(texts, bags):
+    vectorizers = [keras.layers.TextVectorization(output_mode="count", sparse=True,
+                                                  vocabulary=list(bags[bag]), **options)
+                   for bag, options in NGRAMS.items()]
+    return [vectorizer(tf.constant(texts)) for vectorizer in vectorizers]
+
+
+def test_the_ngram_projection_is_a_dense_layer_on_unit_tfidf_vectors():
+    texts = ["red cotton shirt", "blue woollen cap", "red cap", "zzz"]
+    bags = learn_ngrams(texts[:2])
+    layer = NgramProjection(8, [list(bags[bag].values()) for bag in NGRAMS], dropout=0.5)
+    counts = _ngram_counts(texts, bags)
+    got = layer(counts).numpy()
+    parts = []
+    for bag, count in zip(NGRAMS, counts):
+        idf = np.array(list(bags[bag].values()))
+        tfidf = tf.sparse.to_dense(count).numpy() * np.concatenate([[idf.mean()], idf])
+        parts.append(tfidf / np.maximum(np.linalg.norm(tfidf, axis=1, keepdims=True), 1e-12))
+    kernel, bias = layer.kernel.numpy(), layer.bias.numpy()
+    np.testing.assert_allclose(got, np.maximum(np.concatenate(parts, 1) @ kernel + bias, 0),
+                               atol=1e-5)
+    assert not np.allclose(layer(counts, training=True).numpy(), got)  # dropout
+    again = NgramProjection.from_config(layer.get_config())
+    again.build([c.shape for c in counts])
+    again.set_weights(layer.get_weights())
+    np.testing.assert_allclose(again(counts).numpy(), got, atol=1e-6)
+
+
+def test_an_ngram_step_updates_the_rows_of_the_ngrams_present_only():
+    bags = learn_ngrams(["red cotton shirt", "blue woollen cap"])
+    layer = NgramProjection(4, [list(bags[bag].values()) for bag in NGRAMS])
+    counts = _ngram_counts(["red cap"], bags)
+    layer.build([c.shape for c in counts])
+    before = layer.kernel.numpy()
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(layer(counts))
+    gradient = tape.gradient(loss, layer.kernel.value)
+    assert isinstance(gradient, tf.IndexedSlices)
+    LayerwiseAdam(learning_rate=0.1).apply([gradient], [layer.kernel])
+    changed = np.flatnonzero(np.abs(layer.kernel.numpy() - before).sum(axis=1))
+    present = np.concatenate([c.indices[:, 1].numpy() + offset for c, offset in
+                              zip(counts, [0, counts[0].shape[-1]])])
+    assert 0 < len(changed) and set(changed) <= set(present)
 
 
 def test_character_ngrams_read_words_outside_the_vocabulary():

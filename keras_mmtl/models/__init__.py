@@ -38,6 +38,7 @@ from keras_mmtl.models.heads import ClassifierHead, GradientReversal
 from keras_mmtl.models.text import (
     TEXT_ENCODERS,
     MaskedMeanPooling,
+    NgramProjection,
     TextTokenizer,
     WordPieceTokenizer,
     learn_ngrams,

@@ -376,22 +376,110 @@ def learn_ngrams(texts, max_tokens=20000):
     return {bag: learn_tfidf(texts, max_tokens, **options) for bag, options in NGRAMS.items()}
 
 
+@keras.saving.register_keras_serializable(package="keras_mmtl")
+class NgramProjection(keras.layers.Layer):
+    """Bags of n-gram counts as unit-length TF-IDF vectors, through a dense layer, sparsely.
+
+    `relu(concat_b(unit(count_b * idf_b)) @ kernel + bias)`: a `Dense` layer
+    on the concatenated TF-IDF vectors, each bag scaled to unit length (as
+    scikit-learn's `TfidfVectorizer` does), computed from the n-grams a text
+    holds only. A title has about a hundred of the 30,000 n-grams: the
+    product gathers those kernel rows, so its gradient is sparse and
+    `LayerwiseAdam` updates only those rows. Out-of-vocabulary n-grams
+    (index 0 of a bag) weigh the bag's mean IDF.
+
+    Args:
+        units: size of the output features.
+        idf_weights: per bag, the IDF weight of each vocabulary entry (index
+            1 on); `None` when loading a saved layer (its weights hold them).
+        dropout: in training, the rate of n-grams dropped from each text.
+        seed: seed of the dropout.
+
+    Call arguments:
+        bags: a list of `tf.SparseTensor` counts `(batch, vocabulary size + 1)`,
+            as `keras.layers.TextVectorization(output_mode="count", sparse=True)`
+            gives them.
+
+    Example:
+
+    >>> import tensorflow as tf
+    >>> layer = NgramProjection(2, idf_weights=[[1.0, 2.0]], kernel_initializer="ones")
+    >>> counts = tf.sparse.from_dense(tf.constant([[0.0, 3.0, 0.0], [0.0, 1.0, 1.0]]))
+    >>> [[round(float(v), 3) for v in row] for row in layer([counts])]  # [1, 0], [1, 2] / 2.236
+    [[1.0, 1.0], [1.342, 1.342]]
+    """
+
+    def __init__(self, units, idf_weights=None, dropout=0.0, seed=None,
+                 kernel_initializer="glorot_uniform", **kwargs):
+        super().__init__(**kwargs)
+        self.units, self.dropout, self.seed = int(units), float(dropout), seed
+        self.idf_weights = idf_weights
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def build(self, input_shape):
+        self.sizes = [int(shape[-1]) for shape in input_shape]
+        self.idf = []
+        for i, size in enumerate(self.sizes):
+            initial = "zeros"
+            if self.idf_weights is not None:
+                weights = [float(w) for w in self.idf_weights[i]]
+                if len(weights) + 1 != size:
+                    raise ValueError(f"Bag {i} has {size - 1} n-grams and {len(weights)} IDF "
+                                     "weights; give one weight per vocabulary entry.")
+                initial = keras.initializers.Constant([float(np.mean(weights))] + weights)
+            self.idf.append(self.add_weight(shape=(size,), initializer=initial,
+                                            trainable=False, name=f"idf_{i}"))
+        self.kernel = self.add_weight(shape=(sum(self.sizes), self.units), name="kernel",
+                                      initializer=self.kernel_initializer)
+        self.bias = self.add_weight(shape=(self.units,), initializer="zeros", name="bias")
+
+    def call(self, bags, training=None):
+        batch = tf.cast(bags[0].dense_shape[0], "int32")
+        rows, ids, values, offset = [], [], [], 0
+        for bag, idf, size in zip(bags, self.idf, self.sizes):
+            row, column = bag.indices[:, 0], bag.indices[:, 1]
+            value = tf.cast(bag.values, "float32") * tf.gather(tf.cast(idf, "float32"), column)
+            norm = tf.sqrt(tf.math.unsorted_segment_sum(value * value, row, batch))
+            rows.append(row)
+            ids.append(column + offset)
+            values.append(value / tf.maximum(tf.gather(norm, row), 1e-12))
+            offset += size
+        rows, ids, values = (tf.concat(parts, 0) for parts in (rows, ids, values))
+        if training and self.dropout:
+            keep = keras.random.uniform(tf.shape(values), seed=self.seed_generator) >= self.dropout
+            values = tf.where(keep, values / (1 - self.dropout), 0.0)
+        kernel = tf.cast(self.kernel, "float32")
+        product = tf.math.unsorted_segment_sum(tf.gather(kernel, ids) * values[:, None],
+                                               rows, batch)
+        return tf.cast(tf.nn.relu(product + tf.cast(self.bias, "float32")), self.compute_dtype)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0][0], self.units)
+
+    def get_config(self):
+        return {**super().get_config(), "units": self.units, "dropout": self.dropout,
+                "seed": self.seed,
+                "kernel_initializer": keras.initializers.serialize(self.kernel_initializer)}
+
+
 def ngram_encoder(texts, vocabulary, *, hidden_dim=256, dropout=0.1, sequence_length=None):
     """TF-IDF of word 1-2 grams and character 3-5 grams, then a dense layer.
 
     What a strong linear text classifier reads, in the graph with core
-    TensorFlow ops: each bag is a `TextVectorization` in `"tf_idf"` mode,
-    scaled to unit length (as scikit-learn's `TfidfVectorizer` does); the
-    two are concatenated. Character n-grams read word parts, brands, sizes
-    and misspellings that a word vocabulary misses: on short titles they
-    beat word embeddings learned from scratch.
+    TensorFlow ops: each bag is a `TextVectorization` counting n-grams
+    (sparse), and `NgramProjection` weighs them by IDF, scales each bag to
+    unit length (as scikit-learn's `TfidfVectorizer` does) and projects
+    them, reading only the n-grams present. Character n-grams read word
+    parts, brands, sizes and misspellings that a word vocabulary misses: on
+    short titles they beat word embeddings learned from scratch.
 
     Args:
         texts: symbolic `tf.string` inputs of shape `(batch,)`, one per text
             column; they share the encoder's layers.
         vocabulary: dict bag -> dict n-gram -> IDF weight (`learn_ngrams`).
         hidden_dim: size of the output features.
-        dropout: dropout on the n-gram vector.
+        dropout: in training, the rate of n-grams dropped.
         sequence_length: unused (a bag has no length); accepted so every
             encoder takes the builder's arguments.
 
@@ -401,15 +489,13 @@ def ngram_encoder(texts, vocabulary, *, hidden_dim=256, dropout=0.1, sequence_le
     if not isinstance(vocabulary, dict) or set(vocabulary) != set(NGRAMS):
         raise ValueError("The 'ngrams' text encoder needs text_vocabulary=learn_ngrams("
                          f"train_texts) (a dict with keys {sorted(NGRAMS)}).")
-    bags = [(keras.layers.TextVectorization(
-                output_mode="tf_idf", vocabulary=list(vocabulary[bag]),
-                idf_weights=list(vocabulary[bag].values()), name=f"text_{bag}", **options),
-             keras.layers.UnitNormalization(name=f"text_{bag}_norm"))
+    bags = [keras.layers.TextVectorization(output_mode="count", sparse=True,
+                                           vocabulary=list(vocabulary[bag]),
+                                           name=f"text_{bag}", **options)
             for bag, options in NGRAMS.items()]
-    concatenate = keras.layers.Concatenate(name="text_ngrams")
-    top = _top_layers(dropout, hidden_dim)
-    return [top(concatenate([norm(vectorizer(text)) for vectorizer, norm in bags]))
-            for text in texts]
+    project = NgramProjection(hidden_dim, [list(vocabulary[bag].values()) for bag in NGRAMS],
+                              dropout=dropout, name="text_features")
+    return [project([vectorizer(text) for vectorizer in bags]) for text in texts]
 
 
 def tfidf_encoder(texts, vocabulary, *, hidden_dim=256, dropout=0.1, sequence_length=None):
