@@ -118,8 +118,8 @@ class ModelConfig:
         0.0, "in training, hide each modality of a sample with this probability (e.g. 0.3), so "
              "the model stays accurate when one is missing")
     auxiliary_heads: bool = _field(
-        _DEFAULT.model["auxiliary_heads"], "also train a head per modality and task on that "
-        "modality alone (deep supervision; not exported; with two or more inputs)")
+        False, "also train a head per modality and task on that modality alone (deep "
+               "supervision; not exported)")
     dropout: float = _field(0.2, "dropout rate before the softmax")
 
     def __post_init__(self):

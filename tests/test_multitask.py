@@ -112,12 +112,6 @@ def test_one_task_with_auxiliary_heads_and_errors():
         build_classifier({"a/b": ["x", "y"]}, image_backbone=None, text_vocabulary=["x"])
 
 
-def test_auxiliary_heads_apply_where_the_data_has_two_inputs(task_records):
-    # The recipes ask for auxiliary heads whatever the data: one input gets none.
-    text_only = build_classifier_for(task_records, modalities=("text",), auxiliary_heads=True)
-    assert list(text_only.output) == TASKS
-
-
 def test_training_learns_every_task_and_weighs_their_losses(task_records, tmp_path):
     model = build_classifier_for(task_records, auxiliary_heads=True, **SMALL)
     with pytest.raises(ValueError, match="task_weights names tasks \\['size'\\]"):

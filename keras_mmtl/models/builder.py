@@ -258,9 +258,7 @@ def build_classifier_for(records, *, modalities=None, max_tokens=20000, **kwargs
         **kwargs: passed to `build_classifier`. Without `image_size`, images
             are fed at the backbone's own size reshaped to the median aspect
             ratio of the training images (`default_image_size`): 224x168 for
-            MobileNetV2 and 4:3 portrait photos. `auxiliary_heads` applies
-            where the model has two or more inputs (the recipes ask for them
-            whatever the data).
+            MobileNetV2 and 4:3 portrait photos.
 
     Returns:
         an uncompiled `keras.Model`.
@@ -296,8 +294,7 @@ def build_classifier_for(records, *, modalities=None, max_tokens=20000, **kwargs
         kwargs["text_vocabulary"] = learn_text_vocabulary(
             records, kwargs.get("text_encoder", "scratch"), kwargs.get("text_tokenizer", "core"),
             max_tokens=max_tokens, modalities=modalities)
-    kwargs["auxiliary_heads"] = bool(kwargs.get("auxiliary_heads")) and len(modalities) > 1
-    several = len(records.tasks) > 1 or kwargs["auxiliary_heads"]
+    several = len(records.tasks) > 1 or kwargs.get("auxiliary_heads")
     return build_classifier(records.tasks if several else records.class_names,
                             modalities=modalities, **kwargs)
 
