@@ -29,7 +29,7 @@ def _read(args, class_names):
     return read_manifest(
         args.manifest, args.image_column, args.text_column, args.label_column,
         args.split_column, tabular_columns=args.tabular_columns, class_names=class_names,
-        skip_bad_rows=args.skip_bad_rows,
+        skip_bad_rows=args.skip_bad_rows, max_megapixels=args.max_megapixels,
         allow_missing=args.allow_missing, seed=args.seed)
 
 
@@ -52,7 +52,8 @@ def cmd_train(args):
     from keras_mmtl.experiment import run_experiment
 
     config = from_arguments(args, RunConfig.from_file(args.config) if args.config else None)
-    result = run_experiment(config, verbose=1 if sys.stdout.isatty() else 2)  # bars on a terminal
+    result = run_experiment(config, overwrite=args.overwrite,
+                            verbose=1 if sys.stdout.isatty() else 2)  # bars on a terminal
     if result.report is None:
         print("Training done; the chief worker evaluates and exports.")
         return
@@ -98,7 +99,9 @@ def cmd_evaluate(args):
 def cmd_export(args):
     from keras_mmtl.export import export_saved_model
 
-    print(f"Exported to {export_saved_model(_load(args.model), args.export_dir)}")
+    path = export_saved_model(_load(args.model), args.export_dir,
+                              max_megapixels=args.max_megapixels)
+    print(f"Exported to {path}")
 
 
 def cmd_predict(args):
@@ -128,6 +131,7 @@ def _report(report, out_dir):
 def build_parser():
     """The argument parser of `keras-mmtl`."""
     from keras_mmtl.config import SECTIONS, DataConfig, add_arguments
+    from keras_mmtl.data.images import MAX_MEGAPIXELS
 
     parser = argparse.ArgumentParser(
         prog="keras-mmtl", description=DESCRIPTION,
@@ -156,9 +160,14 @@ def build_parser():
                     "backbone, then fine-tuning), evaluates it on the test split and exports "
                     "it as a SavedModel. The complete settings are written to "
                     "RUN_DIR/config.yaml; --config FILE reads such a file (YAML or JSON), and "
-                    "flags given as well override it.")
+                    "flags given as well override it. Run again with the same settings and "
+                    "data, an interrupted run resumes and a finished one is reused; with "
+                    "others, it stops before any work unless --overwrite.")
     train.add_argument("--config", help="a run config file (YAML or JSON), e.g. the "
                                         "config.yaml of an earlier run")
+    train.add_argument("--overwrite", action="store_true",
+                       help="clear the run folder's training state (a run of other settings "
+                            "or data) and train again; its feature cache is kept")
     for section in SECTIONS.values():
         add_arguments(train, section, defaults=False)
     train.set_defaults(func=cmd_train)
@@ -200,6 +209,9 @@ def build_parser():
         description="Writes the next version folder (1, 2, ...) of a TF Serving model folder.")
     export.add_argument("--model", required=True, help="a model.keras file from train")
     export.add_argument("--export-dir", required=True, help="e.g. saved_models/products")
+    export.add_argument("--max-megapixels", type=float, default=MAX_MEGAPIXELS,
+                        help="requests with a larger image fail, refused from its header "
+                             f"before it is decoded (default: {MAX_MEGAPIXELS})")
     export.set_defaults(func=cmd_export)
 
     predict = commands.add_parser(
@@ -224,10 +236,12 @@ def main(argv=None):
     from keras_mmtl.config import ConfigError
     from keras_mmtl.data import DataValidationError
     from keras_mmtl.models import WeightsUnavailableError
+    from keras_mmtl.training.run_state import StaleRunError
 
     try:
         args.func(args)
-    except (DataValidationError, WeightsUnavailableError, FileNotFoundError, ConfigError) as error:
+    except (DataValidationError, WeightsUnavailableError, FileNotFoundError, ConfigError,
+            StaleRunError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

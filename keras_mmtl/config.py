@@ -8,6 +8,7 @@ from typing import Optional, Union
 
 import yaml
 
+from keras_mmtl.data.images import MAX_MEGAPIXELS
 from keras_mmtl.presets import DEFAULT_PRESET, PRESETS
 
 # The defaults below are the default preset's recipe, read from it (one source of truth).
@@ -77,6 +78,9 @@ class DataConfig:
     allow_missing: bool = _field(
         False, "keep rows with an empty image path or an empty text (not both): samples that "
                "lack a modality (the model is then built with --missing-modalities)")
+    max_megapixels: float = _field(
+        MAX_MEGAPIXELS, "larger images (millions of pixels, read from the file's header) are "
+                        "bad rows, and the exported model refuses them in requests")
     seed: int = _field(0, "seed of splits, shuffling and weight initialisation")
 
     def __post_init__(self):

@@ -3,6 +3,7 @@
 import dataclasses
 import os
 import time
+import warnings
 
 import keras
 
@@ -28,6 +29,7 @@ from keras_mmtl.presets import (
 from keras_mmtl.training import distribution_strategy, setup_precision, train, transfer, tune
 from keras_mmtl.training.callbacks import save_atomic
 from keras_mmtl.training.distribute import is_chief, is_multi_worker
+from keras_mmtl.training.run_state import check_run_folder, fingerprint
 from keras_mmtl.training.trainer import MODEL_FILE
 
 # Of a run's time limit, the share kept for calibration, evaluation and export.
@@ -46,7 +48,7 @@ class ExperimentResult:
     export_path: str = None
 
 
-def run_experiment(config, *, verbose="auto"):
+def run_experiment(config, *, overwrite=False, verbose="auto"):
     """Trains, evaluates and exports the classifier a `RunConfig` describes.
 
     The steps of `keras-mmtl train`: set up precision and distribution, read
@@ -62,8 +64,18 @@ def run_experiment(config, *, verbose="auto"):
     config is written to `<run_dir>/config.yaml` first, so the run can be
     reproduced from it, and an interrupted run resumes when called again.
 
+    The run folder keeps a fingerprint of the settings that shape the model
+    and of the data (`<run_dir>/fingerprint.json`, see
+    `keras_mmtl.training.run_state`). Called again with the same ones, an
+    interrupted run resumes and a finished one is reused; with others, it
+    stops before any work (`StaleRunError`, saying what changed) unless
+    `overwrite`, so a model is never exported for settings that did not
+    train it.
+
     Args:
         config: a `RunConfig`, a dict of its sections, or a YAML/JSON file.
+        overwrite: clear the training state of a run found in the run
+            folder and train again (its feature cache is kept).
         verbose: Keras progress output (`"auto"`, 0, 1, 2).
 
     Returns:
@@ -88,12 +100,18 @@ def run_experiment(config, *, verbose="auto"):
     setup_precision(fit.precision)
     strategy = distribution_strategy(fit.strategy)
     run_dir = config.output_dir
-    records = _read(config, data.manifest)
-    config, why = resolve_preset(config, int((records.splits != "test").sum()))
+    # Rows read and checked, images not decoded yet: enough to know the run before any work.
+    datasets = {"data.manifest": _read_quickly(config, data.manifest)}
+    if moved.source_manifest:
+        datasets["transfer.source_manifest"] = _read_quickly(config, moved.source_manifest)
+    config, why = resolve_preset(config, int((datasets["data.manifest"].splits != "test").sum()))
     options, fit = config.model, config.training
     if fit.ensemble > 1 and moved.source_manifest:
         raise ConfigError("training.ensemble (--ensemble) trains several models on one "
                           "dataset; it does not combine with transfer.source_manifest.")
+    if is_chief():  # the chief owns the run folder
+        check_run_folder(run_dir, fingerprint(config.to_dict(), datasets), overwrite)
+    records = _read(config, data.manifest)
     config.save(os.path.join(run_dir, CONFIG_FILE))
     classes = ", ".join(f"{len(names)} {task} classes" for task, names in records.tasks.items())
     print(f"{len(records)} rows, {classes}, inputs {list(records.modalities)}; "
@@ -153,7 +171,8 @@ def run_experiment(config, *, verbose="auto"):
         result.modalities = modality_report(model, records, "test", out_dir=eval_dir)
     if config.output.export:
         result.export_path = export_saved_model(
-            model, config.output.export_dir or os.path.join("saved_models", config.name))
+            model, config.output.export_dir or os.path.join("saved_models", config.name),
+            max_megapixels=data.max_megapixels)
     return result
 
 
@@ -279,11 +298,18 @@ def _as_config(config):
     return config
 
 
-def _read(config, manifest):
+def _read(config, manifest, **kwargs):
     data = config.data
+    kwargs = {"skip_bad_rows": data.skip_bad_rows, **kwargs}
     return read_manifest(manifest, data.image_column, data.text_column, data.label_column,
                          data.split_column, tabular_columns=data.tabular_columns,
-                         min_class_count=data.min_class_count,
-                         skip_bad_rows=data.skip_bad_rows, allow_missing=data.allow_missing,
-                         seed=data.seed)
+                         min_class_count=data.min_class_count, allow_missing=data.allow_missing,
+                         max_megapixels=data.max_megapixels, seed=data.seed, **kwargs)
+
+
+def _read_quickly(config, manifest):
+    """The manifest's good rows, images not decoded; quiet, since `_read` reports after."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _read(config, manifest, check_images=False, skip_bad_rows=True)
 

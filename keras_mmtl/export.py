@@ -9,7 +9,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_text  # noqa: F401  (registers the tokenizer ops a loaded graph needs)
 
-from keras_mmtl.data.images import decode_image, decode_optional_image
+from keras_mmtl.data.images import MAX_MEGAPIXELS, decode_image, decode_optional_image
 from keras_mmtl.models.builder import (
     class_names,
     embedding_model,
@@ -26,7 +26,7 @@ SIGNATURE = "serving_default"
 EMBED_SIGNATURE = "embed"
 
 
-def serving_function(model, top_k=5):
+def serving_function(model, top_k=5, max_megapixels=MAX_MEGAPIXELS):
     """The function a served model runs: raw request tensors -> predictions.
 
     It decodes JPEG/PNG bytes with the same `decode_image` as training, then
@@ -39,6 +39,8 @@ def serving_function(model, top_k=5):
         model: a classifier from `keras_mmtl.models`.
         top_k: number of best classes returned by name (at most the number
             of classes).
+        max_megapixels: larger images fail the request, refused from their
+            header before they are decoded (see `decode_image`).
 
     Returns:
         `(fn, input_signature)`: `fn` takes one batched tensor per modality
@@ -52,7 +54,7 @@ def serving_function(model, top_k=5):
         `<task>_probabilities`, `<task>_label`, ... (auxiliary heads are
         not served).
     """
-    model_inputs, signature = request_inputs(model)
+    model_inputs, signature = request_inputs(model, max_megapixels)
     tasks = model_tasks(model) or {None: class_names(model)}
 
     def serve(*inputs):
@@ -72,7 +74,7 @@ def serving_function(model, top_k=5):
     return serve, signature
 
 
-def embedding_function(model):
+def embedding_function(model, max_megapixels=MAX_MEGAPIXELS):
     """The `embed` signature's function: raw request tensors -> the fused embedding.
 
     It takes what `serving_function` takes and returns `{"embedding":
@@ -83,7 +85,7 @@ def embedding_function(model):
     Returns:
         `(fn, input_signature)`, as `serving_function`.
     """
-    model_inputs, signature = request_inputs(model)
+    model_inputs, signature = request_inputs(model, max_megapixels)
     embed = embedding_model(model)
 
     def embedding(*inputs):
@@ -92,10 +94,11 @@ def embedding_function(model):
     return embedding, signature
 
 
-def request_inputs(model):
+def request_inputs(model, max_megapixels=MAX_MEGAPIXELS):
     """What turns a request's raw tensors into a classifier's inputs, and their signature.
 
-    Images are decoded with the same `decode_image` as training; for a
+    Images are decoded with the same `decode_image` as training (an image
+    over `max_megapixels` fails the request before it is decoded); for a
     model built with `missing_modalities=True`, empty image bytes or an
     empty (or blank) text mark that modality missing for the sample, and a
     missing image is decoded black.
@@ -123,7 +126,7 @@ def request_inputs(model):
         for name in (name for name in modalities if modality_kind(name) == "image"):
             decode = decode_optional_image if name in optional else decode_image
             features[name] = tf.map_fn(
-                lambda data: decode(data, size), features[name],
+                lambda data: decode(data, size, max_megapixels), features[name],
                 fn_output_signature=tf.TensorSpec((*size, 3), tf.float32))
         return features
 
@@ -135,7 +138,8 @@ def output_name(task, key):
     return key if task is None else f"{task}_{key}"
 
 
-def export_saved_model(model, base_dir, version=None, custom_ops="warn"):
+def export_saved_model(model, base_dir, version=None, custom_ops="warn",
+                       max_megapixels=MAX_MEGAPIXELS):
     """Exports a classifier as the next version of a TF Serving model folder.
 
     Writes `base_dir/<version>/` (1, 2, ...: the layout TF Serving watches)
@@ -155,6 +159,9 @@ def export_saved_model(model, base_dir, version=None, custom_ops="warn"):
             Serving lacks (not core TensorFlow, see
             `keras_mmtl.op_audit.audit_ops`): `"error"` raises before the
             version lands, `"warn"` warns, `"ignore"`.
+        max_megapixels: the largest image a request may send, in millions of
+            pixels: a larger one fails the request from its header, before
+            it is decoded, so one request cannot take the server's memory.
 
     Returns:
         path of the new version folder.
@@ -180,7 +187,7 @@ def export_saved_model(model, base_dir, version=None, custom_ops="warn"):
     archive = keras.export.ExportArchive()
     archive.track(model)
     for name, function in ((SIGNATURE, serving_function), (EMBED_SIGNATURE, embedding_function)):
-        fn, signature = function(model)
+        fn, signature = function(model, max_megapixels=max_megapixels)
         archive.add_endpoint(name, tf.function(fn), input_signature=signature)
     staging = os.path.join(base_dir, f".tmp-{version}-{uuid.uuid4().hex}")
     try:

@@ -22,6 +22,18 @@ def write_image(path, colour, size=16, fmt="jpeg"):
     tf.io.write_file(path, data)
 
 
+def claimed_size_jpeg(height, width):
+    """An image bomb of a few hundred bytes: a JPEG whose header claims `height` x `width`.
+
+    The decoder fills in the rows its data lacks, so decoding it costs the full size
+    (12000 x 12000: 432 MB of uint8); only a check of the header refuses it cheaply.
+    """
+    data = bytearray(tf.io.encode_jpeg(tf.zeros((8, 8, 3), tf.uint8)).numpy())
+    frame = data.index(b"\xff\xc0")  # start of frame: length, precision, height, width
+    data[frame + 5:frame + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return bytes(data)
+
+
 def write_manifest(folder, rows, name="manifest.csv"):
     """Writes rows (dicts) as a CSV manifest and returns its path."""
     path = os.path.join(folder, name)

@@ -1,8 +1,9 @@
+import json
 import os
 
 import pytest
 
-from conftest import product_rows, write_manifest
+from conftest import product_rows, write_image, write_manifest
 from keras_mmtl.cli import build_parser, main
 
 
@@ -24,6 +25,65 @@ def test_train_rejects_a_bad_manifest_with_the_row(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "manifest.csv:6: field 'image': image file not found" in err
     assert "--skip-bad-rows" in err
+
+
+def test_train_refuses_a_manifest_of_one_class(tmp_path, capsys):
+    rows = product_rows(str(tmp_path))
+    for row in rows:
+        row["label"] = "red cotton"
+    manifest = write_manifest(str(tmp_path), rows)
+    assert main(["train", "--manifest", manifest, "--image-backbone", "small_cnn",
+                 "--image-weights", "none", "--image-size", "16x16", "--epochs", "1",
+                 "--no-export", "--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "the label column 'label' has 1 distinct label ('red cotton')" in err
+    assert "--label-column" in err
+    assert not (tmp_path / "run").exists()  # stopped before any work
+
+
+@pytest.mark.slow
+def test_a_rerun_resumes_only_what_the_same_settings_and_data_trained(tmp_path, capsys,
+                                                                      monkeypatch):
+    rows = product_rows(str(tmp_path))
+    manifest = write_manifest(str(tmp_path), rows)
+    run_dir, export_dir = tmp_path / "run", tmp_path / "saved"
+    common = ["--manifest", manifest, "--split-column", "split", "--image-backbone", "small_cnn",
+              "--image-weights", "none", "--image-size", "16x16", "--batch-size", "8",
+              "--no-projector", "--run-dir", str(run_dir), "--export-dir", str(export_dir)]
+    assert main(["train", *common, "--epochs", "1"]) == 0
+    config = (run_dir / "config.yaml").read_text()
+    capsys.readouterr()
+    # The same settings (here from the written config) and data: the finished run is reused.
+    assert main(["train", "--config", str(run_dir / "config.yaml")]) == 0
+    assert "is finished; loading its best weights" in capsys.readouterr().out
+    assert sorted(os.listdir(export_dir)) == ["1", "2"]
+
+    def refused(*args, **kwargs):
+        raise AssertionError("images checked: the run went on")
+
+    monkeypatch.setattr("keras_mmtl.data.manifest.find_undecodable", refused)
+    write_image(str(tmp_path / rows[0]["image"]), (30, 220, 30))  # a replaced image alone
+    assert main(["train", *common, "--epochs", "1"]) == 2
+    assert ("What changed: the data of data.manifest (its rows or image files). To train"
+            in capsys.readouterr().err)
+    for row in rows:  # relabelled, with other settings
+        row["label"] = row["label"].replace("red", "green")
+    write_manifest(str(tmp_path), rows)
+    assert main(["train", *common, "--epochs", "2", "--learning-rate", "0.01"]) == 2
+    err = capsys.readouterr().err
+    for said in ("training.epochs 1 -> 2", "training.learning_rate 0.001 -> 0.01",
+                 "the data of data.manifest", "--overwrite", "--run-dir"):
+        assert said in err
+    assert (run_dir / "config.yaml").read_text() == config
+    assert sorted(os.listdir(export_dir)) == ["1", "2"]  # nothing exported
+
+    monkeypatch.undo()
+    assert main(["train", *common, "--epochs", "2", "--learning-rate", "0.01",
+                 "--overwrite"]) == 0
+    state = json.loads((run_dir / "state.json").read_text())
+    assert state["history"]["epoch"] == [0, 1]  # trained again, on the new settings
+    assert "green cotton" in capsys.readouterr().out
+    assert sorted(os.listdir(export_dir)) == ["1", "2", "3"]
 
 
 @pytest.mark.slow

@@ -6,10 +6,11 @@ import textwrap
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from keras_mmtl.data import make_dataset
 from keras_mmtl.evaluation import predict_records
-from keras_mmtl.export import export_saved_model, predict
+from keras_mmtl.export import export_saved_model, predict, serving_function
 from keras_mmtl.models import build_classifier_for, dataset_arguments, embedding_model
 from keras_mmtl.op_audit import OpAuditError, custom_ops, saved_model_ops
 
@@ -38,6 +39,17 @@ def test_crash_while_writing_leaves_no_version(tmp_path, product_records, monkey
     with pytest.raises(OSError, match="disk full"):
         export_saved_model(_model(product_records, ("text",)), str(tmp_path / "m"))
     assert os.listdir(tmp_path / "m") == []
+
+
+def test_serving_refuses_an_image_over_the_pixel_limit(tmp_path, products, product_records):
+    serve, signature = serving_function(_model(product_records, ("image", "text")),
+                                        max_megapixels=0.0002)  # the 16x16 images: 0.000256
+    serve = tf.function(serve, input_signature=signature)
+    image = open(os.path.join(os.path.dirname(products), "images", "000.jpg"), "rb").read()
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match="image too large: 16 x 16 pixels = 0.000256 megapixels, over the "
+                             "limit of 0.0002 megapixels"):
+        serve(tf.constant([image]), tf.constant(["a nice wool thing"]))
 
 
 FRESH_PROCESS = textwrap.dedent("""

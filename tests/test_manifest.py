@@ -1,14 +1,17 @@
 import json
 import os
+import re
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
-from conftest import product_rows, write_image, write_manifest
+from conftest import claimed_size_jpeg, product_rows, write_image, write_manifest
 from keras_mmtl.data import (
     DataValidationError,
     from_arrays,
     from_directory,
+    make_dataset,
     read_manifest,
     stratified_split,
 )
@@ -42,11 +45,11 @@ def test_single_modality_manifest(products, image_column, text_column, expected)
 
 
 def test_split_aliases_are_normalized(tmp_path):
-    rows = [{"text": f"t{i}", "label": "a", "split": s}
-            for i, s in enumerate(["train", "validation", "TEST", "dev"])]
+    rows = [{"text": f"t{i}", "label": "ab"[i // 4], "split": s}
+            for i, s in enumerate(["train", "validation", "TEST", "dev"] * 2)]
     records = read_manifest(write_manifest(str(tmp_path), rows), image_column=None,
                             split_column="split")
-    assert records.splits.tolist() == ["train", "val", "test", "val"]
+    assert records.splits.tolist() == ["train", "val", "test", "val"] * 2
 
 
 def test_stratified_split_is_seeded_and_keeps_proportions():
@@ -65,13 +68,14 @@ def test_every_class_keeps_a_training_row():
 
 
 def test_min_class_count_drops_rare_classes_and_reports_them(tmp_path):
-    rows = [{"text": f"t{i}", "label": "big" if i < 6 else "small"} for i in range(8)]
+    rows = [{"text": f"t{i}", "label": "big" if i < 6 else "mid" if i < 10 else "small"}
+            for i in range(12)]
     with pytest.warns(UserWarning, match="Dropped 1 classes"):
         records = read_manifest(write_manifest(str(tmp_path), rows), image_column=None,
                                 min_class_count=3, val_fraction=0, test_fraction=0)
-    assert records.class_names == ["big"]
+    assert records.class_names == ["big", "mid"]
     assert records.report.dropped_classes == {"small": 2}
-    assert len(records) == 6
+    assert len(records) == 10
 
 
 def _broken(tmp_path, problem):
@@ -83,6 +87,9 @@ def _broken(tmp_path, problem):
     elif problem == "undecodable image":
         (tmp_path / "images" / "bad.jpg").write_bytes(b"this is not a jpeg")
         row["image"] = "images/bad.jpg"
+    elif problem == "image bomb":  # refused from its header, never decoded
+        (tmp_path / "images" / "bomb.jpg").write_bytes(claimed_size_jpeg(12000, 12000))
+        row["image"] = "images/bomb.jpg"
     elif problem == "empty text":
         row["text"] = "   "
     elif problem == "empty label":
@@ -99,6 +106,8 @@ def _broken(tmp_path, problem):
 BAD_INPUTS = [
     ("missing image", "image", "not found"),
     ("undecodable image", "image", "cannot decode"),
+    ("image bomb", "image", "image too large: 12000 x 12000 pixels = 144 megapixels, over the "
+                            "limit of 50 megapixels"),
     ("empty text", "text", "empty text"),
     ("non-UTF-8 text", "text", "not valid UTF-8"),
     ("empty label", "label", "empty label"),
@@ -126,6 +135,38 @@ def test_skip_bad_rows_leaves_them_out_and_says_so(tmp_path, problem, field, mes
     assert len(records) == 23
     assert records.report.skipped_rows == 1
     assert records.report.bad_rows[0].field == field
+
+
+def test_the_pixel_limit_checked_is_the_one_training_decodes_with(products):
+    with pytest.raises(DataValidationError, match=r"manifest.csv:2: field 'image': image too "
+                                                  r"large: 16 x 16 pixels = 0.000256 megapixels"):
+        read_manifest(products, split_column="split", max_megapixels=0.0002)
+    records = read_manifest(products, split_column="split", max_megapixels=0.0002,
+                            check_images=False)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="image too large: 16 x 16 pixels"):
+        next(iter(make_dataset(records, "test", image_size=(8, 8))))
+
+
+@pytest.mark.parametrize("labels, options, message", [
+    (["shoe"] * 12, {}, "the label column 'label' has 1 distinct label ('shoe');"),
+    (["shoe"] * 10 + ["cap"] * 2, {"min_class_count": 3},
+     "has 1 distinct label ('shoe') once bad rows and rare classes are left out"),
+    (["shoe", ""] * 6, {"skip_bad_rows": True}, "has 1 distinct label ('shoe')"),
+])
+def test_a_manifest_of_one_class_is_refused(tmp_path, monkeypatch, labels, options, message):
+    rows = [{"image": f"images/{i:03d}.jpg", "text": f"t{i}", "label": label}
+            for i, label in enumerate(labels)]
+    for row in rows:
+        write_image(str(tmp_path / row["image"]), (200, 30, 30))
+    path = write_manifest(str(tmp_path), rows)
+    if not options:  # refused before any image is decoded
+        monkeypatch.setattr("keras_mmtl.data.manifest.find_undecodable", None)
+    with pytest.raises(DataValidationError, match=re.escape(message)) as error:
+        read_manifest(path, val_fraction=0, test_fraction=0, **options)
+    assert str(error.value).startswith("manifest.csv: the label column 'label'")
+    assert "--label-column" in str(error.value)
+    monkeypatch.undo()  # a model's vocabulary may meet one class (evaluating on it)
+    assert len(read_manifest(path, class_names=["cap", "shoe"], **options)) >= 2
 
 
 def test_unknown_label_against_a_fixed_vocabulary(products):

@@ -1,8 +1,12 @@
+import io
+
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from conftest import claimed_size_jpeg
 from keras_mmtl.data import decode_image, from_arrays, make_dataset
+from keras_mmtl.data.images import decode_pixels, header_size
 
 
 def test_batches_have_model_input_shapes(product_records):
@@ -54,3 +58,66 @@ def test_decode_image_handles_grayscale_and_formats(encode):
     image = decode_image(encode(gray), (3, 3))
     assert image.shape == (3, 3, 3)
     np.testing.assert_allclose(image.numpy(), 200, atol=2)
+
+
+def _pil(image, fmt, **options):
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(image).save(out, fmt, **options)
+    return out.getvalue()
+
+
+HEADERS = {"jpeg": lambda image: tf.io.encode_jpeg(image).numpy(),
+           "png": lambda image: tf.io.encode_png(image).numpy(),
+           "gif": lambda image: _pil(image, "GIF"), "bmp": lambda image: _pil(image, "BMP"),
+           "webp": lambda image: _pil(image, "WEBP"),
+           "webp lossless": lambda image: _pil(image, "WEBP", lossless=True),
+           "webp extended": lambda image: _pil(np.dstack([image, image[..., :1]]), "WEBP")}
+
+
+@pytest.mark.parametrize("fmt", HEADERS)
+def test_the_header_tells_the_size_the_decoder_finds(fmt):
+    image = np.random.default_rng(0).integers(0, 255, (37, 53, 3), np.uint8)
+    data = HEADERS[fmt](image)
+    assert [int(x) for x in header_size(data)] == [37, 53]
+    assert tf.io.decode_image(data, expand_animations=False).shape[:2] == (37, 53)
+
+
+@pytest.mark.parametrize("encode", [tf.io.encode_png, tf.io.encode_jpeg])
+def test_an_image_over_the_pixel_limit_is_refused_with_its_size(encode):
+    data = encode(tf.zeros((200, 300, 3), tf.uint8))
+    expected = ("image too large: 300 x 200 pixels = 0.06 megapixels, over the limit of 0.05 "
+                r"megapixels; downscale it, or raise the limit \(max_megapixels=, CLI: "
+                r"--max-megapixels\)")
+    with pytest.raises(tf.errors.InvalidArgumentError, match=expected):
+        decode_image(data, (8, 8), max_megapixels=0.05)
+    graph = tf.function(lambda data: decode_image(data, (8, 8), max_megapixels=0.05))
+    with pytest.raises(tf.errors.InvalidArgumentError, match=f"assertion failed: \\[{expected}"):
+        graph(data)
+    assert decode_image(data, (8, 8), max_megapixels=0.06).shape == (8, 8, 3)
+
+
+def test_a_huge_header_is_refused_before_decoding():
+    bomb = claimed_size_jpeg(12000, 12000)  # 631 bytes; decoded, 432 MB
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match="image too large: 12000 x 12000 pixels = 144 megapixels"):
+        decode_image(bomb, (32, 32))
+    png = bytearray(tf.io.encode_png(tf.zeros((4, 4, 3), tf.uint8)).numpy())
+    png[16:24] = (65535).to_bytes(4, "big") * 2  # the IHDR width and height
+    with pytest.raises(tf.errors.InvalidArgumentError, match="65535 x 65535 pixels = 4294.84"):
+        tf.function(lambda data: decode_image(data, (32, 32)))(bytes(png))
+
+
+def test_large_jpegs_are_downscaled_while_decoding_never_below_the_size():
+    rows, columns = np.mgrid[0:64, 0:48]
+    image = np.stack([rows * 4, columns * 5, rows + columns], -1).astype(np.uint8)
+    data = tf.io.encode_jpeg(image)
+    assert decode_pixels(data, (16, 12)).shape == (16, 12, 3)  # 1/4
+    assert decode_pixels(data, (17, 12)).shape == (32, 24, 3)  # 1/2
+    assert decode_pixels(data, (33, 12)).shape == (64, 48, 3)  # whole
+    whole = tf.image.resize(tf.cast(tf.io.decode_jpeg(data), tf.float32), (16, 12))
+    np.testing.assert_allclose(decode_image(data, (16, 12)), whole, atol=12)
+    # Less than twice the size on a side: decoded whole, as before the pixel budget.
+    whole = tf.image.resize(tf.cast(tf.io.decode_jpeg(data), tf.float32), (33, 30))
+    np.testing.assert_array_equal(decode_image(data, (33, 30)), whole)

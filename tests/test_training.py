@@ -10,6 +10,7 @@ from conftest import MOBILENET_WEIGHTS
 from keras_mmtl.data import from_arrays
 from keras_mmtl.models import backbone_network, build_classifier_for
 from keras_mmtl.training import class_weights, setup_precision, train
+from keras_mmtl.training.run_state import StaleRunError, check_run_folder, fingerprint
 from keras_mmtl.presets import parse_duration
 
 # A frozen random small CNN stands in for a pretrained backbone: two phases,
@@ -241,3 +242,23 @@ def test_parse_duration(text, seconds):
 def test_parse_duration_rejects_what_is_no_duration(text):
     with pytest.raises(ValueError, match="time limit"):
         parse_duration(text)
+
+
+def test_a_run_folder_is_reused_only_for_its_fingerprint_and_overwrite_keeps_the_cache(tmp_path):
+    run = tmp_path / "run"
+    for folder in ("cache", "member1", "logs"):
+        (run / folder).mkdir(parents=True)
+    (run / "cache" / "train-0123.npz").write_bytes(b"features")
+    (run / "state.json").write_text("{}")
+    (run / "notes.txt").write_text("the user's own")
+    found = fingerprint({"training": {"epochs": 2}, "output": {"run_dir": str(run)}}, {})
+    with pytest.raises(StaleRunError, match="no readable fingerprint.json"):  # from before them
+        check_run_folder(str(run), found)
+    check_run_folder(str(run), found, overwrite=True)
+    assert sorted(os.listdir(run)) == ["cache", "fingerprint.json", "notes.txt"]
+    (run / "state.json").write_text("{}")
+    check_run_folder(str(run), found)  # the same settings: resumed
+    assert (run / "state.json").exists()
+    other = fingerprint({"training": {"epochs": 3}, "output": {"run_dir": "elsewhere"}}, {})
+    with pytest.raises(StaleRunError, match=r"What changed: training.epochs 2 -> 3\. To train"):
+        check_run_folder(str(run), other)

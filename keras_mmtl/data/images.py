@@ -1,20 +1,41 @@
 """Image bytes -> tensors: the one decode used by training, validation and serving."""
 
+import functools
+
 import numpy as np
 import tensorflow as tf
 
 CHANNELS = 3
+# Images larger than this are refused before they are decoded: far above any real photo,
+# far below what one request may cost a server (a 12000x12000 JPEG decoded whole is 2 GB).
+MAX_MEGAPIXELS = 50
+LIMIT_HINT = "max_megapixels=, CLI: --max-megapixels"
+REFUSALS = ("image too large", "JPEG XL image refused")  # how the budget's errors start
+_FORMATS = ("unknown", "jpeg", "png", "gif", "bmp", "webp_vp8x", "webp_vp8", "webp_vp8l", "jxl")
+_MAGIC = ((b"\xff\xd8\xff", "jpeg"), (b"\x89PNG\r\n\x1a\n", "png"), (b"GIF8", "gif"),
+          (b"BM", "bmp"), (b"\xff\x0a", "jxl"), (b"\x00\x00\x00\x0cJXL ", "jxl"))
+_WEBP_CHUNKS = ((b"VP8X", "webp_vp8x"), (b"VP8 ", "webp_vp8"), (b"VP8L", "webp_vp8l"))
+_HEADER_BYTES = 32
+_JPEG_RATIOS = (1, 2, 4, 8)  # what decode_jpeg can scale by while decoding
 
 
-def decode_image(data, image_size):
-    """Decodes one JPEG/PNG/GIF/BMP image and resizes it for a model.
+def decode_image(data, image_size, max_megapixels=MAX_MEGAPIXELS):
+    """Decodes one JPEG/PNG/GIF/BMP/WebP image and resizes it for a model.
 
-    The training pipeline and the exported serving signature both call this
-    function, so what a served model sees is what it was trained on.
+    The training pipeline, the image check of `read_manifest` and the
+    exported serving signature all call this function, so what a served
+    model sees is what it was trained on. The image's size is read from its
+    header first: one over `max_megapixels` is refused before any pixel is
+    decoded (`InvalidArgumentError` saying its size and the limit). A JPEG
+    at least twice `image_size` in both sides is downscaled by 2, 4 or 8
+    while decoding (never below `image_size`), and the resize reads the
+    8-bit pixels, so a large image never exists as float32 at full size.
 
     Args:
         data: scalar `tf.string` tensor with the encoded image file.
         image_size: `(height, width)` of the output.
+        max_megapixels: the largest image accepted, in millions of pixels
+            (width x height as the header gives them).
 
     Returns:
         float32 tensor of shape `(height, width, 3)` with values in [0, 255].
@@ -26,11 +47,141 @@ def decode_image(data, image_size):
     >>> decode_image(png, (4, 4)).shape
     TensorShape([4, 4, 3])
     """
-    image = tf.io.decode_image(data, channels=CHANNELS, expand_animations=False)
-    return resize_image(image, image_size)
+    return resize_image(decode_pixels(data, image_size, max_megapixels), image_size)
 
 
-def decode_optional_image(data, image_size):
+def decode_pixels(data, min_size=None, max_megapixels=MAX_MEGAPIXELS):
+    """The uint8 `(h, w, 3)` pixels of an image within the pixel budget (see `decode_image`).
+
+    Args:
+        data: scalar `tf.string` tensor with the encoded image file.
+        min_size: `(height, width)` the pixels must still cover: a JPEG at
+            least twice as large on both sides is decoded downscaled, by the
+            largest of 2, 4 or 8 that keeps it at least this large. `None`
+            decodes at full size.
+        max_megapixels: the largest image accepted, in millions of pixels.
+
+    Returns:
+        uint8 tensor `(h, w, 3)`.
+
+    Example:
+
+    >>> import tensorflow as tf
+    >>> jpeg = tf.io.encode_jpeg(tf.zeros((64, 48, 3), tf.uint8))
+    >>> decode_pixels(jpeg, (16, 12)).shape, decode_pixels(jpeg).shape
+    (TensorShape([16, 12, 3]), TensorShape([64, 48, 3]))
+    """
+    data = tf.convert_to_tensor(data, tf.string)
+    kind, height, width = _header(data)
+    with tf.control_dependencies(_budget_checks(kind, height, width, max_megapixels)):
+        ratio = tf.constant(0) if min_size is None else _jpeg_ratio(height, width, min_size)
+        return tf.cond(
+            tf.equal(kind, _FORMATS.index("jpeg")),
+            lambda: tf.switch_case(ratio, [functools.partial(
+                tf.io.decode_jpeg, data, channels=CHANNELS, ratio=r) for r in _JPEG_RATIOS]),
+            lambda: tf.io.decode_image(data, channels=CHANNELS, expand_animations=False))
+
+
+def header_size(data):
+    """`(height, width)` (int64) of an encoded image, read from its header only.
+
+    JPEG, PNG, GIF, BMP and WebP are read; for other data both are -1 (it
+    is left to the decoder to refuse). Of a GIF, this is its logical
+    screen: its frames are not read.
+
+    Example:
+
+    >>> import tensorflow as tf
+    >>> [int(x) for x in header_size(tf.io.encode_png(tf.zeros((5, 7, 3), tf.uint8)))]
+    [5, 7]
+    """
+    return _header(tf.convert_to_tensor(data, tf.string))[1:]
+
+
+def _header(data):
+    """`(index in _FORMATS, height, width)` of an encoded image, from its first bytes."""
+    head = _head(data)
+    kind = _format_index(head)
+    raw = tf.cast(tf.io.decode_raw(head, tf.uint8), tf.int64)
+
+    def number(start, length, big_endian=False):
+        return tf.add_n([raw[start + i] * 256 ** (length - 1 - i if big_endian else i)
+                         for i in range(length)])
+
+    def signed(value):  # int32 fields of BMP: a negative height is a top-down bitmap
+        return tf.abs(tf.where(value >= 2**31, value - 2**32, value))
+
+    def vp8l():
+        bits = number(21, 4)
+        return bits // 2**14 % 2**14 + 1, bits % 2**14 + 1
+
+    unknown = (tf.constant(-1, tf.int64), tf.constant(-1, tf.int64))
+    readers = {
+        "jpeg": lambda: tuple(tf.unstack(tf.io.extract_jpeg_shape(data, tf.int64)[:2])),
+        "png": lambda: (number(20, 4, True), number(16, 4, True)),
+        "gif": lambda: (number(8, 2), number(6, 2)),
+        "bmp": lambda: (signed(number(22, 4)), signed(number(18, 4))),
+        "webp_vp8x": lambda: (number(27, 3) + 1, number(24, 3) + 1),
+        "webp_vp8": lambda: (number(28, 2) % 2**14, number(26, 2) % 2**14),
+        "webp_vp8l": vp8l,
+    }
+    return (kind, *tf.switch_case(kind, [readers.get(name, lambda: unknown)
+                                         for name in _FORMATS]))
+
+
+def _head(data):
+    """The first `_HEADER_BYTES` bytes of `data`, padded with zeros if it is shorter."""
+    return tf.strings.substr(tf.strings.join([tf.strings.substr(data, 0, _HEADER_BYTES),
+                                              b"\0" * _HEADER_BYTES]), 0, _HEADER_BYTES)
+
+
+def _format_index(head):
+    """The index in `_FORMATS` of the format an image's first bytes (`_head`) say."""
+    def starts(start, magic):
+        return tf.equal(tf.strings.substr(head, start, len(magic)), magic)
+
+    index = tf.constant(0)
+    for magic, name in _MAGIC:
+        index = tf.where(starts(0, magic), _FORMATS.index(name), index)
+    for chunk, name in _WEBP_CHUNKS:
+        webp = starts(0, b"RIFF") & starts(8, b"WEBP") & starts(12, chunk)
+        index = tf.where(webp, _FORMATS.index(name), index)
+    return index
+
+
+def _budget_checks(kind, height, width, max_megapixels):
+    """Checks that an image is within `max_megapixels` and of a format whose size is read."""
+    pixels = height * width
+    megapixels = tf.cast(pixels, tf.float64) / 1e6
+    megapixels = tf.where(megapixels < 0.1, megapixels, tf.round(megapixels * 100) / 100)
+    too_large = tf.strings.join([
+        "image too large: ", tf.strings.as_string(width), " x ", tf.strings.as_string(height),
+        " pixels = ", tf.strings.as_string(megapixels, shortest=True), " megapixels, over the "
+        f"limit of {max_megapixels:g} megapixels; downscale it, or raise the limit "
+        f"({LIMIT_HINT})"])
+    return [_require(pixels <= int(max_megapixels * 1e6), too_large),
+            _require(tf.not_equal(kind, _FORMATS.index("jxl")), tf.constant(
+                "JPEG XL image refused (its size is not read before decoding); convert it to "
+                "JPEG, PNG or WebP"))]
+
+
+def _require(condition, message):
+    """An assertion op (graph) or check (eager) raising `InvalidArgumentError(message)`."""
+    if not tf.executing_eagerly():
+        return tf.debugging.Assert(condition, [message], summarize=1)
+    if not bool(condition):
+        raise tf.errors.InvalidArgumentError(None, None, message.numpy().decode("utf-8"))
+    return tf.no_op()
+
+
+def _jpeg_ratio(height, width, min_size):
+    """Index in `_JPEG_RATIOS` of the largest ratio that keeps an image >= `min_size`."""
+    fits = [tf.logical_and(height >= ratio * min_size[0], width >= ratio * min_size[1])
+            for ratio in _JPEG_RATIOS[1:]]
+    return tf.add_n([tf.cast(fit, tf.int32) for fit in fits])
+
+
+def decode_optional_image(data, image_size, max_megapixels=MAX_MEGAPIXELS):
     """`decode_image`, or a black image for empty `data` (a sample without its image).
 
     A model built with `missing_modalities=True` ignores that image: its
@@ -41,37 +192,53 @@ def decode_optional_image(data, image_size):
     >>> float(tf.reduce_max(decode_optional_image(tf.constant(b""), (4, 4))))
     0.0
     """
-    return tf.cond(tf.strings.length(data) > 0, lambda: decode_image(data, image_size),
+    return tf.cond(tf.strings.length(data) > 0,
+                   lambda: decode_image(data, image_size, max_megapixels),
                    lambda: tf.zeros((*image_size, CHANNELS), tf.float32))
 
 
 def resize_image(image, image_size):
-    """Resizes a decoded `(h, w, c)` image to `image_size` as float32 RGB."""
+    """Resizes a decoded `(h, w, c)` image to `image_size` as float32 RGB.
+
+    The resize reads the pixels in their own type (uint8 from a decoder):
+    only the small resized image is float32.
+    """
     image = tf.convert_to_tensor(image)
     if image.shape[-1] == 1:
         image = tf.image.grayscale_to_rgb(image)
-    image = tf.image.resize(tf.cast(image, tf.float32), image_size)
+    image = tf.cast(tf.image.resize(image, image_size), tf.float32)
     return tf.ensure_shape(image, (*image_size, CHANNELS))
 
 
-def find_undecodable(sources, read_files=True):
+def find_undecodable(sources, read_files=True, max_megapixels=MAX_MEGAPIXELS):
     """Returns the indices of images that cannot be decoded, and why.
 
-    Every image is decoded once, in parallel, by the same op as training.
+    Every image is decoded once, in parallel, by the same function as
+    training (`decode_pixels`): an image over `max_megapixels` is refused
+    from its header, before it is decoded.
 
     Args:
         sources: sequence of file paths (`read_files=True`) or encoded bytes.
         read_files: whether `sources` are paths to read.
+        max_megapixels: the largest image accepted (see `decode_image`).
 
     Returns:
-        dict mapping index -> error message, empty when all images decode.
+        dict mapping index -> what is wrong (naming the file) and what to
+        do, empty when all images decode.
+
+    Example:
+
+    >>> big = tf.io.encode_png(tf.zeros((300, 400, 3), tf.uint8)).numpy()
+    >>> find_undecodable([big, b"junk"], read_files=False, max_megapixels=0.1)[0]
+    'image too large: 400 x 300 pixels = 0.12 megapixels, over the limit of 0.1 megapixels; \
+downscale it, or raise the limit (max_megapixels=, CLI: --max-megapixels)'
     """
     if len(sources) == 0:
         return {}
 
     def probe(index, source):
         data = tf.io.read_file(source) if read_files else source
-        image = tf.io.decode_image(data, channels=CHANNELS, expand_animations=False)
+        image = decode_pixels(data, max_megapixels=max_megapixels)
         tf.debugging.assert_positive(tf.size(image), "empty image")
         return index
 
@@ -83,12 +250,18 @@ def find_undecodable(sources, read_files=True):
         decoded.update(batch.numpy().tolist())
     failures = {}
     for index in sorted(set(range(len(sources))) - decoded):
+        problem = "cannot decode image"
+        advice = "replace the file with a JPEG/PNG/GIF/BMP/WebP image"
         try:
             probe(index, tf.constant(sources[index]))
-            failures[index] = "cannot decode image"
         except (tf.errors.OpError, ValueError) as error:
             reason = getattr(error, "message", str(error)).strip().splitlines()[0]
-            failures[index] = f"cannot decode image ({reason})"
+            if reason.startswith(REFUSALS):  # the budget's own message: what, then what to do
+                problem, _, advice = reason.partition("; ")
+            else:
+                problem += f" ({reason})"
+        where = f": {sources[index]}" if read_files else ""
+        failures[index] = f"{problem}{where}; {advice}"
     return failures
 
 

@@ -8,7 +8,7 @@ import warnings
 
 import numpy as np
 
-from keras_mmtl.data.images import find_undecodable
+from keras_mmtl.data.images import MAX_MEGAPIXELS, find_undecodable
 from keras_mmtl.modalities import input_names, is_input_name, modality_kind, ordered
 
 SPLITS = ("train", "val", "test")
@@ -92,6 +92,8 @@ class Records:
         extra_inputs: more image or text columns: dict of input name
             (`"image_2"`, `"text_2"`, ...; see `keras_mmtl.modalities`) ->
             values, stored like `images` (paths or bytes) or `texts`.
+        max_megapixels: the largest image the rows were checked against;
+            `make_dataset` decodes with the same limit.
     """
 
     images: object
@@ -106,6 +108,7 @@ class Records:
     label_name: str = "label"
     extra_tasks: dict = dataclasses.field(default_factory=dict)
     extra_inputs: dict = dataclasses.field(default_factory=dict)
+    max_megapixels: float = MAX_MEGAPIXELS
 
     def __len__(self):
         return len(self.labels)
@@ -132,10 +135,10 @@ class Records:
 
         Example:
 
-        >>> records = from_arrays({"type": ["shoe", "cap"], "colour": ["red", "red"]},
+        >>> records = from_arrays({"type": ["shoe", "cap"], "colour": ["red", "blue"]},
         ...                       texts=["a", "b"], splits=["train"] * 2)
         >>> records.tasks
-        {'type': ['cap', 'shoe'], 'colour': ['red']}
+        {'type': ['cap', 'shoe'], 'colour': ['blue', 'red']}
         """
         return {self.label_name: list(self.class_names),
                 **{name: list(names) for name, (_, names) in self.extra_tasks.items()}}
@@ -263,6 +266,7 @@ def read_manifest(
     min_class_count=1,
     skip_bad_rows=False,
     check_images=True,
+    max_megapixels=MAX_MEGAPIXELS,
     allow_missing=False,
     val_fraction=0.1,
     test_fraction=0.1,
@@ -273,8 +277,10 @@ def read_manifest(
     Each row names an image file (relative to the manifest's folder, or
     absolute), a text and a label; an optional column fixes the split.
     Every row is checked before anything trains: the image must exist and
-    decode, the text must be non-empty UTF-8, the label non-empty (and in
-    `class_names` if given), the split one of train/val/test.
+    decode, within `max_megapixels`, the text must be non-empty UTF-8, the
+    label non-empty (and in `class_names` if given), the split one of
+    train/val/test. Without `class_names`, each label column needs two
+    classes or more.
 
     Args:
         path: a `.csv` file (header row, comma separated) or a `.jsonl` /
@@ -299,6 +305,9 @@ def read_manifest(
             rows than this.
         skip_bad_rows: leave bad rows out (and report them) instead of raising.
         check_images: decode every image once to find corrupt files.
+        max_megapixels: images larger than this many million pixels are bad
+            rows, found from their headers before they are decoded (see
+            `keras_mmtl.data.decode_image`); training decodes with it too.
         allow_missing: accept rows whose image path or text is empty (but not
             both): samples with a missing modality, for a model built with
             `missing_modalities=True`. A path that is given must still exist.
@@ -363,6 +372,7 @@ def read_manifest(
         skip_bad_rows=skip_bad_rows, check_images=check_images, allow_missing=allow_missing,
         val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
         image_kind="path", tabular_columns=tabular_columns, columns=columns,
+        max_megapixels=max_megapixels,
     )
 
 
@@ -378,6 +388,7 @@ def from_arrays(
     image_kind=None,
     skip_bad_rows=False,
     check_images=True,
+    max_megapixels=MAX_MEGAPIXELS,
     allow_missing=False,
     min_class_count=1,
     val_fraction=0.1,
@@ -399,9 +410,10 @@ def from_arrays(
         class_names: label vocabulary; needed when `labels` are integers (a
             dict of task -> vocabulary when `labels` is a dict).
         image_kind: `"array"`, `"path"` or `"bytes"`; inferred by default.
-        skip_bad_rows, check_images, allow_missing, min_class_count,
-        val_fraction, test_fraction, seed: as in `read_manifest` (a missing
-        image is an empty path or empty bytes; arrays cannot miss one).
+        skip_bad_rows, check_images, max_megapixels, allow_missing,
+        min_class_count, val_fraction, test_fraction, seed: as in
+        `read_manifest` (a missing image is an empty path or empty bytes;
+        arrays cannot miss one).
 
     Returns:
         `Records`.
@@ -455,12 +467,12 @@ def from_arrays(
         val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
         image_kind=image_kind or "path",
         image_array=np.asarray(images) if image_kind == "array" else None,
-        tabular_columns=tabular_columns or (),
+        tabular_columns=tabular_columns or (), max_megapixels=max_megapixels,
     )
 
 
 def from_directory(root, *, skip_bad_rows=False, check_images=True, min_class_count=1,
-                   val_fraction=0.1, test_fraction=0.1, seed=0):
+                   val_fraction=0.1, test_fraction=0.1, seed=0, max_megapixels=MAX_MEGAPIXELS):
     """Reads an image-only dataset laid out as `root/<class name>/<image file>`.
 
     This is the layout `keras.utils.image_dataset_from_directory` reads; files
@@ -469,7 +481,7 @@ def from_directory(root, *, skip_bad_rows=False, check_images=True, min_class_co
     Args:
         root: the folder holding one sub-folder per class.
         skip_bad_rows, check_images, min_class_count, val_fraction,
-        test_fraction, seed: as in `read_manifest`.
+        test_fraction, seed, max_megapixels: as in `read_manifest`.
 
     Returns:
         `Records` without texts.
@@ -497,7 +509,8 @@ def from_directory(root, *, skip_bad_rows=False, check_images=True, min_class_co
         )
     return from_arrays(labels, images=paths, image_kind="path", skip_bad_rows=skip_bad_rows,
                        check_images=check_images, min_class_count=min_class_count,
-                       val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
+                       val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
+                       max_megapixels=max_megapixels)
 
 
 def from_tfds(name, image_key=None, text_key=None, label_key="label", *,
@@ -518,8 +531,9 @@ def from_tfds(name, image_key=None, text_key=None, label_key="label", *,
             By default TFDS's `train`, `validation` and `test` where present,
             and a stratified split of the rest.
         data_dir, download: passed to `tfds.load`.
-        **kwargs: `skip_bad_rows`, `check_images`, `min_class_count`,
-            `val_fraction`, `test_fraction`, `seed` as in `from_arrays`.
+        **kwargs: `skip_bad_rows`, `check_images`, `max_megapixels`,
+            `min_class_count`, `val_fraction`, `test_fraction`, `seed` as in
+            `from_arrays`.
 
     Returns:
         `Records`.
@@ -649,7 +663,8 @@ def _normalize_split(value):
 
 def _build_records(table, source, *, class_names, min_class_count, skip_bad_rows,
                    check_images, val_fraction, test_fraction, seed, image_kind,
-                   image_array=None, allow_missing=False, tabular_columns=(), columns=None):
+                   image_array=None, allow_missing=False, tabular_columns=(), columns=None,
+                   max_megapixels=MAX_MEGAPIXELS):
     """Validates rows (dicts with line, labels by task, inputs by name and optional split).
 
     `columns` maps input names to the column names that bad rows name
@@ -663,6 +678,7 @@ def _build_records(table, source, *, class_names, min_class_count, skip_bad_rows
     tasks = list(table[0]["labels"]) if table else ["label"]
     class_names = _per_task(class_names, tasks)
     known = {task: None if names is None else set(names) for task, names in class_names.items()}
+    learned = [task for task in tasks if class_names[task] is None]  # classes the data names
     for entry in table:
         line = entry["line"]
         for task, label in entry["labels"].items():
@@ -699,16 +715,18 @@ def _build_records(table, source, *, class_names, min_class_count, skip_bad_rows
             elif not entry[name]:
                 bad.append(BadRow(source, line, column[name], "empty image bytes"))
     flagged = {(row.source, row.line) for row in bad}
+    bad_labels = {(row.line, row.field) for row in bad}
+    _check_classes(source, {task: {entry["labels"][task] for entry in table
+                                   if (entry["line"], task) not in bad_labels}
+                            for task in learned})
     for name in images if check_images else ():
         candidates = [e for e in table
                       if (source, e["line"]) not in flagged and _has_value(e[name])]
         failures = find_undecodable([e[name] for e in candidates],
-                                    read_files=image_kind == "path")
+                                    read_files=image_kind == "path",
+                                    max_megapixels=max_megapixels)
         for index, problem in failures.items():
-            entry = candidates[index]
-            where = f": {entry[name]}" if image_kind == "path" else ""
-            bad.append(BadRow(source, entry["line"], column[name], (
-                f"{problem}{where}; replace the file with a JPEG/PNG/GIF/BMP image")))
+            bad.append(BadRow(source, candidates[index]["line"], column[name], problem))
     bad.sort(key=lambda row: row.line)
     report = DataReport(total_rows=len(table), bad_rows=bad)
     if bad and not skip_bad_rows:
@@ -749,12 +767,25 @@ def _build_records(table, source, *, class_names, min_class_count, skip_bad_rows
         label_name=main, extra_tasks=extra_tasks, image_kind=image_kind, report=report,
         tabular=np.array([entry["tabular"] for entry in table], dtype=np.float32)
         if tabular_columns else None,
-        tabular_columns=tuple(tabular_columns),
+        tabular_columns=tuple(tabular_columns), max_megapixels=max_megapixels,
     )
     records = _drop_rare_classes(records, min_class_count)
+    _check_classes(source, {task: records.tasks[task] for task in learned},
+                   " once bad rows and rare classes are left out")
     if records.report.bad_rows or records.report.dropped_classes:
         warnings.warn(records.report.summary(), stacklevel=3)
     return records
+
+
+def _check_classes(source, labels, when=""):
+    """Raises if a label column (dict of column -> its distinct labels) has one class only."""
+    for task, names in labels.items():
+        if len(names) == 1:
+            raise DataValidationError(
+                f"{source}: the label column {task!r} has 1 distinct label ({next(iter(names))!r})"
+                f"{when}; a classifier needs two classes or more. Name the right column "
+                "(label_column=, CLI: --label-column), or add rows of the other classes."
+            )
 
 
 def _input_columns(kind, column):

@@ -28,7 +28,8 @@ def make_dataset(
     """Builds the input pipeline of a model: `({"image", "text"}, label)` batches.
 
     Images are read and decoded in parallel inside tf.data (no Python runs per
-    sample), resized to `image_size` as float32 in [0, 255]; the model holds
+    sample) within the records' pixel budget (`records.max_megapixels`, see
+    `decode_image`), resized to `image_size` as float32 in [0, 255]; the model holds
     its backbone's own preprocessing. Texts stay raw strings: the model
     tokenizes them in its graph.
 
@@ -122,7 +123,7 @@ def make_dataset(
         if records.image_kind == "path":  # an empty path is a missing image
             data = tf.cond(tf.strings.length(data) > 0, lambda: tf.io.read_file(data),
                            lambda: tf.constant(b""))
-        return decode_optional_image(data, image_size)
+        return decode_optional_image(data, image_size, records.max_megapixels)
 
     def load_images(row, label):
         return {**row, **{name: load_image(row[name]) for name in images}}, label

@@ -32,6 +32,10 @@ CACHEABLE = {
 }
 
 
+# Bumped when the same inputs give other features: 2, large JPEGs are downscaled while decoding.
+FEATURES_VERSION = 2
+
+
 def branch_outputs(model, layer_name, modality):
     """The tensors a layer outputs inside `model`'s graph for one of its inputs.
 
@@ -136,6 +140,7 @@ def split_model(model, exclude=()):
 def cache_key(extractor, records, split):
     """A digest of the frozen weights, their input spec and the split's samples."""
     digest = hashlib.sha256()
+    digest.update(f"features {FEATURES_VERSION}:".encode())
     digest.update(_canonical_config(extractor).encode())
     for weight in extractor.weights:
         digest.update(np.ascontiguousarray(keras.ops.convert_to_numpy(weight)).tobytes())
