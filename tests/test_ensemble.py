@@ -52,6 +52,27 @@ def test_members_must_match():
                                  text_vocabulary=["x"])
     with pytest.raises(ValueError, match="one task each"):
         ensemble([text_only, two_tasks])
+    with pytest.raises(ValueError, match="combine must be one of"):
+        ensemble([text_only, text_only], combine="median")
+
+
+def test_a_fused_model_and_a_model_of_one_input_combine_geometrically(product_records,
+                                                                     tmp_path):
+    keras.utils.set_random_seed(4)
+    fused = build_classifier_for(product_records, **SMALL)
+    image_only = build_classifier_for(product_records, modalities=("image",), **SMALL)
+    combined = ensemble([fused, image_only], combine="geometric")
+    assert sorted(combined.input) == ["image", "text"]
+    _, first = predict_records(fused, product_records, "test")
+    _, second = predict_records(image_only, product_records, "test")
+    _, probabilities = predict_records(combined, product_records, "test")
+    geometric = np.sqrt(first * second)
+    np.testing.assert_allclose(probabilities, geometric / geometric.sum(1, keepdims=True),
+                               atol=1e-5)
+    combined.save(tmp_path / "ensemble.keras")
+    _, again = predict_records(keras.models.load_model(tmp_path / "ensemble.keras"),
+                               product_records, "test")
+    np.testing.assert_allclose(again, probabilities, atol=1e-6)
 
 
 def test_members_with_auxiliary_heads_take_part_with_their_main_head(product_records):

@@ -8,10 +8,12 @@ from keras_mmtl.models.builder import (
     embedding_model,
     head_name,
     image_size,
-    model_modalities,
     model_tasks,
     presence_modalities,
 )
+
+
+COMBINES = ("mean", "geometric")
 
 
 @keras.saving.register_keras_serializable(package="keras_mmtl")
@@ -20,20 +22,26 @@ class EnsembleHead(keras.layers.Layer):
 
     The input is the members' embeddings side by side (widths `widths`);
     each member's `ClassifierHead` reads its own part, and the output is the
-    mean of their probabilities, divided in logit space by `temperature`
-    when `keras_mmtl.calibrate` sets one. It has the attributes of a
-    `ClassifierHead` that evaluation and export read (`class_names`,
-    `temperature`), so an ensemble is scored, calibrated and served as one
-    classifier.
+    mean of their probabilities (`combine="mean"`) or their normalised
+    geometric mean (`"geometric"`: the softmax of the mean log-probability,
+    where a member sure that a class is wrong vetoes it), divided in logit
+    space by `temperature` when `keras_mmtl.calibrate` sets one. It has the
+    attributes of a `ClassifierHead` that evaluation and export read
+    (`class_names`, `temperature`), so an ensemble is scored, calibrated and
+    served as one classifier.
 
     Args:
         heads: the members' `ClassifierHead`s (same class names).
         widths: the width of each member's embedding, in order.
         temperature: as in `ClassifierHead`.
+        combine: `"mean"` or `"geometric"`.
     """
 
-    def __init__(self, heads, widths, temperature=1.0, **kwargs):
+    def __init__(self, heads, widths, temperature=1.0, combine="mean", **kwargs):
         super().__init__(**kwargs)
+        if combine not in COMBINES:
+            raise ValueError(f"combine must be one of {COMBINES}. Received: combine={combine!r}")
+        self.combine = combine
         self.heads = [keras.saving.deserialize_keras_object(h) if isinstance(h, dict) else h
                       for h in heads]
         self.widths = [int(w) for w in widths]
@@ -51,17 +59,23 @@ class EnsembleHead(keras.layers.Layer):
 
     def call(self, embeddings, training=None):
         parts = keras.ops.split(embeddings, list(_offsets(self.widths)), axis=-1)
-        mean = keras.ops.mean(keras.ops.stack(
-            [head(part, training=training) for head, part in zip(self.heads, parts)]), axis=0)
-        if self.temperature == 1:
-            return mean
-        return keras.ops.softmax(keras.ops.log(keras.ops.maximum(mean, 1e-12)) / self.temperature)
+        probabilities = keras.ops.stack(
+            [head(part, training=training) for head, part in zip(self.heads, parts)])
+        if self.combine == "mean":
+            mean = keras.ops.mean(probabilities, axis=0)
+            if self.temperature == 1:
+                return mean
+            logits = keras.ops.log(keras.ops.maximum(mean, 1e-12))
+        else:
+            logits = keras.ops.mean(keras.ops.log(keras.ops.maximum(probabilities, 1e-12)), 0)
+        return keras.ops.softmax(logits / self.temperature)
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0], len(self.class_names))
 
     def get_config(self):
         return {**super().get_config(), "widths": self.widths, "temperature": self.temperature,
+                "combine": self.combine,
                 "heads": [keras.saving.serialize_keras_object(h) for h in self.heads]}
 
 
@@ -73,18 +87,23 @@ def _offsets(widths):
         yield total
 
 
-def ensemble(models, name="mmtl_ensemble"):
+def ensemble(models, name="mmtl_ensemble", combine="mean"):
     """One classifier that averages the class probabilities of several trained ones.
 
-    The members (for example runs with other seeds, fusions or backbones)
-    must share their class names and inputs; each keeps its own weights and
-    preprocessing. The ensemble's embedding is the members' embeddings side
-    by side. Evaluate, calibrate, save and export it like any classifier.
-    Members trained with auxiliary heads take part with their main head.
+    The members (for example runs with other seeds, fusions or backbones,
+    or a fused model and a model of one of its inputs alone) must share
+    their class names and image size; each keeps its own weights and
+    preprocessing, and reads the inputs it takes of the ensemble's, which
+    are all of theirs. The ensemble's embedding is the members' embeddings
+    side by side. Evaluate, calibrate, save and export it like any
+    classifier. Members trained with auxiliary heads take part with their
+    main head.
 
     Args:
         models: two or more trained classifiers of one task each.
         name: the ensemble's name.
+        combine: `"mean"` of the probabilities, or their normalised
+            `"geometric"` mean (see `EnsembleHead`).
 
     Returns:
         a `keras.Model` (the members are copied: training one later does
@@ -105,21 +124,24 @@ def ensemble(models, name="mmtl_ensemble"):
     first = models[0]
     for other in models[1:]:
         differs = [what for what, get in (
-            ("classes", class_names), ("inputs", model_modalities),
-            ("presence inputs", presence_modalities), ("image size", image_size))
-            if get(other) != get(first)]
+            ("classes", class_names), ("presence inputs", presence_modalities),
+            ("image size", image_size)) if None not in (get(first), get(other))
+            and get(other) != get(first)]
         if differs:
-            raise ValueError(f"The members of an ensemble must have the same classes, inputs "
-                             f"and image size; {other.name} differs from {first.name} in "
+            raise ValueError(f"The members of an ensemble must have the same classes, presence "
+                             f"inputs and image size; {other.name} differs from {first.name} in "
                              f"{differs}.")
-    inputs = {key: keras.Input(tensor.shape[1:], dtype=tensor.dtype, name=key)
-              for key, tensor in first.input.items()}
+    inputs = {}
+    for member in models:
+        inputs.update({key: keras.Input(tensor.shape[1:], dtype=tensor.dtype, name=key)
+                       for key, tensor in member.input.items() if key not in inputs})
     embeddings, heads = [], []
     for i, member in enumerate(clone_classifier(m) for m in models):
         trunk = embedding_model(member)
         trunk.name = f"member_{i}"
-        embeddings.append(trunk(inputs))
+        embeddings.append(trunk({key: inputs[key] for key in member.input}))
         heads.append(member.get_layer(head_name(next(iter(model_tasks(member) or [None])))))
     joined = keras.layers.Concatenate(name="member_embeddings")(embeddings)
-    outputs = EnsembleHead(heads, [e.shape[-1] for e in embeddings], name=head_name())(joined)
+    outputs = EnsembleHead(heads, [e.shape[-1] for e in embeddings], combine=combine,
+                           name=head_name())(joined)
     return keras.Model(inputs, outputs, name=name)
