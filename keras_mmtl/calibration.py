@@ -117,5 +117,4 @@ def calibrate(model, records, split="val", *, batch_size=64):
             expected_calibration_error(labels[task], scaled),
             negative_log_likelihood(labels[task], raw),
             negative_log_likelihood(labels[task], scaled), split)
-    model.predict_function = None  # traced with the old temperature
     return results[None] if tasks is None else results

@@ -261,13 +261,11 @@ def uncalibrated(model):
     temperatures = [head.temperature for head in heads]
     for head in heads:
         head.temperature = 1.0
-    model.predict_function = None  # traced with the temperatures
     try:
         yield model
     finally:
         for head, temperature in zip(heads, temperatures):
             head.temperature = temperature
-        model.predict_function = None
 
 
 def _heads(model):

@@ -11,9 +11,11 @@ from keras_mmtl.evaluation import (
     predict_records,
     rescale,
 )
+from keras_mmtl.data.pipeline import make_dataset
 from keras_mmtl.export import export_saved_model
-from keras_mmtl.models import build_classifier_for
+from keras_mmtl.models import build_classifier_for, dataset_arguments, ensemble
 from keras_mmtl.training import train
+from keras_mmtl.training.losses import ClassificationLoss
 
 SMALL = dict(image_backbone="small_cnn", image_weights=None, image_size=(16, 16))
 
@@ -83,3 +85,17 @@ def test_calibration_is_set_in_the_head_and_served(tmp_path, product_records):
     # Fitting again starts from the uncalibrated logits: the same temperature.
     assert calibrate(model, product_records, "val").temperature == pytest.approx(
         result.temperature, rel=1e-3)
+
+
+@pytest.mark.parametrize("members", [1, 2])
+def test_a_new_temperature_reaches_functions_already_compiled(product_records, members):
+    models = [build_classifier_for(product_records, **SMALL) for _ in range(members)]
+    model = models[0] if members == 1 else ensemble(models)
+    model.compile(loss=ClassificationLoss())
+    _, before = predict_records(model, product_records, "test")  # traces predict
+    dataset = make_dataset(product_records, "test", **dataset_arguments(model))
+    loss = model.evaluate(dataset, verbose=0)  # traces evaluate
+    model.get_layer("head").temperature = 4.0
+    _, after = predict_records(model, product_records, "test")
+    np.testing.assert_allclose(after, rescale(before, 4.0), atol=1e-5)
+    assert model.evaluate(dataset, verbose=0) != pytest.approx(loss)

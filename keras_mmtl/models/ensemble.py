@@ -11,6 +11,7 @@ from keras_mmtl.models.builder import (
     model_tasks,
     presence_modalities,
 )
+from keras_mmtl.models.heads import ClassifierHead, TemperatureVariable
 
 
 COMBINES = ("mean", "geometric")
@@ -45,7 +46,7 @@ class EnsembleHead(keras.layers.Layer):
         self.heads = [keras.saving.deserialize_keras_object(h) if isinstance(h, dict) else h
                       for h in heads]
         self.widths = [int(w) for w in widths]
-        self.temperature = float(temperature)
+        self._temperature = TemperatureVariable(temperature)
         names = {tuple(head.class_names) for head in self.heads}
         if len(names) != 1 or len(self.heads) != len(self.widths):
             raise ValueError("An ensemble's heads must share their class names, with one width "
@@ -62,13 +63,12 @@ class EnsembleHead(keras.layers.Layer):
         probabilities = keras.ops.stack(
             [head(part, training=training) for head, part in zip(self.heads, parts)])
         if self.combine == "mean":
-            mean = keras.ops.mean(probabilities, axis=0)
-            if self.temperature == 1:
-                return mean
-            logits = keras.ops.log(keras.ops.maximum(mean, 1e-12))
+            logits = keras.ops.log(keras.ops.maximum(keras.ops.mean(probabilities, axis=0), 1e-12))
         else:
             logits = keras.ops.mean(keras.ops.log(keras.ops.maximum(probabilities, 1e-12)), 0)
-        return keras.ops.softmax(logits / self.temperature)
+        return keras.ops.softmax(logits / self._temperature.variable)
+
+    temperature = ClassifierHead.temperature
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0], len(self.class_names))

@@ -17,6 +17,8 @@ class ClassifierHead(keras.layers.Layer):
         temperature: the logits are divided by it before the softmax
             (temperature scaling, set by `keras_mmtl.calibrate`; 1 leaves
             them as trained). It changes the probabilities, never their order.
+            Held in a variable: setting `head.temperature` changes what
+            compiled `predict` and `evaluate` functions compute at once.
 
     Example:
 
@@ -30,7 +32,7 @@ class ClassifierHead(keras.layers.Layer):
         super().__init__(**kwargs)
         self.class_names = [str(name) for name in class_names]
         self.dropout_rate = float(dropout)
-        self.temperature = float(temperature)
+        self._temperature = TemperatureVariable(temperature)
         self.dropout = keras.layers.Dropout(self.dropout_rate)
         # Softmax in float32 even under a mixed precision policy.
         self.dense = keras.layers.Dense(len(self.class_names), dtype="float32", name="logits")
@@ -41,7 +43,10 @@ class ClassifierHead(keras.layers.Layer):
     def call(self, features, training=None):
         features = self.dropout(features, training=training)
         logits = self.dense(keras.ops.cast(features, "float32"))
-        return keras.ops.softmax(logits if self.temperature == 1 else logits / self.temperature)
+        return keras.ops.softmax(logits / self._temperature.variable)
+
+    temperature = property(lambda self: self._temperature.value,
+                           lambda self, value: self._temperature.set(value))
 
     def compute_output_spec(self, features):
         return keras.KerasTensor((features.shape[0], len(self.class_names)), dtype="float32")
@@ -49,6 +54,24 @@ class ClassifierHead(keras.layers.Layer):
     def get_config(self):
         return {**super().get_config(), "class_names": self.class_names,
                 "dropout": self.dropout_rate, "temperature": self.temperature}
+
+
+class TemperatureVariable:
+    """A head's temperature: a Python float (what the config saves) and a float32 variable.
+
+    Functions traced for `predict` and `evaluate` read the variable, so a new
+    temperature needs no retracing; it is not among the layer's weights, so
+    weight files are the same with or without calibration.
+    """
+
+    def __init__(self, value):
+        self.value = float(value)
+        self.variable = tf.Variable(self.value, trainable=False, dtype="float32",
+                                    name="temperature")
+
+    def set(self, value):
+        self.value = float(value)
+        self.variable.assign(self.value)
 
 
 @keras.saving.register_keras_serializable(package="keras_mmtl")
