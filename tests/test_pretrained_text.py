@@ -66,3 +66,8 @@ def test_unfreezing_the_top_text_layers_trains_only_those(tmp_path):
     assert sorted(set(multipliers.values())) == [0.5, 1.0]
     _, top, _ = split_model(model)  # the text encoder now trains: not cached
     assert "text" in top.input and len(top.trainable_weights) == len(model.trainable_weights)
+    # More layers than the encoder has: all six (not a slice from the end).
+    assert unfreeze_text_layers(model, 8) == [f"transformer_layer_{i}" for i in range(6)]
+    assert unfreeze_text_layers(model, 0) == []
+    with pytest.raises(ValueError, match="num_layers"):
+        unfreeze_text_layers(model, -1)

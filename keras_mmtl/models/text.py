@@ -569,7 +569,8 @@ def unfreeze_text_layers(model, num_layers):
 
     Args:
         model: a classifier holding a `"text_backbone"` (see `pretrained_encoder`).
-        num_layers: number of top transformer layers to train; `"all"` for all.
+        num_layers: number of top transformer layers to train; `"all"` (or
+            more than the encoder has) for all.
 
     Returns:
         names of the unfrozen layers.
@@ -577,7 +578,9 @@ def unfreeze_text_layers(model, num_layers):
     backbone = model.get_layer(TEXT_BACKBONE)
     layers = list(backbone.transformer_layers)
     count = len(layers) if num_layers == "all" else int(num_layers)
-    top = layers[len(layers) - count:] if count > 0 else []
+    if count < 0:
+        raise ValueError(f"num_layers must be >= 0 or 'all'. Received: num_layers={num_layers!r}")
+    top = layers[len(layers) - min(count, len(layers)):] if count > 0 else []
     backbone.trainable = bool(top)
     for layer in backbone.layers:
         layer.trainable = any(layer is chosen for chosen in top)
