@@ -23,16 +23,6 @@ def _weights(value):
     return None if value.lower() == "none" else value
 
 
-def _read(args, class_names):
-    from keras_mmtl.data import read_manifest
-
-    return read_manifest(
-        args.manifest, args.image_column, args.text_column, args.label_column,
-        args.split_column, tabular_columns=args.tabular_columns, class_names=class_names,
-        skip_bad_rows=args.skip_bad_rows, max_megapixels=args.max_megapixels,
-        allow_missing=args.allow_missing, seed=args.seed)
-
-
 def _load(path):
     import keras
 
@@ -85,11 +75,12 @@ def cmd_tune(args):
 
 
 def cmd_evaluate(args):
+    from keras_mmtl.config import from_arguments
     from keras_mmtl.evaluation import evaluate, modality_report
     from keras_mmtl.models import class_names, model_modalities, model_tasks
 
     model = _load(args.model)
-    records = _read(args, model_tasks(model) or class_names(model))
+    records = from_arguments(args).data.read(class_names=model_tasks(model) or class_names(model))
     out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(args.model)), "eval")
     _report(evaluate(model, records, args.split, out_dir=out_dir), out_dir)
     if len(model_modalities(model)) > 1:

@@ -91,6 +91,21 @@ class DataConfig:
                 columns = [column for column in value if column is not None]
                 setattr(self, name, (columns[0] if len(columns) == 1 else columns) or None)
 
+    def read(self, manifest=None, **kwargs):
+        """The `Records` of `manifest` (default `self.manifest`) read with these settings.
+
+        `**kwargs` are more `read_manifest` arguments, or ones to override
+        (`class_names` of a model, `check_images`...).
+        """
+        from keras_mmtl.data import read_manifest
+
+        kwargs = {"skip_bad_rows": self.skip_bad_rows, **kwargs}
+        return read_manifest(
+            manifest or self.manifest, self.image_column, self.text_column, self.label_column,
+            self.split_column, tabular_columns=self.tabular_columns,
+            min_class_count=self.min_class_count, allow_missing=self.allow_missing,
+            max_megapixels=self.max_megapixels, seed=self.seed, **kwargs)
+
 
 @dataclasses.dataclass
 class ModelConfig:

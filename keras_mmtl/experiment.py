@@ -9,7 +9,6 @@ import keras
 
 from keras_mmtl.calibration import calibrate
 from keras_mmtl.config import CONFIG_FILE, SECTIONS, ConfigError, RunConfig, TrainingConfig
-from keras_mmtl.data import read_manifest
 from keras_mmtl.evaluation import evaluate, modality_report
 from keras_mmtl.export import export_saved_model
 from keras_mmtl.models import (
@@ -111,13 +110,13 @@ def run_experiment(config, *, overwrite=False, verbose="auto"):
                           "dataset; it does not combine with transfer.source_manifest.")
     if is_chief():  # the chief owns the run folder
         check_run_folder(run_dir, fingerprint(config.to_dict(), datasets), overwrite)
-    records = _read(config, data.manifest)
+    records = data.read()
     config.save(os.path.join(run_dir, CONFIG_FILE))
     classes = ", ".join(f"{len(names)} {task} classes" for task, names in records.tasks.items())
     print(f"{len(records)} rows, {classes}, inputs {list(records.modalities)}; "
           f"run folder {run_dir}")
     print(f"Preset {fit.preset!r} ({why}): {get_preset(fit.preset).description}.")
-    source = _read(config, moved.source_manifest) if moved.source_manifest else None
+    source = data.read(moved.source_manifest) if moved.source_manifest else None
     build = build_arguments(config)
     kwargs = train_arguments(config, verbose=verbose)
     budget = fit.time_limit and parse_duration(fit.time_limit)
@@ -273,7 +272,7 @@ def tune_experiment(config, *, tuner="random", max_trials=None, objective="val_a
     """
     config = _as_config(config)
     setup_precision(config.training.precision)
-    records = _read(config, config.data.manifest)
+    records = config.data.read()
     build, kwargs = build_arguments(config), train_arguments(config, verbose=verbose)
     for name in search:
         build.pop(name, None)
@@ -298,18 +297,9 @@ def _as_config(config):
     return config
 
 
-def _read(config, manifest, **kwargs):
-    data = config.data
-    kwargs = {"skip_bad_rows": data.skip_bad_rows, **kwargs}
-    return read_manifest(manifest, data.image_column, data.text_column, data.label_column,
-                         data.split_column, tabular_columns=data.tabular_columns,
-                         min_class_count=data.min_class_count, allow_missing=data.allow_missing,
-                         max_megapixels=data.max_megapixels, seed=data.seed, **kwargs)
-
-
 def _read_quickly(config, manifest):
-    """The manifest's good rows, images not decoded; quiet, since `_read` reports after."""
+    """The manifest's good rows, images not decoded; quiet, since `DataConfig.read` reports after."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return _read(config, manifest, check_images=False, skip_bad_rows=True)
+        return config.data.read(manifest, check_images=False, skip_bad_rows=True)
 

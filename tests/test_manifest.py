@@ -78,6 +78,21 @@ def test_min_class_count_drops_rare_classes_and_reports_them(tmp_path):
     assert len(records) == 10
 
 
+def test_a_models_classes_leave_out_the_rare_classes_its_training_dropped(tmp_path):
+    # As `keras-mmtl evaluate --min-class-count 3` reads a manifest for a model of big and mid.
+    rows = [{"text": f"t{i}", "label": "big" if i < 6 else "mid" if i < 10 else "small"}
+            for i in range(12)]
+    path = write_manifest(str(tmp_path), rows)
+    with pytest.warns(UserWarning, match="Dropped 1 classes"):
+        records = read_manifest(path, image_column=None, class_names=["big", "mid"],
+                                min_class_count=3)
+    assert records.class_names == ["big", "mid"] and len(records) == 10
+    assert records.report.dropped_classes == {"small": 2}
+    # An unknown class as frequent as a kept one is not one training dropped: a bad row.
+    with pytest.raises(DataValidationError, match="unknown label 'mid'"):
+        read_manifest(path, image_column=None, class_names=["big", "small"], min_class_count=3)
+
+
 def _broken(tmp_path, problem):
     """A valid manifest with one row (line 3 of the file) broken as `problem` says."""
     rows = product_rows(str(tmp_path))

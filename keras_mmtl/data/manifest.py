@@ -1,5 +1,6 @@
 """Manifests, TFDS, arrays and folders -> validated `Records` + a report of bad rows."""
 
+import collections
 import csv
 import dataclasses
 import json
@@ -302,7 +303,9 @@ def read_manifest(
             With several label columns, a dict of column -> class names
             (`keras_mmtl.models.model_tasks(model)`).
         min_class_count: drop classes of the main task with fewer training
-            rows than this.
+            rows than this. With `class_names` (a model's), the rows of a
+            class outside them with fewer training rows are left out (the
+            classes its training dropped); other unknown labels are bad rows.
         skip_bad_rows: leave bad rows out (and report them) instead of raising.
         check_images: decode every image once to find corrupt files.
         max_megapixels: images larger than this many million pixels are bad
@@ -679,6 +682,10 @@ def _build_records(table, source, *, class_names, min_class_count, skip_bad_rows
     class_names = _per_task(class_names, tasks)
     known = {task: None if names is None else set(names) for task, names in class_names.items()}
     learned = [task for task in tasks if class_names[task] is None]  # classes the data names
+    # Given the classes (a model's), rows of a rare class it does not know were left out of its
+    # training by min_class_count: leave them out here too, as dropped classes, not bad rows.
+    rare = _rare_unknown_labels(table, tasks[0], known[tasks[0]], min_class_count)
+    table = [entry for entry in table if _label_of(entry, tasks[0]) not in rare]
     for entry in table:
         line = entry["line"]
         for task, label in entry["labels"].items():
@@ -769,7 +776,10 @@ def _build_records(table, source, *, class_names, min_class_count, skip_bad_rows
         if tabular_columns else None,
         tabular_columns=tuple(tabular_columns), max_megapixels=max_megapixels,
     )
-    records = _drop_rare_classes(records, min_class_count)
+    if main in learned:
+        records = _drop_rare_classes(records, min_class_count)
+    elif rare:
+        records.report = dataclasses.replace(records.report, dropped_classes=rare)
     _check_classes(source, {task: records.tasks[task] for task in learned},
                    " once bad rows and rare classes are left out")
     if records.report.bad_rows or records.report.dropped_classes:
@@ -879,6 +889,22 @@ def _check_image_path(path):
     if os.path.getsize(path) == 0:
         return f"image file is empty: {path}"
     return None
+
+
+def _label_of(entry, task):
+    label = entry["labels"][task]
+    return label.strip() if isinstance(label, str) else label
+
+
+def _rare_unknown_labels(table, task, known, min_class_count):
+    """`{label: training rows}` of the labels outside `known` with under `min_class_count`."""
+    if known is None or min_class_count <= 1:
+        return {}
+    counts = collections.Counter(_label_of(entry, task) for entry in table
+                                 if _normalize_split(entry.get("split", "train")) == "train")
+    labels = {_label_of(entry, task) for entry in table}
+    return {label: counts[label] for label in sorted(labels, key=str)
+            if label not in known and counts[label] < min_class_count}
 
 
 def _drop_rare_classes(records, min_class_count):
