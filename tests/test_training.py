@@ -8,7 +8,9 @@ import pytest
 
 from conftest import MOBILENET_WEIGHTS
 from keras_mmtl.data import from_arrays
-from keras_mmtl.models import backbone_network, build_classifier_for
+from keras_mmtl.data.pipeline import make_dataset
+from keras_mmtl.models import backbone_network, build_classifier_for, dataset_arguments
+from keras_mmtl.training.losses import ClassificationLoss
 from keras_mmtl.training import class_weights, setup_precision, train
 from keras_mmtl.training.run_state import StaleRunError, check_run_folder, fingerprint
 from keras_mmtl.presets import parse_duration
@@ -126,6 +128,21 @@ def test_class_weights(class_weight, expected):
     records = from_arrays(["a", "a", "a", "a", "b", "b", "a"], texts=["x"] * 7,
                           splits=["train"] * 6 + ["test"])
     assert class_weights(records, class_weight) == expected
+
+
+def test_class_weights_weigh_training_only(tmp_path):
+    # Validation stays unweighted (as Keras' fit(class_weight=)): early stopping and the
+    # best epoch follow the plain loss.
+    rows = 40
+    labels = ["a"] * 30 + ["b"] * 10
+    records = from_arrays(labels, texts=[f"{label} word{i % 4}" for i, label in enumerate(labels)],
+                          splits=(["train"] * 3 + ["val"]) * (rows // 4))
+    model = build_classifier_for(records, text_encoder="scratch")
+    history = train(model, records, str(tmp_path), epochs=1, fine_tune_epochs=0, batch_size=8,
+                    class_weight={"b": 5.0}, verbose=0, projector=False)
+    model.compile(loss=ClassificationLoss())
+    val = make_dataset(records, "val", **dataset_arguments(model), batch_size=8)
+    assert history["val_loss"][-1] == pytest.approx(model.evaluate(val, verbose=0), rel=1e-4)
 
 
 def test_each_task_is_balanced_by_its_own_classes():

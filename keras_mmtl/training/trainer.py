@@ -7,6 +7,7 @@ import time
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from keras_mmtl.data.augmentation import make_augmentation
 from keras_mmtl.data.pipeline import make_dataset
@@ -65,9 +66,8 @@ def compile_classifier(model, optimizer, steps_per_execution=1, loss=None, task_
             (Adam with fused and lazy updates, no multipliers).
         steps_per_execution: batches per compiled call; more cuts Python
             overhead where a step is tiny (a head on cached features).
-        loss: a loss on integer labels, or for a model with several outputs
-            a dict of output -> loss (one loss is used for all); default
-            `ClassificationLoss()` (sparse categorical cross-entropy).
+        loss: a loss on integer labels; default `ClassificationLoss()`
+            (sparse categorical cross-entropy).
         task_weights: dict of task -> loss weight (tasks left out weigh 1).
         auxiliary_weight: loss weight of each auxiliary head.
 
@@ -88,7 +88,7 @@ def compile_classifier(model, optimizer, steps_per_execution=1, loss=None, task_
         name: metrics(model.output[name]) if name == task else [] for name, task in tasks.items()}
     model.compile(
         optimizer=optimizer,
-        loss=loss if tasks is None or isinstance(loss, dict) else {name: loss for name in tasks},
+        loss=loss if tasks is None else {name: loss for name in tasks},
         loss_weights=weights,
         metrics=metrics,
         steps_per_execution=steps_per_execution,
@@ -263,8 +263,8 @@ def train(
         print(f"Training with {describe(strategy)}; global batch "
               f"{batch_size * strategy.num_replicas_in_sync}.")
     augment = make_augmentation(image=augment_images, text=augment_text, seed=seed)
-    loss = _losses(model, records, class_weight, gamma=focal_gamma,
-                   label_smoothing=label_smoothing)
+    loss = ClassificationLoss(gamma=focal_gamma, label_smoothing=label_smoothing)
+    weights = _class_weights_by_output(model, records, class_weight)
     os.makedirs(run_dir, exist_ok=True)
     state_path = os.path.join(run_dir, STATE_FILE)
     if not resume:
@@ -301,6 +301,7 @@ def train(
                 model, records, run_dir, cache=cache_features, cache_dir=cache_dir,
                 has_val=has_val, batch_size=batch_size * strategy.num_replicas_in_sync,
                 seed=seed, augment=augment)
+            train_ds = _weigh_classes(train_ds, weights)
             if number == 2:
                 steps = phase_epochs * len(train_ds)
                 # The clone holds the backbones whole (a top on cached features holds part).
@@ -365,13 +366,33 @@ def train(
     return state.get("history", {})
 
 
-def _losses(model, records, class_weight, **options):
-    """The loss of a one-output model, or `{output: loss}`, each weighing its own task's classes."""
+def _class_weights_by_output(model, records, class_weight):
+    """`class_weights` of a one-output model, or `{output: them}`, each of its own task."""
     tasks = output_tasks(model)
-    if tasks is None:
-        return ClassificationLoss(class_weights=class_weights(records, class_weight), **options)
-    return {name: ClassificationLoss(class_weights=class_weights(records, class_weight, task),
-                                     **options) for name, task in tasks.items()}
+    if class_weight is None or tasks is None:
+        return class_weights(records, class_weight)
+    return {name: class_weights(records, class_weight, task) for name, task in tasks.items()}
+
+
+def _weigh_classes(dataset, weights):
+    """Training batches with sample weights: each sample weighs its class's weight.
+
+    As Keras' `fit(class_weight=)` does, but for every output of a model
+    with several (each by its own task's classes); validation stays
+    unweighted, so early stopping and the best epoch follow the plain loss.
+    """
+    if weights is None:
+        return dataset
+
+    def weigh(labels, by_class):
+        return tf.gather(tf.constant(by_class, tf.float32), tf.cast(labels, tf.int32))
+
+    def add(inputs, labels):
+        if isinstance(labels, dict):
+            return inputs, labels, {name: weigh(labels[name], weights[name]) for name in labels}
+        return inputs, labels, weigh(labels, weights)
+
+    return dataset.map(add, num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def class_weights(records, class_weight, task=None):
