@@ -16,6 +16,7 @@ from keras_mmtl.calibration import calibrate
 from keras_mmtl.config import RunConfig
 from keras_mmtl.data import (
     DataValidationError,
+    DataWarning,
     Records,
     from_arrays,
     from_directory,

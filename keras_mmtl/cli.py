@@ -2,7 +2,10 @@
 
 import argparse
 import os
+import re
 import sys
+import warnings
+import zipfile
 
 DESCRIPTION = """\
 Train, evaluate, export and query image + text classifiers.
@@ -23,10 +26,42 @@ def _weights(value):
     return None if value.lower() == "none" else value
 
 
+class CommandError(Exception):
+    """A command cannot go on (a model that does not load, an input it cannot use)."""
+
+
+def _gist(error):
+    """The line of an error message that names the problem.
+
+    TensorFlow's (an `OpError`, with `.message`) comes last, after the trace
+    of the traced function, stripped of node names; others come first.
+    """
+    lines = (getattr(error, "message", None) or str(error)).splitlines()
+    if hasattr(error, "message"):
+        lines = [re.sub(r"\{\{[^}]*\}\}|\[\[.*?\]\]|\[Op:[^]]*\]( name:)?|^\w+Error: ", "",
+                        line.strip()) for line in reversed(lines)]
+    return next((line.strip() for line in lines if line.strip()), type(error).__name__)
+
+
 def _load(path):
+    """The Keras model in a `.keras` file, or a `CommandError` saying why it cannot be loaded."""
     import keras
 
-    return keras.models.load_model(path)  # keras_mmtl's layers are registered on import
+    if os.path.isdir(path):
+        inside = os.path.join(path, "model.keras")
+        hint = (f"; did you mean {inside}?" if os.path.isfile(inside) else
+                "; an exported SavedModel folder serves `keras-mmtl predict`, not this command")
+        raise CommandError(f"{path} is a folder, not a model file{hint}")
+    if not os.path.isfile(path):
+        raise CommandError(f"model file not found: {path}; give the model.keras a run wrote "
+                           "(runs/NAME/model.keras)")
+    if path.endswith(".keras") and not zipfile.is_zipfile(path):
+        raise CommandError(f"cannot load {path}: not a complete .keras file (a zip archive); "
+                           "it may be truncated: copy it again, or train again")
+    try:
+        return keras.models.load_model(path)  # keras_mmtl's layers are registered on import
+    except (ValueError, TypeError, KeyError, OSError, EOFError, zipfile.BadZipFile) as error:
+        raise CommandError(f"cannot load {path}: {_gist(error)}") from None
 
 
 def cmd_demo(args):
@@ -101,7 +136,15 @@ def cmd_predict(args):
     model = args.model if not args.model.endswith(".keras") else _load(args.model)
     images = [args.image] if args.image else None
     texts = [args.text] if args.text is not None else None
-    answers = predict(model, images, texts, top_k=args.top_k)
+    import tensorflow as tf
+
+    try:
+        answers = predict(model, images, texts, top_k=args.top_k)
+    except tf.errors.OpError as error:  # an image that does not decode
+        given = f" (--image {args.image})" if args.image else ""
+        raise CommandError(f"cannot predict: {_gist(error)}{given}") from None
+    except (ValueError, OSError) as error:  # a missing input, a folder without a SavedModel
+        raise CommandError(f"cannot predict: {_gist(error)}") from None
     for task, answer in (answers.items() if isinstance(answers, dict) else [(None, answers)]):
         if task is not None:
             print(f"{task}:")
@@ -229,13 +272,29 @@ def main(argv=None):
     from keras_mmtl.models import WeightsUnavailableError
     from keras_mmtl.training.run_state import StaleRunError
 
+    formatwarning, warnings.formatwarning = warnings.formatwarning, _format_warning
     try:
         args.func(args)
     except (DataValidationError, WeightsUnavailableError, FileNotFoundError, ConfigError,
-            StaleRunError) as error:
+            StaleRunError, CommandError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: run the same command to resume", file=sys.stderr)
+        return 130
+    finally:
+        warnings.formatwarning = formatwarning
     return 0
+
+
+def _format_warning(message, category, filename, lineno, line=None,
+                    _default=warnings.formatwarning):
+    """Warnings about the data as `warning: ...`, without a Python source line; others as usual."""
+    from keras_mmtl.data import DataWarning
+
+    if issubclass(category, DataWarning):
+        return f"warning: {message}\n"
+    return _default(message, category, filename, lineno, line)
 
 
 if __name__ == "__main__":

@@ -81,6 +81,9 @@ class DataConfig:
     max_megapixels: float = _field(
         MAX_MEGAPIXELS, "larger images (millions of pixels, read from the file's header) are "
                         "bad rows, and the exported model refuses them in requests")
+    data_root: Optional[str] = _field(
+        None, "a folder image files must lie in: paths that leave it (absolute, '..', "
+              "symlinks) are bad rows, never opened; for manifests you did not write")
     seed: int = _field(0, "seed of splits, shuffling and weight initialisation")
 
     def __post_init__(self):
@@ -104,7 +107,8 @@ class DataConfig:
             manifest or self.manifest, self.image_column, self.text_column, self.label_column,
             self.split_column, tabular_columns=self.tabular_columns,
             min_class_count=self.min_class_count, allow_missing=self.allow_missing,
-            max_megapixels=self.max_megapixels, seed=self.seed, **kwargs)
+            max_megapixels=self.max_megapixels, allowed_root=self.data_root, seed=self.seed,
+            **kwargs)
 
 
 @dataclasses.dataclass

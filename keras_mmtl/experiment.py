@@ -115,6 +115,8 @@ def run_experiment(config, *, overwrite=False, verbose="auto"):
     classes = ", ".join(f"{len(names)} {task} classes" for task, names in records.tasks.items())
     print(f"{len(records)} rows, {classes}, inputs {list(records.modalities)}; "
           f"run folder {run_dir}")
+    if records.report.duplicates:
+        print(f"Warning: {records.report.overlap()}")
     print(f"Preset {fit.preset!r} ({why}): {get_preset(fit.preset).description}.")
     source = data.read(moved.source_manifest) if moved.source_manifest else None
     build = build_arguments(config)

@@ -1,10 +1,13 @@
 import json
 import os
+import warnings
 
 import pytest
 
 from conftest import product_rows, write_image, write_manifest
+from keras_mmtl import cli
 from keras_mmtl.cli import build_parser, main
+from keras_mmtl.data import DataWarning
 
 
 @pytest.mark.parametrize("command", [[], ["demo"], ["train"], ["evaluate"], ["export"],
@@ -154,3 +157,84 @@ def test_tune_writes_a_best_config_that_train_runs(tmp_path, products, capsys):
     assert config.output.run_dir == str(run_dir / "best")
     assert main(["train", "--config", str(best), "--no-export"]) == 0
     assert (run_dir / "best" / "model.keras").exists()
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory):
+    """A model.keras of a tiny image + text classifier (untrained), beside its data."""
+    from keras_mmtl.data import read_manifest
+    from keras_mmtl.models import build_classifier_for
+
+    folder = tmp_path_factory.mktemp("small_model")
+    manifest = write_manifest(str(folder), product_rows(str(folder)))
+    model = build_classifier_for(read_manifest(manifest, split_column="split"),
+                                 image_backbone="small_cnn", image_weights=None,
+                                 image_size=(16, 16))
+    model.save(str(folder / "model.keras"))
+    return str(folder / "model.keras"), manifest
+
+
+def _one_line_error(capsys):
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    return err
+
+
+@pytest.mark.parametrize("case, message", [
+    ("truncated", "not a complete .keras file (a zip archive); it may be truncated"),
+    ("empty", "not a complete .keras file"),
+    ("folder", "is a folder, not a model file; did you mean"),
+    ("missing", "model file not found"),
+])
+def test_a_model_that_cannot_be_loaded_is_one_line(tmp_path, capsys, small_model, case, message):
+    model, manifest = small_model
+    path = str(tmp_path / "model.keras")
+    if case == "truncated":
+        data = open(model, "rb").read()
+        open(path, "wb").write(data[:len(data) // 2])
+    elif case == "empty":
+        open(path, "wb").close()
+    elif case == "folder":
+        path = os.path.dirname(model)
+    assert main(["evaluate", "--model", path, "--manifest", manifest]) == 2
+    assert message in _one_line_error(capsys)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("undecodable image", "cannot predict: Unknown image file format"),
+    ("no image", "cannot predict: This model needs inputs ['image', 'text']; missing: ['image']"),
+])
+def test_predict_with_an_unusable_input_is_one_line(tmp_path, capsys, small_model, case, message):
+    model, _ = small_model
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"this is not a jpeg")
+    image = ["--image", str(bad)] if case == "undecodable image" else []
+    assert main(["predict", "--model", model, *image, "--text", "a nice wool thing"]) == 2
+    error = _one_line_error(capsys)
+    assert message in error and (not image or error.endswith(f"(--image {bad})"))
+
+
+def test_ctrl_c_is_one_line_and_exit_130(capsys, monkeypatch):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_export", interrupted)
+    try:
+        code = main(["export", "--model", "m.keras", "--export-dir", "out"])
+    except KeyboardInterrupt:  # a failure of this test, not the end of the test run
+        code = "KeyboardInterrupt escaped"
+    assert code == 130
+    assert capsys.readouterr().err.strip() == "interrupted: run the same command to resume"
+
+
+def test_data_warnings_print_without_python_source(monkeypatch):
+    shown = []
+
+    def command(args):  # how a warning raised while the command runs is written
+        shown.append(warnings.formatwarning("Skipped 1 of 24 rows", DataWarning, "m.py", 10))
+        shown.append(warnings.formatwarning("other", UserWarning, "x.py", 3))
+
+    monkeypatch.setattr(cli, "cmd_export", command)
+    assert main(["export", "--model", "m.keras", "--export-dir", "out"]) == 0
+    assert shown[0] == "warning: Skipped 1 of 24 rows\n"
+    assert "x.py:3" in shown[1]  # other warnings as Python writes them

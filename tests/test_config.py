@@ -77,3 +77,18 @@ def test_a_run_relaunched_from_its_written_config_gives_the_same_metrics(tmp_pat
     assert main(["train", "--config", str(written), "--run-dir", str(again)]) == 0
     for name in ("state.json", "eval/report.json"):
         assert json.loads((again / name).read_text()) == json.loads((first / name).read_text())
+
+
+def test_data_root_flag_keeps_image_paths_inside_it(tmp_path):
+    from conftest import product_rows, write_manifest
+    from keras_mmtl.data import DataValidationError
+
+    rows = product_rows(str(tmp_path / "root"))
+    rows[0]["image"] = "../elsewhere.jpg"
+    manifest = write_manifest(str(tmp_path / "root"), rows)
+    args = build_parser().parse_args(["train", "--manifest", manifest, "--split-column",
+                                      "split", "--data-root", str(tmp_path / "root")])
+    config = from_arguments(args)
+    assert config.data.data_root == str(tmp_path / "root")
+    with pytest.raises(DataValidationError, match="manifest.csv:2: field 'image': image path "):
+        config.data.read()

@@ -1,6 +1,8 @@
+import csv
 import json
 import os
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -9,12 +11,14 @@ import tensorflow as tf
 from conftest import claimed_size_jpeg, product_rows, write_image, write_manifest
 from keras_mmtl.data import (
     DataValidationError,
+    DataWarning,
     from_arrays,
     from_directory,
     make_dataset,
     read_manifest,
     stratified_split,
 )
+from keras_mmtl.data.manifest import MAX_CSV_CELL
 
 
 def test_csv_manifest_reads_paths_relative_to_its_folder(products):
@@ -94,7 +98,9 @@ def test_a_models_classes_leave_out_the_rare_classes_its_training_dropped(tmp_pa
 
 
 def _broken(tmp_path, problem):
-    """A valid manifest with one row (line 3 of the file) broken as `problem` says."""
+    """A valid manifest with one row (line 3 of a CSV, 2 of JSON Lines) broken as `problem` says."""
+    if problem in JSONL_LINES or problem in JSONL_VALUES:
+        return _broken_jsonl(tmp_path, problem)
     rows = product_rows(str(tmp_path))
     row = rows[1]
     if problem == "missing image":
@@ -111,6 +117,10 @@ def _broken(tmp_path, problem):
         row["label"] = ""
     elif problem == "unknown split":
         row["split"] = "holdout"
+    elif problem == "NaN label":  # what pandas writes for an empty cell
+        row["label"] = "NaN"
+    elif problem == "CSV cell over the limit":
+        row["text"] = "x" * (MAX_CSV_CELL + 1)
     path = write_manifest(str(tmp_path), rows)
     if problem == "non-UTF-8 text":
         data = open(path, "rb").read().replace(b"a nice wool thing", b"a nice w\xf6ol thing", 1)
@@ -127,18 +137,31 @@ BAD_INPUTS = [
     ("non-UTF-8 text", "text", "not valid UTF-8"),
     ("empty label", "label", "empty label"),
     ("unknown split", "split", "unknown split"),
+    ("NaN label", "label", "label is 'NaN', the mark of a missing value"),
+    ("CSV cell over the limit", "", "not a readable CSV row (field larger than field limit"),
+    # JSON Lines:
+    ("JSON NaN label", "label", "label is nan (not a number: a missing value?)"),
+    ("list label", "label", 'label is a JSON list (["red", "cotton"]), not a text'),
+    ("object label", "label", 'label is a JSON object ({"colour": "red"}), not a text'),
+    ("object text", "text", "text is a JSON object"),
+    ("NaN text", "text", "text is nan (not a number"),
+    ("list image", "image", "image path is a JSON list"),
+    ("malformed line", "", "not a JSON object (Expecting value)"),
+    ("array line", "", "expected a JSON object, found a list"),
 ]
 
 
 @pytest.mark.parametrize("problem, field, message", BAD_INPUTS)
 def test_bad_row_is_reported_with_file_line_and_field(tmp_path, problem, field, message):
     path = _broken(tmp_path, problem)
-    line = 3 if problem != "non-UTF-8 text" else None
+    source = os.path.basename(path)
+    line = None if problem == "non-UTF-8 text" else 2 if source.endswith(".jsonl") else 3
     with pytest.raises(DataValidationError) as error:
         read_manifest(path, split_column="split")
     text = str(error.value)
-    where = f"manifest.csv:{line}" if line else "manifest.csv:"
-    assert f"{where}" in text and f"field '{field}'" in text and message in text
+    where = f"{source}:{line}" if line else f"{source}:"
+    assert f"{where}" in text and message in text
+    assert f"field '{field}'" in text if field else f"{where}: {message}" in text
     assert "skip_bad_rows=True" in text
 
 
@@ -150,6 +173,100 @@ def test_skip_bad_rows_leaves_them_out_and_says_so(tmp_path, problem, field, mes
     assert len(records) == 23
     assert records.report.skipped_rows == 1
     assert records.report.bad_rows[0].field == field
+
+
+def test_a_csv_text_over_pythons_default_cell_limit_is_read(tmp_path):
+    rows = product_rows(str(tmp_path))
+    rows[1]["text"] = "wool " * 40_000  # 200,000 characters; csv's default limit: 131,072
+    limit = csv.field_size_limit()
+    records = read_manifest(write_manifest(str(tmp_path), rows), split_column="split")
+    assert max(len(text) for text in records.texts) == 200_000
+    assert csv.field_size_limit() == limit  # restored for other readers
+
+
+def _broken_jsonl(tmp_path, problem):
+    """A valid JSON Lines manifest whose line 2 is broken as `problem` says."""
+    rows = product_rows(str(tmp_path))
+    lines = [json.dumps(row) for row in rows]
+    row = rows[1]
+    if problem in JSONL_LINES:
+        lines[1] = JSONL_LINES[problem]
+    else:
+        field, value = JSONL_VALUES[problem]
+        lines[1] = json.dumps({**row, field: value})  # NaN is written as NaN
+    path = tmp_path / "manifest.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return str(path)
+
+
+JSONL_VALUES = {
+    "JSON NaN label": ("label", float("nan")),
+    "list label": ("label", ["red", "cotton"]),
+    "object label": ("label", {"colour": "red"}),
+    "object text": ("text", {"en": "a nice wool thing"}),
+    "NaN text": ("text", float("nan")),
+    "list image": ("image", ["images/001.jpg"]),
+}
+JSONL_LINES = {
+    "malformed line": '{"image": "images/001.jpg", "text": oops}',
+    "array line": '["images/001.jpg", "a nice wool thing", "red wool", "train"]',
+}
+def test_val_and_test_rows_of_labels_unseen_in_training_are_counted(tmp_path):
+    rows = [{"text": f"t{i}", "label": "ab"[i % 2], "split": "train"} for i in range(8)]
+    rows += [{"text": f"u{i}", "label": label, "split": split} for i, (label, split) in
+             enumerate([("a", "test"), ("new", "test"), ("new", "val"), ("other", "test")])]
+    with pytest.warns(DataWarning, match=r"Left 3 val/test rows out of the scores: their labels "
+                                         r"never occur in training \(rows in brackets\): "
+                                         r"'new' \(2\), 'other' \(1\)"):
+        records = read_manifest(write_manifest(str(tmp_path), rows), image_column=None,
+                                split_column="split")
+    assert records.report.unseen_labels == {"new": 2, "other": 1}
+    assert records.class_names == ["a", "b"] and len(records) == 9
+
+
+def test_val_and_test_rows_that_repeat_a_training_row_are_counted(tmp_path):
+    rows = product_rows(str(tmp_path))
+    clean = read_manifest(write_manifest(str(tmp_path), rows), split_column="split")
+    assert clean.report.duplicates == {}
+    test = [row for row in rows if row["split"] == "test"]
+    train = [row for row in rows if row["split"] == "train"]
+    test[0].update(image=train[0]["image"], text=train[0]["text"])  # the same path
+    shutil.copy(tmp_path / train[1]["image"], tmp_path / "images" / "copy.jpg")
+    test[1].update(image="images/copy.jpg", text=train[1]["text"])  # the same bytes
+    test[2].update(image=train[2]["image"], text="another text")  # not a copy
+    with pytest.warns(DataWarning, match="2 test rows repeat a training row exactly"):
+        records = read_manifest(write_manifest(str(tmp_path), rows), split_column="split")
+    assert records.report.duplicates == {"test": 2}
+
+
+@pytest.mark.parametrize("case", ["absolute", "dot-dot", "symlink", "missing outside"])
+def test_image_paths_that_leave_the_data_root_are_bad_rows(tmp_path, case):
+    root = tmp_path / "root"
+    rows = product_rows(str(root))
+    outside = tmp_path / "private.jpg"
+    write_image(str(outside), (0, 200, 0))
+    if case == "symlink":
+        os.symlink(outside, root / "images" / "link.jpg")
+    rows[1]["image"] = {"absolute": str(outside), "dot-dot": "images/../../private.jpg",
+                        "symlink": "images/link.jpg", "missing outside": "../nope.jpg"}[case]
+    path = write_manifest(str(root), rows)
+    with pytest.raises(DataValidationError, match=r"manifest.csv:3: field 'image': image path "
+                                                  r"\S+ leaves the data root") as error:
+        read_manifest(path, split_column="split", allowed_root=str(root))
+    assert "not found" not in str(error.value)  # nothing outside is looked at
+    inside = read_manifest(products_path(root), split_column="split", allowed_root=str(root))
+    assert len(inside) == 24  # paths (and a symlink) that stay inside are read
+    if case != "missing outside":  # without a root, a user's own paths are read as given
+        assert len(read_manifest(path, split_column="split")) == 24
+
+
+def products_path(root):
+    """The valid manifest of `root`'s products, with a symlink inside the root as well."""
+    rows = product_rows(str(root))
+    os.symlink(root / "images" / "000.jpg", root / "images" / "inside.jpg")
+    rows[0]["image"] = "images/sub/../inside.jpg"
+    os.makedirs(root / "images" / "sub", exist_ok=True)
+    return write_manifest(str(root), rows, name="valid.csv")
 
 
 def test_the_pixel_limit_checked_is_the_one_training_decodes_with(products):
@@ -197,7 +314,7 @@ def test_missing_column_names_it_and_the_columns_found(products):
 
 def test_jsonl_line_that_is_not_json(tmp_path):
     path = tmp_path / "m.jsonl"
-    path.write_text('{"text": "a", "label": "x"}\n{"text": oops}\n')
+    path.write_text('{"text": "a", "label": "x"}\n{"text": oops}\n{"text": "b", "label": "y"}\n')
     with pytest.raises(DataValidationError, match="m.jsonl:2: not a JSON object"):
         read_manifest(str(path), image_column=None)
 

@@ -7,6 +7,7 @@ from keras_mmtl.data.manifest import (
     BadRow,
     DataReport,
     DataValidationError,
+    DataWarning,
     Records,
     from_arrays,
     from_directory,

@@ -3,7 +3,9 @@
 import collections
 import csv
 import dataclasses
+import hashlib
 import json
+import math
 import os
 import warnings
 
@@ -17,10 +19,15 @@ SPLIT_ALIASES = {"validation": "val", "valid": "val", "dev": "val", "eval": "val
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
 MAX_LISTED_ROWS = 20
 ARRAYS_SOURCE = "arrays"
+MAX_CSV_CELL = 16 * 2**20  # characters; Python's csv module stops at 131,072 by default
 
 
 class DataValidationError(ValueError):
     """Raised when input data has rows that cannot be trained on."""
+
+
+class DataWarning(UserWarning):
+    """Warned when rows or classes are left out of a dataset (the report says which)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +42,8 @@ class BadRow:
     def __str__(self):
         where = f"row {self.line} of {self.source}" if self.source == ARRAYS_SOURCE else (
             f"{self.source}:{self.line}")
-        return f"{where}: field '{self.field}': {self.problem}"
+        field = f" field '{self.field}':" if self.field else ""  # none: the row is unreadable
+        return f"{where}:{field} {self.problem}"
 
 
 @dataclasses.dataclass
@@ -45,6 +53,13 @@ class DataReport:
     total_rows: int = 0
     bad_rows: list = dataclasses.field(default_factory=list)
     dropped_classes: dict = dataclasses.field(default_factory=dict)
+    unseen_labels: dict = dataclasses.field(default_factory=dict)  # label -> val/test rows
+    duplicates: dict = dataclasses.field(default_factory=dict)  # split -> rows as in train
+
+    @property
+    def warns(self):
+        """Whether there is anything to tell the user."""
+        return bool(self.bad_rows or self.dropped_classes or self.duplicates)
 
     @property
     def skipped_rows(self):
@@ -67,7 +82,25 @@ class DataReport:
                 f"Dropped {len(self.dropped_classes)} classes with too few training "
                 f"rows (training rows in brackets): {dropped}"
             )
+        if self.unseen_labels:
+            unseen = ", ".join(f"{k!r} ({v})" for k, v in self.unseen_labels.items())
+            lines.append(
+                f"Left {sum(self.unseen_labels.values())} val/test rows out of the scores: "
+                f"their labels never occur in training (rows in brackets): {unseen}. Give "
+                "these classes training rows to have them learned and scored."
+            )
+        if self.duplicates:
+            lines.append(self.overlap())
         return "\n".join(lines)
+
+    def overlap(self):
+        """A line on the val/test rows that repeat a training row ("" if none)."""
+        if not self.duplicates:
+            return ""
+        repeated = " and ".join(f"{n} {split}" for split, n in self.duplicates.items())
+        return (f"{repeated} rows repeat a training row exactly (same image and text): "
+                "scores on them overstate how the model does on new data; remove the "
+                "copies from val/test, or from train.")
 
 
 @dataclasses.dataclass
@@ -269,6 +302,7 @@ def read_manifest(
     check_images=True,
     max_megapixels=MAX_MEGAPIXELS,
     allow_missing=False,
+    allowed_root=None,
     val_fraction=0.1,
     test_fraction=0.1,
     seed=0,
@@ -314,6 +348,9 @@ def read_manifest(
         allow_missing: accept rows whose image path or text is empty (but not
             both): samples with a missing modality, for a model built with
             `missing_modalities=True`. A path that is given must still exist.
+        allowed_root: `None`, or a folder that image files must lie in, for a
+            manifest you did not write: a path that leaves it (absolute, with
+            `..`, or through a symlink) is a bad row, and is never opened.
         val_fraction, test_fraction, seed: the split drawn without `split_column`.
 
     Returns:
@@ -341,14 +378,19 @@ def read_manifest(
     if split_column is not None:
         columns["split"] = split_column
     if path.lower().endswith(".csv"):
-        rows = _read_csv(path)
+        rows, unreadable = _read_csv(path)
+        expected = "a header row, then one row per sample"
     elif path.lower().endswith((".jsonl", ".json", ".ndjson")):
-        rows = _read_jsonl(path)
+        rows, unreadable = _read_jsonl(path)
+        expected = "one JSON object per line"
     else:
         raise ValueError(
             f"Unknown manifest format: {path}. Expected a .csv or .jsonl file."
         )
     source = os.path.basename(path)
+    if not rows:
+        listed = "".join(f"\n  {row}" for row in unreadable[:MAX_LISTED_ROWS])
+        raise DataValidationError(f"{source}: no data rows. Expected {expected}.{listed}")
     header = rows[0][1] if rows else {}
     tabular_columns = tuple(tabular_columns or ())
     missing = [name for name in (*columns.values(), *label_columns, *tabular_columns)
@@ -364,9 +406,10 @@ def read_manifest(
     for line, row in rows:
         entry = {"line": line, "labels": {name: _as_field(row.get(name)) for name in label_columns}}
         for field, name in columns.items():
-            entry[field] = _as_field(row.get(name))
-            if field != "split" and modality_kind(field) == "image" and entry[field].strip():
-                entry[field] = os.path.join(folder, entry[field].strip())
+            entry[field] = value = _as_field(row.get(name))
+            if (field != "split" and modality_kind(field) == "image" and isinstance(value, str)
+                    and value.strip()):
+                entry[field] = os.path.join(folder, value.strip())
         if tabular_columns:
             entry["tabular"] = [row.get(name) for name in tabular_columns]
         table.append(entry)
@@ -375,7 +418,7 @@ def read_manifest(
         skip_bad_rows=skip_bad_rows, check_images=check_images, allow_missing=allow_missing,
         val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
         image_kind="path", tabular_columns=tabular_columns, columns=columns,
-        max_megapixels=max_megapixels,
+        max_megapixels=max_megapixels, unreadable=unreadable, allowed_root=allowed_root,
     )
 
 
@@ -599,20 +642,42 @@ def _fill_splits(split_names, labels, kwargs):
 
 
 def _read_csv(path):
-    """Rows of a CSV file as (line number, dict); undecodable bytes kept as surrogates."""
-    with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
-        reader = csv.DictReader(f)
-        rows = [(reader.line_num, row) for row in reader]
-    if not rows:
-        raise DataValidationError(
-            f"{os.path.basename(path)}: no data rows. Expected a header row, then one row per sample."
-        )
-    return rows
+    """Rows of a CSV file as (line number, dict), and `BadRow`s of the rows it cannot read.
+
+    Undecodable bytes are kept as surrogates (the text check names them); a
+    cell may hold `MAX_CSV_CELL` characters.
+    """
+    source, rows, bad = os.path.basename(path), [], []
+    limit = csv.field_size_limit(MAX_CSV_CELL)
+    try:
+        with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
+            reader = csv.DictReader(f)
+            try:
+                reader.fieldnames  # the header: without it no row can be read
+            except csv.Error as error:
+                raise DataValidationError(f"{source}:1: {_unreadable_csv(error)}") from None
+            while True:
+                try:
+                    row = next(reader)
+                except StopIteration:
+                    break
+                except csv.Error as error:  # the reader goes on at the next line
+                    bad.append(BadRow(source, reader.reader.line_num, "", _unreadable_csv(error)))
+                    continue
+                rows.append((reader.line_num, row))
+    finally:
+        csv.field_size_limit(limit)
+    return rows, bad
+
+
+def _unreadable_csv(error):
+    return (f"not a readable CSV row ({error}); check its quotes, and that no cell is over "
+            f"{MAX_CSV_CELL:,} characters (a longer text fits in a JSON Lines manifest)")
 
 
 def _read_jsonl(path):
-    """Rows of a JSON Lines file as (line number, dict)."""
-    rows = []
+    """Rows of a JSON Lines file as (line number, dict), and `BadRow`s of the other lines."""
+    source, rows, bad = os.path.basename(path), [], []
     with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
         for line_number, line in enumerate(f, start=1):
             if not line.strip():
@@ -620,26 +685,23 @@ def _read_jsonl(path):
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as error:
-                raise DataValidationError(
-                    f"{os.path.basename(path)}:{line_number}: not a JSON object ({error.msg}). "
-                    "Each line must be one JSON object, e.g. "
-                    '{"image": "a.jpg", "text": "...", "label": "..."}.'
-                ) from None
-            if not isinstance(row, dict):
-                raise DataValidationError(
-                    f"{os.path.basename(path)}:{line_number}: expected a JSON object, "
-                    f"found {type(row).__name__}."
-                )
-            rows.append((line_number, row))
-    if not rows:
-        raise DataValidationError(
-            f"{os.path.basename(path)}: no data rows. Expected one JSON object per line."
-        )
-    return rows
+                bad.append(BadRow(source, line_number, "", (
+                    f"not a JSON object ({error.msg}); each line must be one JSON object, e.g. "
+                    '{"image": "a.jpg", "text": "...", "label": "..."}')))
+                continue
+            if isinstance(row, dict):
+                rows.append((line_number, row))
+            else:
+                bad.append(BadRow(source, line_number, "",
+                                  f"expected a JSON object, found a {type(row).__name__}"))
+    return rows, bad
 
 
 def _check_text(value):
     """The problem with a text field, or None."""
+    odd = _odd_value(value)
+    if odd:
+        return f"text is {odd}; give every row a string"
     if isinstance(value, bytes):
         try:
             value = value.decode("utf-8")
@@ -667,13 +729,15 @@ def _normalize_split(value):
 def _build_records(table, source, *, class_names, min_class_count, skip_bad_rows,
                    check_images, val_fraction, test_fraction, seed, image_kind,
                    image_array=None, allow_missing=False, tabular_columns=(), columns=None,
-                   max_megapixels=MAX_MEGAPIXELS):
+                   max_megapixels=MAX_MEGAPIXELS, unreadable=(), allowed_root=None):
     """Validates rows (dicts with line, labels by task, inputs by name and optional split).
 
     `columns` maps input names to the column names that bad rows name
-    (by default the input names).
+    (by default the input names); `unreadable` are `BadRow`s of rows the
+    reader could not parse (not in `table`).
     """
-    bad = []
+    bad = list(unreadable)
+    total = len(table) + len({row.line for row in unreadable})
     fields = set(table[0]) if table else set()
     inputs = ordered(f for f in fields if is_input_name(f) and f != "tabular")
     images = [f for f in inputs if modality_kind(f) == "image"]
@@ -685,7 +749,8 @@ def _build_records(table, source, *, class_names, min_class_count, skip_bad_rows
     # Given the classes (a model's), rows of a rare class it does not know were left out of its
     # training by min_class_count: leave them out here too, as dropped classes, not bad rows.
     rare = _rare_unknown_labels(table, tasks[0], known[tasks[0]], min_class_count)
-    table = [entry for entry in table if _label_of(entry, tasks[0]) not in rare]
+    table = [entry for entry in table if _odd_value(_label_of(entry, tasks[0]))
+             or _label_of(entry, tasks[0]) not in rare]
     for entry in table:
         line = entry["line"]
         for task, label in entry["labels"].items():
@@ -716,7 +781,7 @@ def _build_records(table, source, *, class_names, min_class_count, skip_bad_rows
             if name in missing:
                 entry[name] = "" if image_kind == "path" else b""
             elif image_kind == "path":
-                problem = _check_image_path(entry[name])
+                problem = _check_image_path(entry[name], allowed_root)
                 if problem:
                     bad.append(BadRow(source, line, column[name], problem))
             elif not entry[name]:
@@ -735,12 +800,12 @@ def _build_records(table, source, *, class_names, min_class_count, skip_bad_rows
         for index, problem in failures.items():
             bad.append(BadRow(source, candidates[index]["line"], column[name], problem))
     bad.sort(key=lambda row: row.line)
-    report = DataReport(total_rows=len(table), bad_rows=bad)
+    report = DataReport(total_rows=total, bad_rows=bad)
     if bad and not skip_bad_rows:
         listed = "\n".join(f"  {row}" for row in bad[:MAX_LISTED_ROWS])
         more = f"\n  ... and {len(bad) - MAX_LISTED_ROWS} more" if len(bad) > MAX_LISTED_ROWS else ""
         raise DataValidationError(
-            f"{report.skipped_rows} of {len(table)} rows of {source} have bad input:\n"
+            f"{report.skipped_rows} of {total} rows of {source} have bad input:\n"
             f"{listed}{more}\nFix these rows, or pass skip_bad_rows=True "
             "(CLI: --skip-bad-rows) to leave them out; skipped rows are reported."
         )
@@ -782,8 +847,9 @@ def _build_records(table, source, *, class_names, min_class_count, skip_bad_rows
         records.report = dataclasses.replace(records.report, dropped_classes=rare)
     _check_classes(source, {task: records.tasks[task] for task in learned},
                    " once bad rows and rare classes are left out")
-    if records.report.bad_rows or records.report.dropped_classes:
-        warnings.warn(records.report.summary(), stacklevel=3)
+    records.report.duplicates = _repeated_training_rows(records)
+    if records.report.warns:
+        warnings.warn(records.report.summary(), DataWarning, stacklevel=3)
     return records
 
 
@@ -845,8 +911,14 @@ def _label_names(labels, class_names, task):
 
 def _check_label(label, known):
     """The problem with a label field, or None."""
+    odd = _odd_value(label)
+    if odd:
+        return f"label is {odd}; give every row a class name"
     if label in ("", None):
         return "empty label; give every row a class"
+    if isinstance(label, str) and label.lower() == "nan" and not (known and label in known):
+        return (f"label is {label!r}, the mark of a missing value (pandas writes NaN for an "
+                "empty cell); give the row its class, or skip such rows")
     if known is not None and label not in known:
         shown = sorted(known)[:10]
         return (f"unknown label {label!r}; expected one of {shown}"
@@ -857,8 +929,25 @@ def _check_label(label, known):
 
 
 def _as_field(value):
-    """A manifest cell as text; an absent cell is empty."""
-    return "" if value is None else str(value)
+    """A manifest cell as text; an absent cell is empty.
+
+    A value no text stands for (a JSON list or object, NaN) is kept as it
+    is, for the checks to name.
+    """
+    if value is None:
+        return ""
+    return value if _odd_value(value) else str(value)
+
+
+def _odd_value(value):
+    """What a JSON value is when no text or number stands for it (a list, object, NaN), or None."""
+    if isinstance(value, (list, dict)):
+        shown = json.dumps(value, ensure_ascii=False, default=str)
+        shown = shown if len(shown) <= 40 else shown[:37] + "..."
+        return f"a JSON {'list' if isinstance(value, list) else 'object'} ({shown}), not a text"
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{value!r} (not a number: a missing value?), not a text"
+    return None
 
 
 def _is_number(value):
@@ -880,10 +969,18 @@ def _as_str(value):
     return value.decode("utf-8") if isinstance(value, bytes) else value
 
 
-def _check_image_path(path):
-    """The problem with an image path, or None."""
+def _check_image_path(path, allowed_root=None):
+    """The problem with an image path (outside `allowed_root`, if given), or None."""
+    odd = _odd_value(path)
+    if odd:
+        return f"image path is {odd}; give every row an image file name"
     if not path:
         return "empty image path; give every row an image file"
+    if allowed_root is not None:  # checked first: nothing outside is opened, or said to exist
+        root = os.path.realpath(allowed_root)
+        if os.path.commonpath([root, os.path.realpath(path)]) != root:
+            return (f"image path {path} leaves the data root {allowed_root} (an absolute "
+                    "path, '..' or a symlink); only files under the data root are read")
     if not os.path.isfile(path):
         return f"image file not found: {path}; fix the path (relative to the manifest's folder)"
     if os.path.getsize(path) == 0:
@@ -900,6 +997,7 @@ def _rare_unknown_labels(table, task, known, min_class_count):
     """`{label: training rows}` of the labels outside `known` with under `min_class_count`."""
     if known is None or min_class_count <= 1:
         return {}
+    table = [entry for entry in table if not _odd_value(_label_of(entry, task))]  # bad rows
     counts = collections.Counter(_label_of(entry, task) for entry in table
                                  if _normalize_split(entry.get("split", "train")) == "train")
     labels = {_label_of(entry, task) for entry in table}
@@ -918,11 +1016,54 @@ def _drop_rare_classes(records, min_class_count):
             f"No class has {min_class_count} or more training rows; lower min_class_count."
         )
     dropped = {name: counts[name] for name in records.class_names if name not in keep}
+    held_out = records.select(records.splits != "train").class_counts()
+    unseen = {name: held_out[name] for name in dropped if not counts[name] and held_out[name]}
     remap = np.full(len(records.class_names), -1, dtype=np.int32)
     for new, name in enumerate(keep):
         remap[records.class_names.index(name)] = new
     kept = records.select(remap[records.labels] >= 0)
     kept.labels = remap[kept.labels]
     kept.class_names = keep
-    kept.report = dataclasses.replace(records.report, dropped_classes=dropped)
+    kept.report = dataclasses.replace(records.report, dropped_classes=dropped,
+                                      unseen_labels=unseen)
     return kept
+
+
+def _repeated_training_rows(records):
+    """`{split: rows}` of the val and test rows whose inputs repeat a training row's exactly.
+
+    Image files are compared by size first, and by their bytes only where
+    the sizes and the texts match.
+    """
+    names = [name for name in records.modalities if name != "tabular"]
+
+    def key(i, read=False):
+        parts = []
+        for name in names:
+            value = records.inputs(name)[i]
+            if modality_kind(name) == "text" or not _has_value(value):
+                parts.append(value)
+            elif records.image_kind == "array":
+                parts.append(hashlib.sha1(np.ascontiguousarray(value).tobytes()).hexdigest())
+            elif records.image_kind == "bytes":
+                parts.append(hashlib.sha1(value).hexdigest())
+            elif read:
+                with open(value, "rb") as f:
+                    parts.append(hashlib.sha1(f.read()).hexdigest())
+            else:
+                parts.append(os.path.getsize(value))
+        return tuple(parts)
+
+    if not names:
+        return {}
+    train = {}  # cheap key -> training rows
+    for i in np.flatnonzero(records.splits == "train"):
+        train.setdefault(key(i), []).append(i)
+    repeated = {}
+    for split in ("val", "test"):
+        rows = [i for i in np.flatnonzero(records.splits == split) if key(i) in train]
+        exact = {key(j, read=True) for j in {j for i in rows for j in train[key(i)]}}
+        count = sum(key(i, read=True) in exact for i in rows)
+        if count:
+            repeated[split] = count
+    return repeated

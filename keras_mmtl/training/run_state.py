@@ -19,8 +19,9 @@ from keras_mmtl.training.trainer import LOGS, MODEL_FILE, STATE_FILE
 FINGERPRINT_FILE = "fingerprint.json"
 # Config keys that do not change the trained model: paths whose data is fingerprinted
 # itself, outputs, and the feature cache (it gives the same model).
-NOT_FINGERPRINTED = ("data.manifest", "data.skip_bad_rows", "transfer.source_manifest",
-                     "training.cache_features", "training.projector", "output.")
+NOT_FINGERPRINTED = ("data.manifest", "data.data_root", "data.skip_bad_rows",
+                     "transfer.source_manifest", "training.cache_features", "training.projector",
+                     "output.")
 # What training leaves in a run folder (`cache/`, keyed by its own content, is kept).
 TRAINING_STATE = (STATE_FILE, MODEL_FILE, "phase*.weights.h5", "backup", "checkpoints", LOGS,
                   "eval", "source", "target", "workers", "member*")
