@@ -39,16 +39,16 @@ _RECIPE_MODEL = {"text_encoder": "ngrams"}
 _RECIPE_TRAINING = {"class_weight": "balanced"}
 
 # Minutes for the fashion task (9,976 train + val rows, 2 CPU cores, 2026-12-02): medium as
-# benchmarks/recipe.py measured it (8.4 min, its slowest seed), best from one run of the
-# README's command with --preset best (17 min); fast from medium's parts (phase 2 and the
-# bottom features take about 2.9 min of it).
+# benchmarks/recipe.py measured it (6.9 min, its slowest seed, under load), best from one run
+# of the README's command with --preset best (17 min, before the sparse n-gram encoder: an
+# upper bound); fast from medium's parts (phase 2 and the bottom features take about 2.9 min).
 PRESETS = {
     "fast": Preset(
         "the head on frozen pretrained features only (no fine-tuning)",
-        _RECIPE_MODEL, {**_RECIPE_TRAINING, "fine_tune_epochs": 0}, 1, 5.5),
+        _RECIPE_MODEL, {**_RECIPE_TRAINING, "fine_tune_epochs": 0}, 1, 4.0),
     "medium": Preset(
         "frozen features, then the top 3 image-backbone blocks fine-tuned on their cached "
-        "inputs", _RECIPE_MODEL, {**_RECIPE_TRAINING, "fine_tune_epochs": 5}, 1, 8.4),
+        "inputs", _RECIPE_MODEL, {**_RECIPE_TRAINING, "fine_tune_epochs": 5}, 1, 6.9),
     "best": Preset(
         "medium, three times with other seeds, averaged into one model",
         _RECIPE_MODEL, {**_RECIPE_TRAINING, "fine_tune_epochs": 5}, 3, 17.0),
