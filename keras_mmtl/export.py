@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import time
 import uuid
 
 import keras
@@ -175,6 +176,7 @@ def export_saved_model(model, base_dir, version=None, custom_ops="warn",
     >>> # saved_model_cli show --dir saved_models/products/1 --all
     """
     os.makedirs(base_dir, exist_ok=True)
+    _remove_stale_staging(base_dir)
     if version is None:
         present = [int(name) for name in os.listdir(base_dir) if name.isdigit()]
         version = max(present, default=0) + 1
@@ -197,6 +199,22 @@ def export_saved_model(model, base_dir, version=None, custom_ops="warn",
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+# A staging folder this old is what a killed export left (an export writes in minutes).
+STALE_STAGING_SECONDS = 3600
+
+
+def _remove_stale_staging(base_dir):
+    """Removes the `.tmp-*` staging folders that killed exports left in `base_dir`.
+
+    Younger ones may be another export's, still being written: they stay.
+    """
+    for name in os.listdir(base_dir):
+        path = os.path.join(base_dir, name)
+        if (name.startswith(".tmp-") and os.path.isdir(path)
+                and time.time() - os.path.getmtime(path) > STALE_STAGING_SECONDS):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def latest_version(path):

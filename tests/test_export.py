@@ -1,4 +1,5 @@
 import os
+import time
 import subprocess
 import sys
 import textwrap
@@ -39,6 +40,18 @@ def test_crash_while_writing_leaves_no_version(tmp_path, product_records, monkey
     with pytest.raises(OSError, match="disk full"):
         export_saved_model(_model(product_records, ("text",)), str(tmp_path / "m"))
     assert os.listdir(tmp_path / "m") == []
+
+
+def test_a_killed_exports_staging_folder_is_removed_by_the_next_export(tmp_path,
+                                                                      product_records):
+    base = tmp_path / "m"
+    killed, writing = base / ".tmp-1-killed", base / ".tmp-1-another-export-writing"
+    for folder in (killed, writing):
+        (folder / "variables").mkdir(parents=True)
+    hours_ago = time.time() - 2 * 3600
+    os.utime(killed, (hours_ago, hours_ago))
+    export_saved_model(_model(product_records, ("text",)), str(base))
+    assert sorted(os.listdir(base)) == [".tmp-1-another-export-writing", "1"]
 
 
 def test_serving_refuses_an_image_over_the_pixel_limit(tmp_path, products, product_records):
