@@ -239,6 +239,32 @@ class Records:
             return dataclasses.replace(self, **{f"{modality}s": values})
         return dataclasses.replace(self, extra_inputs={**self.extra_inputs, modality: values})
 
+    def input_digest(self, names=None):
+        """A digest (hex) of the inputs `names` (default all) of every row, in order.
+
+        Image files count by path, size and modification time, so a
+        replaced image changes the digest without being read. The feature
+        cache and the run fingerprint both key on it.
+        """
+        digest = hashlib.sha256()
+        digest.update(repr((self.image_kind, self.max_megapixels)).encode())
+        for name in self.modalities if names is None else names:
+            values, kind = self.inputs(name), modality_kind(name)
+            digest.update(f"\0{name}:".encode())
+            if kind == "tabular" or kind == "image" and self.image_kind == "array":
+                digest.update(np.ascontiguousarray(values).tobytes())
+            elif kind == "image" and self.image_kind == "path":
+                for path in values:
+                    stat = os.stat(path) if path else None  # an empty path: a missing image
+                    digest.update(f"{path}:{stat and stat.st_size}:"
+                                  f"{stat and stat.st_mtime_ns}\0".encode(errors="replace"))
+            else:  # texts, or encoded images
+                for value in values:
+                    data = value if isinstance(value, bytes) else str(value).encode(
+                        "utf-8", "surrogateescape")
+                    digest.update(hashlib.sha256(data).digest())
+        return digest.hexdigest()
+
     def class_counts(self, split=None):
         """Number of rows per class name, in one split or overall."""
         labels = self.labels if split is None else self.subset(split).labels

@@ -145,23 +145,7 @@ def cache_key(extractor, records, split):
     for weight in extractor.weights:
         digest.update(np.ascontiguousarray(keras.ops.convert_to_numpy(weight)).tobytes())
     rows = records.subset(split)
-    digest.update(f"{split}:{len(rows)}:{rows.image_kind}".encode())
-    for name in extractor.input:
-        values, kind = rows.inputs(name), modality_kind(name)
-        digest.update(f"{name}:".encode())
-        if kind == "image" and rows.image_kind == "array":
-            digest.update(np.ascontiguousarray(values).tobytes())
-        elif kind == "image" and rows.image_kind == "path":
-            for path in values:  # a replaced file changes size or modification time
-                stat = os.stat(path) if path else None  # an empty path: a missing image
-                digest.update(
-                    f"{path}:{stat and stat.st_size}:{stat and stat.st_mtime_ns}".encode())
-        elif kind == "image":
-            for data in values:
-                digest.update(hashlib.sha256(data).digest())
-        else:
-            for text in values:
-                digest.update(text.encode("utf-8") + b"\0")
+    digest.update(f"{split}:{len(rows)}:{rows.input_digest(list(extractor.input))}".encode())
     return digest.hexdigest()[:24]
 
 

@@ -13,7 +13,6 @@ import shutil
 
 import numpy as np
 
-from keras_mmtl.modalities import modality_kind
 from keras_mmtl.training.trainer import LOGS, MODEL_FILE, STATE_FILE
 
 FINGERPRINT_FILE = "fingerprint.json"
@@ -68,19 +67,7 @@ def data_digest(records):
     def add(value):
         digest.update(repr(value).encode("utf-8", "backslashreplace") + b"\0")
 
-    add((records.image_kind, records.tasks, records.tabular_columns, records.max_megapixels))
-    for name in records.modalities:
-        values, kind = records.inputs(name), modality_kind(name)
-        add(name)
-        if kind == "tabular" or kind == "image" and records.image_kind == "array":
-            digest.update(np.ascontiguousarray(values).tobytes())
-        elif kind == "image" and records.image_kind == "path":
-            for path in values:
-                stat = os.stat(path) if path else None  # an empty path: a missing image
-                add((path, stat and stat.st_size, stat and stat.st_mtime_ns))
-        else:
-            for value in values:
-                add(value)
+    add((records.tasks, records.tabular_columns, records.input_digest()))
     for task in records.tasks:
         digest.update(np.ascontiguousarray(records.task_labels(task), np.int32).tobytes())
     add(list(records.splits))
