@@ -12,6 +12,13 @@ Example:
 >>> mm.export_saved_model(model, "saved_models/products")  # doctest: +SKIP
 """
 
+from keras_mmtl.startup import quiet_native_startup
+
+with quiet_native_startup():  # TensorFlow's C++ start-up lines stay off the command line
+    import tensorflow
+
+    tensorflow.config.list_physical_devices()  # the driver probe's lines come now, held too
+
 from keras_mmtl.calibration import calibrate
 from keras_mmtl.config import RunConfig
 from keras_mmtl.data import (

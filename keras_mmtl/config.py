@@ -9,6 +9,9 @@ from typing import Optional, Union
 import yaml
 
 from keras_mmtl.data.images import MAX_MEGAPIXELS
+from keras_mmtl.models.backbones import BACKBONES
+from keras_mmtl.models.fusion import FUSIONS
+from keras_mmtl.models.text import check_text_encoder
 from keras_mmtl.presets import DEFAULT_PRESET, PRESETS
 
 # The defaults below are the default preset's recipe, read from it (one source of truth).
@@ -116,7 +119,8 @@ class ModelConfig:
     """The classifier (see `keras_mmtl.build_classifier`)."""
 
     image_backbone: str = _field(
-        "mobilenet_v2", "a keras.applications backbone; see keras_mmtl.BACKBONES")
+        "mobilenet_v2", "a keras.applications backbone (or small_cnn, trained from scratch)",
+        choices=sorted(BACKBONES), metavar="NAME")
     image_weights: Optional[str] = _field(
         "imagenet", "'imagenet' (downloaded once), a local weights file, or 'none'",
         type=_none_or)
@@ -126,7 +130,7 @@ class ModelConfig:
         _DEFAULT.model["text_encoder"], "'ngrams' (TF-IDF of word 1-2 grams and character 3-5 grams), 'scratch' (word "
                   "embeddings learned from your texts), 'tfidf' (a TF-IDF bag of words), or a "
                   "keras-hub preset name or local directory of a pretrained BERT-family encoder "
-                  "(needs keras-mmtl[hub])")
+                  "(needs keras-mmtl[hub])", check=check_text_encoder)
     sequence_length: int = _field(128, "tokens kept per text")
     text_tokenizer: str = _field(
         "core", "tokenizer of the scratch text encoder: 'core' (core TensorFlow ops: the export "
@@ -134,7 +138,7 @@ class ModelConfig:
         choices=["core", "unicode_script"])
     fusion: str = _field(
         "concat", "fusion of image and text: concat, gated, attention, hierarchical, late or "
-                  "shared (one space and head shared by the modalities)")
+                  "shared (one space and head shared by the modalities)", choices=list(FUSIONS))
     missing_modalities: bool = _field(
         False, "accept samples without their image or text (a learned stand-in replaces it)")
     modality_dropout: float = _field(
@@ -305,7 +309,7 @@ class RunConfig:
                                   f"Expected some of {sorted(known)}.")
             for field in dataclasses.fields(section):
                 if field.name in given:
-                    _check_type(field, given[field.name], f"{source}, {name}.{field.name}")
+                    _check_value(field, given[field.name], f"{source}, {name}.{field.name}")
             sections[name] = section(**given)
         return cls(**sections)
 
@@ -343,13 +347,31 @@ class RunConfig:
         return RunConfig.from_dict(values)
 
 
-def _check_type(field, value, where):
-    """Raises a clear error for a value of the wrong kind (a string where a number goes...)."""
+def _check_value(field, value, where):
+    """Raises a clear error for a value of the wrong kind or not among the field's choices."""
     expected = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}.get(field.type)
     if expected is None or value is None and field.default is None:
         return
     if not isinstance(value, expected) or (field.type is not bool and isinstance(value, bool)):
         raise ConfigError(f"{where} must be {field.type.__name__}; got {value!r}.")
+    choices = field.metadata.get("choices")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{where} is {value!r}; expected one of {choices}.")
+    try:
+        field.metadata.get("check", lambda value: value)(value)
+    except ValueError as error:
+        raise ConfigError(f"{where}: {error}") from None
+
+
+def _checked(check):
+    """`check` as an argparse type: its ValueError becomes argparse's one-line usage error."""
+    def parse(value):
+        try:
+            return check(value)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+    parse.__name__ = check.__name__
+    return parse
 
 
 def add_arguments(parser, section, defaults=True):
@@ -364,6 +386,8 @@ def add_arguments(parser, section, defaults=True):
     for field in dataclasses.fields(section):
         argument = dict(field.metadata)
         help = argument.pop("help")
+        if "check" in argument:
+            argument["type"] = _checked(argument.pop("check"))
         default = field.default
         argument["default"] = default if defaults else argparse.SUPPRESS
         shown = "x".join(map(str, default)) if field.name == "image_size" and default else default

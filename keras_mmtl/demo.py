@@ -6,6 +6,7 @@ from keras_mmtl.data import make_demo_dataset, read_manifest
 from keras_mmtl.evaluation import evaluate
 from keras_mmtl.export import export_saved_model
 from keras_mmtl.models import WeightsUnavailableError, build_classifier_for, build_image_backbone
+from keras_mmtl.progress import logger
 from keras_mmtl.training import train
 
 PRETRAINED = "mobilenet_v2_0.35"
@@ -23,8 +24,8 @@ def demo_backbone(image_weights="imagenet"):
             build_image_backbone(PRETRAINED, image_weights, (96, 96))
             return PRETRAINED, image_weights, (96, 96)
         except WeightsUnavailableError:
-            print(f"Pretrained {PRETRAINED} weights cannot be downloaded (offline?): the demo "
-                  "trains a small CNN from scratch instead (or pass a local weights file).")
+            logger.warning(f"Pretrained {PRETRAINED} weights cannot be downloaded (offline?): the demo "
+                           "trains a small CNN from scratch instead (or pass a local weights file).")
     return "small_cnn", None, (32, 32)
 
 
@@ -62,7 +63,7 @@ def run_demo(run_dir="runs/demo", export_dir="saved_models/demo", *, num_samples
     backbone, weights, size = demo_backbone(image_weights)
     reports, models = {}, {}
     for title, modalities in MODELS.items():
-        print(f"\n=== {title} ===")
+        logger.info(f"\n=== {title} ===")
         model = build_classifier_for(records, modalities=modalities, image_backbone=backbone,
                                      image_weights=weights, image_size=size)
         model_dir = os.path.join(run_dir, "_".join(modalities))
@@ -70,13 +71,13 @@ def run_demo(run_dir="runs/demo", export_dir="saved_models/demo", *, num_samples
               seed=seed, verbose=verbose)
         reports[title] = evaluate(model, records, "test", out_dir=os.path.join(model_dir, "eval"))
         models[title] = model
-    print(f"\nTest split of the demo data ({len(records.subset('test'))} samples):")
-    print(f"{'model':<14}{'accuracy':>10}{'macro-F1':>10}")
+    logger.info(f"\nTest split of the demo data ({len(records.subset('test'))} samples):")
+    logger.info(f"{'model':<14}{'accuracy':>10}{'macro-F1':>10}")
     for title, report in reports.items():
-        print(f"{title:<14}{report.accuracy:>10.3f}{report.macro_f1:>10.3f}")
+        logger.info(f"{title:<14}{report.accuracy:>10.3f}{report.macro_f1:>10.3f}")
     best_single = max(reports["image only"].accuracy, reports["text only"].accuracy)
     gain = 100 * (reports["image + text"].accuracy - best_single)
-    print(f"Fusion beats the best single modality by {gain:.1f} points of accuracy.")
+    logger.info(f"Fusion beats the best single modality by {gain:.1f} points of accuracy.")
     export_path = export_saved_model(models["image + text"], export_dir)
-    print(f"Exported the fused model to {export_path}")
+    logger.info(f"Exported the fused model to {export_path}")
     return {"reports": reports, "export_path": export_path}

@@ -12,6 +12,8 @@ from keras_mmtl.data.pipeline import make_dataset
 from keras_mmtl.modalities import modality_kind
 from keras_mmtl.models.builder import class_names as model_class_names
 from keras_mmtl.models.builder import dataset_arguments, head_name, model_modalities, model_tasks
+from keras_mmtl.plots import plot_confusion_matrix, plot_curves, plot_reliability
+from keras_mmtl.progress import predict_with_progress
 
 
 @dataclasses.dataclass
@@ -35,6 +37,7 @@ class EvaluationReport:
     ece: float = float("nan")
     temperature: float = 1.0  # of the head (temperature scaling); 1: not calibrated
     ece_uncalibrated: float = None  # the ECE the same predictions had at temperature 1
+    reliability: dict = dataclasses.field(repr=False, default_factory=dict)  # ECE's bins
 
     def to_dict(self):
         """The report as plain JSON-able values (curves left out)."""
@@ -66,7 +69,7 @@ class EvaluationReport:
         return "\n".join(lines)
 
     def save(self, out_dir):
-        """Writes report.json, per_class.csv and the confusion/ROC/PR PNGs.
+        """Writes report.json, per_class.csv and the confusion, ROC, PR and reliability PNGs.
 
         Returns:
             dict of what was written -> path.
@@ -74,16 +77,23 @@ class EvaluationReport:
         os.makedirs(out_dir, exist_ok=True)
         paths = {name: os.path.join(out_dir, name) for name in (
             "report.json", "per_class.csv", "confusion_matrix.png", "roc_curves.png",
-            "pr_curves.png")}
+            "pr_curves.png", "reliability.png")}
         with open(paths["report.json"], "w", encoding="utf-8") as f:
             json.dump(self.to_dict(), f, indent=2)
         with open(paths["per_class.csv"], "w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=list(self.per_class[0]))
             writer.writeheader()
             writer.writerows(self.per_class)
-        _plot_confusion(self, paths["confusion_matrix.png"])
-        _plot_curves(self, "roc", paths["roc_curves.png"])
-        _plot_curves(self, "pr", paths["pr_curves.png"])
+        figures = {
+            "confusion_matrix.png": plot_confusion_matrix(
+                self.confusion, self.class_names,
+                f"Confusion matrix (accuracy {self.accuracy:.3f})"),
+            "roc_curves.png": plot_curves(self, "roc"),
+            "pr_curves.png": plot_curves(self, "pr"),
+            "reliability.png": plot_reliability(self),
+        }
+        for name, figure in figures.items():
+            figure.savefig(paths[name], dpi=110)
         return paths
 
 
@@ -146,6 +156,7 @@ def classification_report(labels, probabilities, class_names):
         confusion=confusion,
         curves=curves,
         ece=expected_calibration_error(labels, probabilities),
+        reliability=reliability_bins(labels, probabilities),
     )
 
 
@@ -164,17 +175,32 @@ def expected_calibration_error(labels, probabilities, bins=ECE_BINS):
     >>> round(expected_calibration_error([0, 1], [[0.9, 0.1], [0.8, 0.2]]), 3)
     0.45
     """
+    found = reliability_bins(labels, probabilities, bins)
+    count = np.asarray(found["count"])
+    gaps = np.abs(np.asarray(found["accuracy"]) - np.asarray(found["confidence"]))
+    return float((count * gaps).sum() / max(count.sum(), 1))
+
+
+def reliability_bins(labels, probabilities, bins=ECE_BINS):
+    """Per equal-width bin of top probability: samples, their accuracy and mean confidence.
+
+    Empty bins have accuracy and confidence 0. Returns a dict of lists
+    `count`, `accuracy`, `confidence` (what a reliability diagram draws).
+
+    Example:
+
+    >>> reliability_bins([0, 1], [[0.9, 0.1], [0.8, 0.2]], bins=2)["accuracy"]
+    [0.0, 0.5]
+    """
     labels = np.asarray(labels)
     probabilities = np.asarray(probabilities, np.float64)
     confidence = probabilities.max(axis=1)
     correct = probabilities.argmax(axis=1) == labels
     which = np.minimum((confidence * bins).astype(int), bins - 1)
-    error = 0.0
-    for b in range(bins):
-        chosen = which == b
-        if chosen.any():
-            error += chosen.mean() * abs(correct[chosen].mean() - confidence[chosen].mean())
-    return float(error)
+    count = np.bincount(which, minlength=bins)
+    sums = [np.bincount(which, weights=values, minlength=bins) / np.maximum(count, 1)
+            for values in (correct.astype(np.float64), confidence)]
+    return {"count": count.tolist(), "accuracy": sums[0].tolist(), "confidence": sums[1].tolist()}
 
 
 def rescale(probabilities, temperature):
@@ -185,8 +211,11 @@ def rescale(probabilities, temperature):
     return exp / exp.sum(axis=1, keepdims=True)
 
 
-def predict_records(model, records, split=None, batch_size=64):
+def predict_records(model, records, split=None, batch_size=64, title=None):
     """Runs a classifier over records: returns `(labels, probabilities)`.
+
+    `title` names the step in the progress display (default: "Scoring the
+    SPLIT split").
 
     For a multi-task model both are dicts by task (auxiliary heads left
     out). A model without presence inputs (`missing_modalities=False`) sees
@@ -197,9 +226,10 @@ def predict_records(model, records, split=None, batch_size=64):
                                    "image" and m not in arguments["presence"])
     names = list(model.input)
     ds = make_dataset(records, split, **arguments, batch_size=batch_size)
-    probabilities = model.predict(ds.map(lambda x, y: {name: x[name] for name in names}),
-                                  verbose=0)
     rows = records if split is None else records.subset(split)
+    probabilities = predict_with_progress(
+        model, ds.map(lambda x, y: {name: x[name] for name in names}),
+        title or f"Scoring the {split or 'given'} split", len(rows), batch_size)
     tasks = model_tasks(model)
     if tasks is None:
         return rows.labels, probabilities
@@ -233,7 +263,8 @@ def evaluate(model, records, split="test", *, out_dir=None, batch_size=64):
     raw = None
     if any(head.temperature != 1 for head in _heads(model)):  # calibrated: the ECE before too
         with uncalibrated(model):
-            raw = predict_records(model, records, split, batch_size)[1]
+            raw = predict_records(model, records, split, batch_size,
+                                  title=f"Scoring the {split} split before calibration")[1]
     if tasks is None:
         labels, probabilities, raw = {None: labels}, {None: probabilities}, {None: raw}
     reports = {}
@@ -349,7 +380,8 @@ def modality_report(model, records, split="test", *, task=None, out_dir=None, ba
     task = task or next(iter(tasks or [None]))
     report = ModalityReport({})
     for condition, data in conditions.items():
-        labels, probabilities = predict_records(model, data, None, batch_size)
+        labels, probabilities = predict_records(model, data, None, batch_size,
+                                                title=f"Modality report, {condition}")
         if tasks is not None:
             labels, probabilities = labels[task], probabilities[task]
         scores = classification_report(labels, probabilities, model_class_names(model, task))
@@ -386,52 +418,3 @@ def _nanmean(values):
 
 def _fmt(value):
     return "-" if np.isnan(value) else f"{value:.3f}"
-
-
-def _plot_confusion(report, path):
-    from matplotlib.figure import Figure
-
-    n = len(report.class_names)
-    rows = report.confusion / np.maximum(report.confusion.sum(axis=1, keepdims=True), 1)
-    size = min(4 + 0.25 * n, 24)
-    fig = Figure(figsize=(size, size))
-    ax = fig.add_subplot()
-    image = ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
-    fig.colorbar(image, ax=ax, fraction=0.046, label="share of the true class")
-    ax.set_xticks(range(n), report.class_names, rotation=90, fontsize=max(4, 10 - n // 10))
-    ax.set_yticks(range(n), report.class_names, fontsize=max(4, 10 - n // 10))
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    if n <= 15:
-        for (i, j), count in np.ndenumerate(report.confusion):
-            ax.text(j, i, str(count), ha="center", va="center", fontsize=8,
-                    color="white" if rows[i, j] > 0.5 else "black")
-    ax.set_title(f"Confusion matrix (accuracy {report.accuracy:.3f})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-
-
-def _plot_curves(report, kind, path):
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7, 6))
-    ax = fig.add_subplot()
-    show_legend = len(report.curves[kind]) <= 12
-    for name, (x, y) in report.curves[kind].items():
-        if kind == "pr":
-            ax.step(x, y, where="post", lw=1, alpha=0.8, label=name)
-        else:
-            ax.plot(x, y, lw=1, alpha=0.8, label=name)
-    if kind == "roc":
-        ax.plot([0, 1], [0, 1], "k--", lw=0.8)
-        ax.set(xlabel="false positive rate", ylabel="true positive rate",
-               title=f"ROC, one vs rest (macro AUC {report.roc_auc:.3f})")
-    else:
-        ax.set(xlabel="recall", ylabel="precision",
-               title=f"Precision-recall, one vs rest (macro AP {report.pr_auc:.3f})")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.02)
-    if show_legend:
-        ax.legend(fontsize=7, loc="lower right" if kind == "roc" else "lower left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)

@@ -25,6 +25,7 @@ from keras_mmtl.presets import (
     parse_duration,
     preset_arguments,
 )
+from keras_mmtl.progress import logger
 from keras_mmtl.training import distribution_strategy, setup_precision, train, transfer, tune
 from keras_mmtl.training.callbacks import save_atomic
 from keras_mmtl.training.distribute import is_chief, is_multi_worker
@@ -113,11 +114,11 @@ def run_experiment(config, *, overwrite=False, verbose="auto"):
     records = data.read()
     config.save(os.path.join(run_dir, CONFIG_FILE))
     classes = ", ".join(f"{len(names)} {task} classes" for task, names in records.tasks.items())
-    print(f"{len(records)} rows, {classes}, inputs {list(records.modalities)}; "
-          f"run folder {run_dir}")
+    logger.info(f"{len(records)} rows, {classes}, inputs {list(records.modalities)}; "
+                f"run folder {run_dir}")
     if records.report.duplicates:
-        print(f"Warning: {records.report.overlap()}")
-    print(f"Preset {fit.preset!r} ({why}): {get_preset(fit.preset).description}.")
+        logger.warning(records.report.overlap())
+    logger.info(f"Preset {fit.preset!r} ({why}): {get_preset(fit.preset).description}.")
     source = data.read(moved.source_manifest) if moved.source_manifest else None
     build = build_arguments(config)
     kwargs = train_arguments(config, verbose=verbose)
@@ -141,7 +142,7 @@ def run_experiment(config, *, overwrite=False, verbose="auto"):
         if source is None and fit.ensemble == 1:
             history = train(model, records, run_dir, **kwargs)
         elif source is None:  # members share the cache of frozen features
-            print(f"Ensemble member {member + 1}/{fit.ensemble} (seed {seed}):")
+            logger.info(f"Ensemble member {member + 1}/{fit.ensemble} (seed {seed}):")
             train(model, records, os.path.join(run_dir, f"member{member + 1}"),
                   cache_dir=os.path.join(run_dir, "cache"), **{**kwargs, "seed": seed})
         else:
@@ -162,8 +163,9 @@ def run_experiment(config, *, overwrite=False, verbose="auto"):
         calibration = calibrate(model, records, "val")
         for task, one in (calibration.items() if isinstance(calibration, dict)
                           else [(None, calibration)]):
-            print(f"Temperature scaling{'' if task is None else f' of {task}'}: "
-                  f"T={one.temperature:.3f}, val ECE {one.ece_before:.4f} -> {one.ece_after:.4f}")
+            logger.info(f"Temperature scaling{'' if task is None else f' of {task}'}: "
+                        f"T={one.temperature:.3f}, val ECE {one.ece_before:.4f} -> "
+                        f"{one.ece_after:.4f}")
         sequential = moved.source_manifest and not moved.joint
         save_atomic(model.save, os.path.join(run_dir, "target" if sequential else "", MODEL_FILE))
     result = ExperimentResult(model, evaluate(model, records, "test", out_dir=eval_dir), run_dir,

@@ -20,11 +20,13 @@ def test_demo_data_is_deterministic_and_needs_both_modalities(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_fusion_beats_each_modality_by_ten_points(tmp_path, capsys):
+def test_demo_fusion_beats_each_modality_by_ten_points(tmp_path, capfd):
     results = run_demo(str(tmp_path / "runs"), str(tmp_path / "saved"), num_samples=600,
                        epochs=6, image_weights=None, verbose=0)
     reports = results["reports"]
     best_single = max(reports["image only"].accuracy, reports["text only"].accuracy)
     assert reports["image + text"].accuracy >= best_single + 0.10
     assert os.path.exists(os.path.join(results["export_path"], "saved_model.pb"))
-    assert "Fusion beats the best single modality" in capsys.readouterr().out
+    out, err = capfd.readouterr()
+    assert "Fusion beats the best single modality" in out
+    assert "retracing" not in err  # the library's loops trace each model on purpose

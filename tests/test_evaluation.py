@@ -48,7 +48,7 @@ def test_save_writes_report_table_and_plots(tmp_path):
     labels = np.array([0, 1, 2, 2])
     report = classification_report(labels, np.eye(3)[[0, 1, 2, 1]], NAMES)
     paths = report.save(str(tmp_path))
-    for name in ("confusion_matrix.png", "roc_curves.png", "pr_curves.png"):
+    for name in ("confusion_matrix.png", "roc_curves.png", "pr_curves.png", "reliability.png"):
         assert open(paths[name], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert "macro_f1" in open(paths["report.json"]).read()
     assert open(paths["per_class.csv"]).readline().startswith("class,precision,recall,f1")

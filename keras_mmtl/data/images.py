@@ -5,6 +5,8 @@ import functools
 import numpy as np
 import tensorflow as tf
 
+from keras_mmtl.progress import Progress
+
 CHANNELS = 3
 # Images larger than this are refused before they are decoded: far above any real photo,
 # far below what one request may cost a server (a 12000x12000 JPEG decoded whole is 2 GB).
@@ -246,8 +248,10 @@ downscale it, or raise the limit (max_megapixels=, CLI: --max-megapixels)'
     ds = ds.map(probe, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
     ds = ds.ignore_errors().batch(4096)
     decoded = set()
-    for batch in ds:
-        decoded.update(batch.numpy().tolist())
+    with Progress("Checking images", len(sources), unit="images") as progress:
+        for batch in ds:
+            decoded.update(batch.numpy().tolist())
+            progress.add(len(batch))
     failures = {}
     for index in sorted(set(range(len(sources))) - decoded):
         problem = "cannot decode image"

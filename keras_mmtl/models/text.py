@@ -541,6 +541,37 @@ def vocabulary_learner(name):
     return TEXT_ENCODERS[name][1]
 
 
+def check_text_encoder(name):
+    """Returns `name` if it names a text encoder that can be built, else raises a `ValueError`.
+
+    A registered encoder (`"ngrams"`, `"scratch"`, `"tfidf"`), a local model
+    directory, a `kaggle://` or `hf://` handle, or a keras-hub preset name
+    (checked against keras-hub's list, without downloading it). Used to
+    refuse a typo before any data is read.
+
+    Example:
+
+    >>> check_text_encoder("ngrams")
+    'ngrams'
+    >>> check_text_encoder("ngramz")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: Unknown text encoder 'ngramz'...
+    """
+    if name in TEXT_ENCODERS or os.path.isdir(name) or "://" in name:
+        return name
+    try:
+        import keras_hub
+    except ImportError:
+        keras_hub = None
+    if keras_hub is not None and name in keras_hub.models.Backbone.presets:
+        return name
+    hub = ("a keras-hub preset name" if keras_hub is not None else
+           "a keras-hub preset name (needs pip install 'keras-mmtl[hub]')")
+    raise ValueError(f"Unknown text encoder {name!r}: expected one of {sorted(TEXT_ENCODERS)}, "
+                     f"an existing local model folder, or {hub}.")
+
+
 def build_text_encoder(name, texts, vocabulary, **kwargs):
     """Applies text encoder `name` to the symbolic `texts` inputs (a list); returns their features.
 

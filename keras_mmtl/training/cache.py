@@ -23,6 +23,7 @@ from keras_mmtl.data.pipeline import make_dataset
 from keras_mmtl.modalities import modality_kind
 from keras_mmtl.models.backbones import BACKBONE_NAME, split_frozen_bottom
 from keras_mmtl.models.builder import clone_classifier, image_size, model_modalities
+from keras_mmtl.progress import predict_with_progress
 
 # Per kind of modality, in order of preference: (layer whose output is cached, layer that must be
 # frozen for it, or None when the output never changes in training).
@@ -207,8 +208,9 @@ def _features(extractor, records, split, cache_dir, batch_size):
     # With presence, a missing image comes black (its features are replaced in the model).
     ds = make_dataset(records, split, image_size=image_size(extractor), modalities=names,
                       presence=names, batch_size=batch_size, shuffle=False)
-    features = extractor.predict(ds.map(lambda x, y: {name: x[name] for name in names}),
-                                 verbose=0)
+    features = predict_with_progress(
+        extractor, ds.map(lambda x, y: {name: x[name] for name in names}),
+        f"Backbone features of the {split} split", len(records.subset(split)), batch_size)
     if path is not None:
         os.makedirs(cache_dir, exist_ok=True)
         tmp = f"{path}.tmp.npz"

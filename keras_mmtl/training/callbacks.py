@@ -16,6 +16,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_mmtl.plots import figure_image, plot_confusion_matrix
 from keras_mmtl.training.metrics import MacroF1
 
 
@@ -230,10 +231,8 @@ class ConfusionMatrixImage(keras.callbacks.Callback):
 def confusion_matrix_image(confusion, class_names, title=""):
     """Renders a confusion matrix, rows normalised to recall, as an RGB image.
 
-    Uses matplotlib's Agg canvas on a `Figure` of its own: no pyplot state,
-    nothing left open. The figure grows with the number of classes (about
-    0.2 inch a class) and its labels shrink, so 60 classes stay readable;
-    beyond 15 classes cells show colour only.
+    The figure is `keras_mmtl.plots.plot_confusion_matrix`'s, the one the
+    evaluation report saves.
 
     Args:
         confusion: `(classes, classes)` counts, rows true, columns predicted.
@@ -249,32 +248,7 @@ def confusion_matrix_image(confusion, class_names, title=""):
     >>> image.dtype, image.ndim, image.shape[2]
     (dtype('uint8'), 3, 3)
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    confusion = np.asarray(confusion, dtype=np.float64)
-    n = len(confusion)
-    shares = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1e-12)
-    size = min(max(3.5 + 0.2 * n, 5.0), 24.0)
-    fontsize = max(7.0, min(10.0, 420.0 / max(n, 1)))
-    fig = Figure(figsize=(size + 1.0, size), dpi=100, layout="constrained")
-    canvas = FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    shown = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
-    fig.colorbar(shown, ax=ax, shrink=0.6, label="share of the true class")
-    labels = [name if len(name) <= 24 else name[:23] + "\u2026" for name in map(str, class_names)]
-    ax.set_xticks(range(n), labels, rotation=90, fontsize=fontsize)
-    ax.set_yticks(range(n), labels, fontsize=fontsize)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title, fontsize=max(fontsize, 9))
-    if n <= 15:
-        for (i, j), share in np.ndenumerate(shares):
-            if confusion[i, j]:
-                ax.text(j, i, f"{share:.2f}", ha="center", va="center", fontsize=8,
-                        color="white" if share > 0.5 else "black")
-    canvas.draw()
-    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+    return figure_image(plot_confusion_matrix(confusion, class_names, title))
 
 
 def write_hparams(log_dir, hparams, metrics=("epoch_accuracy", "epoch_loss", "epoch_macro_f1")):

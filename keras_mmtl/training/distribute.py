@@ -5,6 +5,8 @@ import os
 
 import tensorflow as tf
 
+from keras_mmtl.progress import logger
+
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker")
 _MADE = {}  # the strategies made in this process, by name
 
@@ -59,7 +61,7 @@ def distribution_strategy(strategy="auto"):
             _MADE[strategy] = (tf.distribute.MultiWorkerMirroredStrategy()
                                if strategy == "multi_worker" else tf.distribute.MirroredStrategy())
         chosen = _MADE[strategy]
-    print(f"Distribution: {describe(chosen)}.")
+    logger.info(f"Distribution: {describe(chosen)}.")
     return chosen
 
 

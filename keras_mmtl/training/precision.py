@@ -3,6 +3,8 @@
 import keras
 import tensorflow as tf
 
+from keras_mmtl.progress import logger
+
 
 def setup_precision(policy="auto"):
     """Sets the global Keras dtype policy for the models built next, and GPU memory growth.
@@ -43,5 +45,5 @@ def setup_precision(policy="auto"):
     else:
         reason = "as asked"
     keras.mixed_precision.set_global_policy(policy)
-    print(f"Precision: {policy} ({reason})")
+    logger.info(f"Precision: {policy} ({reason})")
     return policy

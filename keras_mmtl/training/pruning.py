@@ -13,6 +13,7 @@ import numpy as np
 
 from keras_mmtl.data.pipeline import make_dataset
 from keras_mmtl.models.builder import dataset_arguments
+from keras_mmtl.progress import keras_verbose
 from keras_mmtl.training.optimizers import LayerwiseAdam
 from keras_mmtl.training.trainer import compile_classifier
 
@@ -142,7 +143,7 @@ def prune(model, records, target=0.5, *, epochs=2, learning_rate=1e-4, batch_siz
     callback = MagnitudePruning(target, ramp_steps=ramp * epochs * len(train))
     try:
         model.fit(train, validation_data=val, epochs=epochs, callbacks=[callback],
-                  shuffle=False, verbose=verbose)  # the dataset shuffles itself
+                  shuffle=False, verbose=keras_verbose(verbose))  # the dataset shuffles itself
     finally:
         for layer, flag in zip(layers, trainable):
             layer.trainable = flag

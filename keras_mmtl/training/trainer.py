@@ -24,6 +24,12 @@ from keras_mmtl.models.builder import (
     presence_modalities,
 )
 from keras_mmtl.presets import parse_duration, with_preset
+from keras_mmtl.progress import (
+    expected_retracing,
+    keras_verbose,
+    logger,
+    predict_with_progress,
+)
 from keras_mmtl.training.cache import compute_features, split_model
 from keras_mmtl.training.callbacks import (
     AtomicBackupAndRestore,
@@ -246,6 +252,7 @@ def train(
     >>> history = train(model, records, "runs/products", epochs=5)  # doctest: +SKIP
     """
     started = time.monotonic()
+    verbose = keras_verbose(verbose)
     hparams = {name: value for name, value in locals().items() if name not in (
         "model", "records", "run_dir", "cache_dir", "projector", "resume", "callbacks",
         "verbose", "started", "time_limit")}
@@ -257,11 +264,11 @@ def train(
         if not is_chief():
             run_dir = os.path.join(run_dir, "workers", "".join(map(str, worker_id())))
         if cache_features:
-            print("Feature cache off: each worker would compute its own.")
+            logger.info("Feature cache off: each worker would compute its own.")
             cache_features = False
     if strategy.num_replicas_in_sync > 1:
-        print(f"Training with {describe(strategy)}; global batch "
-              f"{batch_size * strategy.num_replicas_in_sync}.")
+        logger.info(f"Training with {describe(strategy)}; global batch "
+                    f"{batch_size * strategy.num_replicas_in_sync}.")
     augment = make_augmentation(image=augment_images, text=augment_text, seed=seed)
     loss = ClassificationLoss(gamma=focal_gamma, label_smoothing=label_smoothing)
     weights = _class_weights_by_output(model, records, class_weight)
@@ -286,8 +293,8 @@ def train(
     phases = [(epochs, learning_rate)] + ([(fine_tune_epochs, fine_tune_learning_rate)]
                                           if two_phase else [])
     if state.get("phases_done", 0) >= len(phases):
-        print(f"The run in {run_dir} is finished; loading its best weights "
-              "(resume=False trains again).")
+        logger.info(f"The run in {run_dir} is finished; loading its best weights "
+                    "(resume=False trains again).")
     for number, (phase_epochs, rate) in enumerate(phases, start=1):
         if state.get("phases_done", 0) >= number:
             continue
@@ -325,29 +332,31 @@ def train(
                 title += " (images: the frozen blocks below the fine-tuned ones)"
         # Epochs of earlier phases; BackupAndRestore resumes inside this one.
         start = sum(1 for phase in state.get("history", {}).get("phase", []) if phase < number)
-        print(f"Phase {number}/{len(phases)}: {title}; {phase_epochs} epochs at most, "
-              f"{schedule}, {_count(fit_model.trainable_weights):,} trainable parameters.")
+        logger.info(f"Phase {number}/{len(phases)}: {title}; {phase_epochs} epochs at most, "
+                    f"{schedule}, {_count(fit_model.trainable_weights):,} trainable parameters.")
         best = os.path.join(run_dir, "checkpoints", f"phase{number}.weights.h5")
         limit = []
         if budget is not None:  # phase 1 of two gets half the budget
             share = 0.5 if number < len(phases) else 1.0
             limit = [TimeLimit(started + share * budget)]
         _build_in_scope(fit_model, train_ds)
-        fit_model.fit(
-            train_ds,
-            validation_data=val_ds,
-            initial_epoch=start,
-            epochs=start + phase_epochs,
-            callbacks=[_RecordEpochs(state, state_path, number),
-                       *_callbacks(run_dir, number, monitor, patience, best,
-                                   _best(state, monitor, number), macro_f1, class_names(model)),
-                       *limit, *callbacks],
-            shuffle=False,  # the dataset shuffles itself
-            verbose=verbose,
-        )
+        with expected_retracing():
+            fit_model.fit(
+                train_ds,
+                validation_data=val_ds,
+                initial_epoch=start,
+                epochs=start + phase_epochs,
+                callbacks=[_RecordEpochs(state, state_path, number),
+                           *_callbacks(run_dir, number, monitor, patience, best,
+                                       _best(state, monitor, number), macro_f1,
+                                       class_names(model)),
+                           *limit, *callbacks],
+                shuffle=False,  # the dataset shuffles itself
+                verbose=verbose,
+            )
         if limit and limit[0].stopped:
-            print(f"Phase {number} stopped by the time limit ({time_limit}) after "
-                  f"{time.monotonic() - started:.0f} s of training.")
+            logger.info(f"Phase {number} stopped by the time limit ({time_limit}) after "
+                        f"{time.monotonic() - started:.0f} s of training.")
         if os.path.exists(best):
             fit_model.load_weights(best)
         if clone is not None:
@@ -455,8 +464,8 @@ def _fit_setup(model, records, run_dir, *, cache, cache_dir, has_val, batch_size
     """
     if cache and "image" in augment and BACKBONE_NAME in {
             layer.name for layer in model.layers}:
-        print("Image augmentation changes the pixels of every step: the image backbone runs "
-              "whole on each batch (its features are not cached).")
+        logger.info("Image augmentation changes the pixels of every step: the image backbone runs "
+                    "whole on each batch (its features are not cached).")
     splits = ("train", "val") if has_val else ("train",)
     extractors, top, clone = split_model(model, exclude=augment) if cache else ({}, None, None)
     if not extractors:
@@ -558,7 +567,8 @@ def _write_embeddings(model, records, log_dir, batch_size):
         records = records.select(keep)
     data = make_dataset(records, **dataset_arguments(model), batch_size=batch_size,
                         shuffle=False).map(lambda x, y: x)
-    embeddings = embedding_model(model).predict(data, verbose=0)
+    embeddings = predict_with_progress(embedding_model(model), data, "Embeddings for the projector",
+                                       len(records), batch_size)
     names = np.asarray(records.class_names)[records.labels]
     text = {"text": list(records.texts)} if "text" in model_modalities(model) else None
     write_projector(log_dir, embeddings, names, metadata=text)

@@ -25,6 +25,7 @@ from keras_mmtl.models.builder import (
     output_tasks,
 )
 from keras_mmtl.models.heads import ClassifierHead, GradientReversal
+from keras_mmtl.progress import keras_verbose, logger
 from keras_mmtl.training.callbacks import StopOnNonFiniteLoss, save_atomic
 from keras_mmtl.training.optimizers import LayerwiseAdam
 from keras_mmtl.training.trainer import MODEL_FILE, train
@@ -118,12 +119,12 @@ def transfer(model, source, target, run_dir, *, joint=False, alpha=0.5,
     if target is None:
         raise ValueError("Without target labels, adapt with joint=True, "
                          "domain_adversarial=True and the target rows as `unlabeled`.")
-    print(f"Source: {len(source.subset('train'))} training rows, {len(source.class_names)} "
-          f"classes.")
+    logger.info(f"Source: {len(source.subset('train'))} training rows, {len(source.class_names)} "
+                f"classes.")
     train(model, source, os.path.join(run_dir, "source"), **train_kwargs)
     adapted = with_new_head(model, target.class_names, freeze=freeze)
-    print(f"Target: {len(target.subset('train'))} training rows, {len(target.class_names)} "
-          f"classes, new head; frozen: {', '.join(freeze) or 'nothing'}.")
+    logger.info(f"Target: {len(target.subset('train'))} training rows, {len(target.class_names)} "
+                f"classes, new head; frozen: {', '.join(freeze) or 'nothing'}.")
     train(adapted, target, os.path.join(run_dir, "target"), **train_kwargs)
     return adapted
 
@@ -179,7 +180,7 @@ def train_joint(model, source, target, run_dir, *, alpha=0.5, domain_adversarial
     data, steps = _joint_dataset(model, parts, tuple(outputs), batch_size, seed)
     os.makedirs(run_dir, exist_ok=True)
     joint_model.fit(
-        data, epochs=epochs, steps_per_epoch=steps, verbose=verbose,
+        data, epochs=epochs, steps_per_epoch=steps, verbose=keras_verbose(verbose),
         callbacks=[keras.callbacks.BackupAndRestore(os.path.join(run_dir, "backup")),
                    keras.callbacks.TensorBoard(os.path.join(run_dir, "logs")),
                    StopOnNonFiniteLoss(run_dir)])

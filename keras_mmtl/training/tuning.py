@@ -18,6 +18,7 @@ from keras_mmtl.models.builder import (
     model_tasks,
 )
 from keras_mmtl.models.fusion import FUSIONS
+from keras_mmtl.progress import keras_verbose, logger
 from keras_mmtl.training.callbacks import save_atomic
 from keras_mmtl.training.trainer import MODEL_FILE, train
 
@@ -335,7 +336,7 @@ def tune(
     search = TrainTuner(oracle, space, build_kwargs=build_kwargs, seed=seed,
                         directory=run_dir, project_name=TUNER_DIR, overwrite=fresh)
     train_kwargs.setdefault("cache_dir", os.path.join(run_dir, "cache"))
-    search.search(records, verbose=verbose, **train_kwargs)
+    search.search(records, verbose=keras_verbose(verbose), **train_kwargs)
     return _result(search, space, objective)
 
 
@@ -357,8 +358,8 @@ def _result(search, space, objective):
                               else score < best.score):
             best = trials[-1]
     if failed:
-        print(f"{len(failed)} of {len(trials)} trials failed; the last error:\n"
-              f"{_last_line(failed[-1].message)}")
+        logger.warning(f"{len(failed)} of {len(trials)} trials failed; the last error:\n"
+                       f"{_last_line(failed[-1].message)}")
     if best is None:
         raise RuntimeError(
             f"No trial of the search in {search.directory} finished. The last error:\n"
