@@ -8,7 +8,7 @@ import uuid
 import keras
 import numpy as np
 import tensorflow as tf
-import tensorflow_text  # noqa: F401  (registers the tokenizer ops a loaded graph needs)
+from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
 
 from keras_mmtl.data.images import MAX_MEGAPIXELS, decode_image, decode_optional_image
 from keras_mmtl.models.builder import (
@@ -21,6 +21,7 @@ from keras_mmtl.models.builder import (
 )
 from keras_mmtl.modalities import modality_kind
 from keras_mmtl.models.missing import presence_input
+from keras_mmtl.models.text import register_text_ops
 from keras_mmtl.op_audit import audit_ops
 
 SIGNATURE = "serving_default"
@@ -140,7 +141,7 @@ def output_name(task, key):
 
 
 def export_saved_model(model, base_dir, version=None, custom_ops="warn",
-                       max_megapixels=MAX_MEGAPIXELS):
+                       max_megapixels=MAX_MEGAPIXELS, warmup_batch_sizes=(1, 8)):
     """Exports a classifier as the next version of a TF Serving model folder.
 
     Writes `base_dir/<version>/` (1, 2, ...: the layout TF Serving watches)
@@ -151,6 +152,10 @@ def export_saved_model(model, base_dir, version=None, custom_ops="warn",
     `embedding` (`embedding_function`). The version is written
     under a temporary name and renamed into place, so a crash never leaves a
     half-written version, and an existing version is never overwritten.
+
+    The version carries warm-up requests (`write_warmup_requests`): TF
+    Serving runs them when it loads the version, so the first clients do not
+    pay for its lazy initialisation.
 
     Args:
         model: a classifier from `keras_mmtl.models`.
@@ -163,6 +168,8 @@ def export_saved_model(model, base_dir, version=None, custom_ops="warn",
         max_megapixels: the largest image a request may send, in millions of
             pixels: a larger one fails the request from its header, before
             it is decoded, so one request cannot take the server's memory.
+        warmup_batch_sizes: the batch sizes of the warm-up requests; with
+            TF Serving's batching, its `allowed_batch_sizes`.
 
     Returns:
         path of the new version folder.
@@ -195,10 +202,68 @@ def export_saved_model(model, base_dir, version=None, custom_ops="warn",
     try:
         archive.write_out(staging, verbose=False)
         audit_ops(staging, custom_ops)
+        write_warmup_requests(model, staging, os.path.basename(os.path.abspath(base_dir)),
+                              warmup_batch_sizes)
         os.rename(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+# Where TF Serving looks for a version's warm-up requests (at most 1000 of them).
+WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
+
+
+def write_warmup_requests(model, export_dir, model_name, batch_sizes):
+    """Writes the requests TF Serving runs when it loads a version, before serving it.
+
+    TF Serving initialises much lazily (graph optimisation, kernels, memory
+    pools per shape): without warm-up, the first requests to a new version
+    take seconds. At load it runs the `PredictionLog` records of
+    `<version>/assets.extra/tf_serving_warmup_requests` (a TFRecord file).
+    This writes one `Predict` request per signature (`serving_default`,
+    `embed`) and batch size, with every input the signatures take: a grey
+    JPEG of the model's image size, a short text, zero tabular features.
+
+    Args:
+        model: the classifier being exported.
+        export_dir: the SavedModel folder (the version being written).
+        model_name: the name TF Serving serves it under (recorded in each
+            request's `model_spec`; the warm-up ignores it).
+        batch_sizes: one request per batch size and signature.
+
+    Returns:
+        path of the warm-up file.
+
+    Example:
+
+    >>> write_warmup_requests(model, "saved_models/products/1", "products", (1, 8))  # doctest: +SKIP
+    'saved_models/products/1/assets.extra/tf_serving_warmup_requests'
+    """
+    sizes = [int(size) for size in batch_sizes]
+    if not sizes or min(sizes) < 1:
+        raise ValueError(f"Give one or more batch sizes of at least 1. Received: {batch_sizes}")
+    sample = {}  # one sample's value of each input
+    for name in model_modalities(model):
+        kind = modality_kind(name)
+        if kind == "image":
+            grey = tf.fill((*image_size(model), 3), tf.constant(128, tf.uint8))
+            sample[name] = tf.io.encode_jpeg(grey).numpy()
+        elif kind == "text":
+            sample[name] = "warm-up request"
+        else:
+            sample[name] = [0.0] * model.input[name].shape[-1]
+    path = os.path.join(export_dir, WARMUP_FILE)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with tf.io.TFRecordWriter(path) as writer:
+        for signature in (SIGNATURE, EMBED_SIGNATURE):
+            for size in sizes:
+                request = grpc_request(model_name, signature_name=signature,
+                                       **{name: [value] * size for name, value in sample.items()})
+                log = prediction_log_pb2.PredictionLog(
+                    predict_log=prediction_log_pb2.PredictLog(request=request))
+                writer.write(log.SerializeToString())
+    return path
 
 
 # A staging folder this old is what a killed export left (an export writes in minutes).
@@ -255,6 +320,7 @@ def predict(model, images=None, texts=None, top_k=5, tabular=None, **inputs):
     [[('red wool', 0.97), ('blue wool', 0.02), ...]]
     """
     if isinstance(model, (str, os.PathLike)):
+        register_text_ops()  # a graph with tensorflow-text ops loads once they are registered
         run = tf.saved_model.load(latest_version(os.fspath(model))).signatures[SIGNATURE]
         modalities = tuple(run.structured_input_signature[1])
         tasks = [None] if "top_labels" in run.structured_outputs else sorted(
@@ -291,6 +357,74 @@ def predict(model, images=None, texts=None, top_k=5, tabular=None, **inputs):
                           for label, score in zip(row_l, row_s)]
                          for row_l, row_s in zip(labels, scores)]
     return answers[None] if tasks == [None] else answers
+
+
+def request_columns(images=None, texts=None, tabular=None, **inputs):
+    """A request's inputs as TF Serving clients send them: one value per sample, by input name.
+
+    Images become encoded file bytes (paths are read from disk), texts str,
+    tabular rows lists of float; `None` or empty is a sample without an
+    image or a text. Inputs left `None` are not sent.
+
+    Args:
+        images, texts, tabular: one value per sample, or `None`.
+        **inputs: more image or text columns by input name (`image_2=`,
+            `text_2=`, ...).
+
+    Returns:
+        a dict of input name -> list, in the order given.
+
+    Raises:
+        ValueError: no input, or inputs of different lengths.
+
+    Example:
+
+    >>> request_columns(images=[b"\\xff\\xd8", None], texts=["red wool cap", None])
+    {'image': [b'\\xff\\xd8', b''], 'text': ['red wool cap', '']}
+    """
+    given = {"image": images, "text": texts, "tabular": tabular, **inputs}
+    columns = {name: list(values) for name, values in given.items() if values is not None}
+    if not columns:
+        raise ValueError("Give images, texts or tabular features: the request has no input.")
+    counts = {name: len(values) for name, values in columns.items()}
+    if len(set(counts.values())) != 1:
+        raise ValueError(f"Give one value per sample of every input. Received: {counts}")
+    return {name: [[float(x) for x in row] for row in values] if name == "tabular"
+            else encoded_inputs(values, name) for name, values in columns.items()}
+
+
+def grpc_request(model_name, images=None, texts=None, tabular=None, version=None,
+                 signature_name=SIGNATURE, **inputs):
+    """A `tensorflow.serving.PredictRequest` for TF Serving's gRPC API (and its warm-up file).
+
+    Args:
+        model_name: the served model's name.
+        images, texts, tabular, **inputs: the samples, as for `request_columns`.
+        version: a version number, or `None` for the newest.
+        signature_name: the signature to run.
+
+    Returns:
+        the request: `model_spec` (name, version, signature) and one
+        `TensorProto` per input (`tf.string` images and texts, `tf.float32`
+        tabular `(n, k)`).
+
+    Example:
+
+    >>> request = grpc_request("demo", images=[b"\\xff\\xd8"], texts=["red wool cap"], version=2)
+    >>> request.model_spec.name, request.model_spec.version.value, sorted(request.inputs)
+    ('demo', 2, ['image', 'text'])
+    >>> tf.make_ndarray(request.inputs["text"])
+    array([b'red wool cap'], dtype=object)
+    """
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = model_name
+    request.model_spec.signature_name = signature_name
+    if version is not None:
+        request.model_spec.version.value = int(version)
+    for name, values in request_columns(images, texts, tabular, **inputs).items():
+        dtype = tf.float32 if name == "tabular" else tf.string
+        request.inputs[name].CopyFrom(tf.make_tensor_proto(values, dtype))
+    return request
 
 
 def encoded_inputs(values, name):

@@ -14,7 +14,7 @@ import json
 import urllib.error
 import urllib.request
 
-from keras_mmtl.export import SIGNATURE, encoded_inputs
+from keras_mmtl.export import SIGNATURE, request_columns
 from keras_mmtl.modalities import modality_kind
 
 
@@ -65,20 +65,11 @@ def predict_request(images=None, texts=None, tabular=None, signature_name=SIGNAT
     >>> predict_request(images=[b"\\xff\\xd8"], texts=["red wool cap"])
     {'signature_name': 'serving_default', 'instances': [{'image': {'b64': '/9g='}, 'text': 'red wool cap'}]}
     """
-    given = {"image": images, "text": texts, "tabular": tabular, **inputs}
-    columns = {name: list(values) for name, values in given.items() if values is not None}
-    if not columns:
-        raise ValueError("Give images, texts or tabular features: the request has no input.")
-    counts = {name: len(values) for name, values in columns.items()}
-    if len(set(counts.values())) != 1:
-        raise ValueError(f"Give one value per sample of every input. Received: {counts}")
-    instances = [{} for _ in range(next(iter(counts.values())))]
+    columns = request_columns(images, texts, tabular, **inputs)
     for name, values in columns.items():
-        for instance, value in zip(instances, values):
-            instance[name] = ([float(x) for x in value] if name == "tabular" else
-                              encoded_inputs([value], name)[0])
-            if modality_kind(name) == "image":  # binary values travel base64-encoded
-                instance[name] = {"b64": base64.b64encode(instance[name]).decode("ascii")}
+        if modality_kind(name) == "image":  # binary values travel base64-encoded
+            columns[name] = [{"b64": base64.b64encode(value).decode("ascii")} for value in values]
+    instances = [dict(zip(columns, row)) for row in zip(*columns.values())]
     return {"signature_name": signature_name, "instances": instances}
 
 

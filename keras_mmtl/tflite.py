@@ -144,6 +144,27 @@ def _flatbuffer(graph, quantization):
         return converter.convert()
 
 
+def interpreter(flatbuffer):
+    """A TFLite interpreter of `flatbuffer`: LiteRT's when `ai-edge-litert` is installed.
+
+    LiteRT (`pip install ai-edge-litert`) is the runtime that replaces the
+    deprecated `tf.lite.Interpreter`, with the same API; where it is not
+    installed (a platform without its wheel), TensorFlow's interpreter runs
+    the model.
+
+    Args:
+        flatbuffer: a TFLite model (`convert`'s bytes).
+
+    Returns:
+        an interpreter, e.g. for `interpreter(flatbuffer).get_signature_runner()`.
+    """
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        Interpreter = tf.lite.Interpreter
+    return Interpreter(model_content=flatbuffer)
+
+
 def tflite_predict(flatbuffer, model, records, split="test", batch_size=32):
     """Runs a TFLite model over records: `(labels, probabilities)`, as `predict_records`.
 
@@ -158,7 +179,7 @@ def tflite_predict(flatbuffer, model, records, split="test", batch_size=32):
     if isinstance(flatbuffer, (str, os.PathLike)):
         with open(flatbuffer, "rb") as f:
             flatbuffer = f.read()
-    runner = tf.lite.Interpreter(model_content=flatbuffer).get_signature_runner()
+    runner = interpreter(flatbuffer).get_signature_runner()
     tokenizer = model.get_layer(TOKENIZER) if TOKENIZER in {
         layer.name for layer in model.layers} else None
     arguments = dataset_arguments(model)

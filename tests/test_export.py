@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import keras_mmtl.export
 from keras_mmtl.data import make_dataset
 from keras_mmtl.evaluation import predict_records
 from keras_mmtl.export import export_saved_model, predict, serving_function
@@ -31,12 +32,15 @@ def test_versions_increase_and_are_never_overwritten(tmp_path, product_records):
     assert sorted(os.listdir(base)) == ["1", "2"]
 
 
-def test_crash_while_writing_leaves_no_version(tmp_path, product_records, monkeypatch):
-    def crash(self, path, **kwargs):
-        os.makedirs(os.path.join(path, "variables"))
+@pytest.mark.parametrize("step", ["write_out", "write_warmup_requests"])
+def test_crash_while_writing_leaves_no_version(tmp_path, product_records, monkeypatch, step):
+    def crash(*args, **kwargs):
+        if step == "write_out":  # a half-written SavedModel
+            os.makedirs(os.path.join(args[1], "variables"))
         raise OSError("disk full")
 
-    monkeypatch.setattr(type(keras.export.ExportArchive()), "write_out", crash)
+    where = type(keras.export.ExportArchive()) if step == "write_out" else keras_mmtl.export
+    monkeypatch.setattr(where, step, crash)
     with pytest.raises(OSError, match="disk full"):
         export_saved_model(_model(product_records, ("text",)), str(tmp_path / "m"))
     assert os.listdir(tmp_path / "m") == []

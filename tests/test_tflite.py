@@ -1,11 +1,22 @@
 """TFLite export: the graph after the tokenizer, three quantizations, the ops raw strings need."""
 
+import sys
+import warnings
+
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from keras_mmtl.evaluation import predict_records
 from keras_mmtl.models import build_classifier, build_classifier_for
-from keras_mmtl.tflite import convert, export_tflite, string_ops, tflite_graph, tflite_predict
+from keras_mmtl.tflite import (
+    convert,
+    export_tflite,
+    interpreter,
+    string_ops,
+    tflite_graph,
+    tflite_predict,
+)
 
 SMALL = dict(image_backbone="mobilenet_v2_0.35", image_weights=None, image_size=(32, 32))
 
@@ -47,3 +58,27 @@ def test_each_quantization_answers_like_the_keras_model(model, product_records, 
     assert vocabulary == model.get_layer("text_tokenizer").vocabulary
     with pytest.raises(ValueError, match="Unknown quantization 'int4'"):
         convert(model, "int4")
+
+
+TF_LITE_DEPRECATED = "tf.lite.Interpreter is deprecated"
+
+
+@pytest.mark.slow
+def test_litert_runs_the_model_when_installed_and_answers_like_keras(model, product_records,
+                                                                      monkeypatch):
+    litert = pytest.importorskip("ai_edge_litert.interpreter")
+    flatbuffer = convert(model)
+    assert isinstance(interpreter(flatbuffer), litert.Interpreter)
+    _, expected = predict_records(model, product_records, "test")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, probabilities = tflite_predict(flatbuffer, model, product_records, "test")
+    assert not [w for w in caught if TF_LITE_DEPRECATED in str(w.message)]
+    np.testing.assert_allclose(probabilities, expected, atol=1e-5)
+    # Without LiteRT (no wheel for the platform), TensorFlow's interpreter answers the same.
+    monkeypatch.setitem(sys.modules, "ai_edge_litert.interpreter", None)
+    with pytest.warns(UserWarning, match=TF_LITE_DEPRECATED):
+        assert type(interpreter(flatbuffer)) is tf.lite.Interpreter
+    with pytest.warns(UserWarning, match=TF_LITE_DEPRECATED):
+        _, fallback = tflite_predict(flatbuffer, model, product_records, "test")
+    np.testing.assert_allclose(fallback, expected, atol=1e-5)

@@ -6,7 +6,6 @@ import os
 import keras
 import numpy as np
 import tensorflow as tf
-import tensorflow_text as tf_text
 
 PAD, OOV = "", "[UNK]"
 TEXT_BACKBONE = "text_backbone"
@@ -14,6 +13,48 @@ TEXT_BACKBONE = "text_backbone"
 # is a token by itself.
 _NOT_WORD = r"([^\p{L}\p{N}\p{M}\s])"
 TOKENIZERS = ("core", "unicode_script")
+WORDPIECE = "The WordPiece tokenizer of pretrained text encoders"
+
+
+def import_tensorflow_text(feature):
+    """The `tensorflow_text` module, imported when a feature needs it.
+
+    tensorflow-text has no wheel on some platforms (Windows), so the package
+    imports, trains and exports its default models without it.
+
+    Args:
+        feature: what needs it, for the error, e.g. `"The 'unicode_script' tokenizer"`.
+
+    Raises:
+        ImportError: when tensorflow-text is not installed, saying what to install.
+    """
+    try:
+        import tensorflow_text as tf_text
+    except ImportError as error:
+        raise ImportError(
+            f"{feature} needs tensorflow-text (its ops are not core TensorFlow): "
+            "pip install tensorflow-text (no wheel on Windows; text_tokenizer='core' and the "
+            "'scratch', 'tfidf' and 'ngrams' text encoders run without it).") from error
+    return tf_text
+
+
+def register_text_ops():
+    """Registers tensorflow-text's ops, if it is installed, before a SavedModel is loaded.
+
+    A graph that uses them (the `"unicode_script"` tokenizer, pretrained
+    encoders' WordPiece) loads only once they are registered; one with core
+    ops only (the default) loads without tensorflow-text.
+
+    Returns:
+        whether tensorflow-text's ops are registered.
+    """
+    try:
+        import tensorflow_text  # noqa: F401  (importing it registers its ops)
+    except ModuleNotFoundError as error:
+        if error.name != "tensorflow_text":  # installed but broken: say so
+            raise
+        return False
+    return True
 
 
 def tokenize(texts, lowercase=True, tokenizer="core"):
@@ -51,6 +92,7 @@ def tokenize(texts, lowercase=True, tokenizer="core"):
                          f"Received: tokenizer={tokenizer!r}")
     texts = tf.convert_to_tensor(texts, tf.string)
     if tokenizer == "unicode_script":
+        tf_text = import_tensorflow_text("The 'unicode_script' tokenizer")
         if lowercase:
             texts = tf_text.case_fold_utf8(texts)
         return tf_text.UnicodeScriptTokenizer().tokenize(texts)
@@ -116,6 +158,8 @@ class TextTokenizer(keras.layers.Layer):
         if tokenizer not in TOKENIZERS:
             raise ValueError(f"Unknown tokenizer {tokenizer!r}. Expected one of {TOKENIZERS}. "
                              f"Received: tokenizer={tokenizer!r}")
+        if tokenizer == "unicode_script":  # refused when built, not when first called
+            import_tensorflow_text("The 'unicode_script' tokenizer")
         self.vocabulary = list(vocabulary)
         self.sequence_length = int(sequence_length)
         self.lowercase = bool(lowercase)
@@ -243,6 +287,7 @@ class WordPieceTokenizer(keras.layers.Layer):
         self.lowercase = bool(lowercase)
         index = {token: i for i, token in enumerate(self.vocabulary)}
         self.cls_id, self.sep_id, self.pad_id = (index[t] for t in ("[CLS]", "[SEP]", "[PAD]"))
+        tf_text = import_tensorflow_text(WORDPIECE)
         self.tokenizer = tf_text.FastBertTokenizer(
             self.vocabulary, token_out_type=tf.int32, unknown_token="[UNK]",
             lower_case_nfd_strip_accents=self.lowercase)
@@ -297,6 +342,7 @@ def pretrained_encoder(texts, preset, *, sequence_length=128, hidden_dim=256, dr
     except ImportError:
         raise ImportError(
             "Pretrained text encoders need keras-hub: pip install 'keras-mmtl[hub]'.") from None
+    import_tensorflow_text(WORDPIECE)  # before a download that could not be used
     try:
         backbone = keras_hub.models.Backbone.from_preset(preset)
         vocabulary = keras_hub.tokenizers.Tokenizer.from_preset(preset).get_vocabulary()
