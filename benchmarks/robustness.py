@@ -17,6 +17,9 @@ resident memory before it; the seconds are its wall time. The cases:
 - `unbounded_decode`: the decode before the pixel budget (whole image, float32, then resize)
   of the 12000x12000 JPEG, in a process with TensorFlow only: what one request cost.
 
+`bad_input_cases_tested` counts the test cases marked `bad_input` (a bad row, config,
+argument or request that must fail with a clear error: `pytest --collect-only -m bad_input`).
+
 Appends a section with the headline figures to `benchmarks/RESULTS.md`. About a minute on 2 CPU
 cores. Run from the repository root:
 
@@ -124,6 +127,15 @@ def prepare(work):
     return exports, paths
 
 
+def bad_input_cases():
+    """The number of test cases marked `bad_input` (collected, not run)."""
+    tests = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests")
+    listed = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m",
+                             "bad_input", "-p", "no:cacheprovider", tests],
+                            capture_output=True, text=True, check=True).stdout
+    return sum("::" in line for line in listed.splitlines())
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--measure", nargs=3, metavar=("MODEL", "IMAGE", "WARMUP_IMAGE"),
@@ -160,6 +172,7 @@ def main():
         prefix = name if name == "unbounded_decode" else f"{name}_request"
         headline[f"{prefix}_extra_memory_mb"] = round(figure["extra_memory_mb"], 1)
         headline[f"{prefix}_seconds"] = round(figure["seconds"], 3)
+    headline["bad_input_cases_tested"] = bad_input_cases()
     print("\n".join(f"{key}: {value}" for key, value in headline.items()))
     if not args.quick:
         from results import append_section

@@ -45,6 +45,7 @@ from keras_mmtl.explain import Explanation, explain
 from keras_mmtl.export import export_saved_model, predict, serving_function
 from keras_mmtl.grpc_client import grpc_predict
 from keras_mmtl.plots import plot_confusion_matrix, plot_history, plot_reliability
+from keras_mmtl.predictions import PredictionSummary, predict_manifest
 from keras_mmtl.progress import set_verbosity
 from keras_mmtl.rest import ServingError, predict_url, rest_predict
 from keras_mmtl.models import (

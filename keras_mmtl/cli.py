@@ -2,10 +2,11 @@
 
 import argparse
 import os
-import re
 import sys
 import warnings
 import zipfile
+
+from keras_mmtl.progress import error_gist
 
 DESCRIPTION = """\
 Train, evaluate, export and query image + text classifiers.
@@ -30,19 +31,6 @@ class CommandError(Exception):
     """A command cannot go on (a model that does not load, an input it cannot use)."""
 
 
-def _gist(error):
-    """The line of an error message that names the problem.
-
-    TensorFlow's (an `OpError`, with `.message`) comes last, after the trace
-    of the traced function, stripped of node names; others come first.
-    """
-    lines = (getattr(error, "message", None) or str(error)).splitlines()
-    if hasattr(error, "message"):
-        lines = [re.sub(r"\{\{[^}]*\}\}|\[\[.*?\]\]|\[Op:[^]]*\]( name:)?|^\w+Error: ", "",
-                        line.strip()) for line in reversed(lines)]
-    return next((line.strip() for line in lines if line.strip()), type(error).__name__)
-
-
 def _load(path):
     """The Keras model in a `.keras` file, or a `CommandError` saying why it cannot be loaded."""
     import keras
@@ -61,7 +49,7 @@ def _load(path):
     try:
         return keras.models.load_model(path)  # keras_mmtl's layers are registered on import
     except (ValueError, TypeError, KeyError, OSError, EOFError, zipfile.BadZipFile) as error:
-        raise CommandError(f"cannot load {path}: {_gist(error)}") from None
+        raise CommandError(f"cannot load {path}: {error_gist(error)}") from None
 
 
 def cmd_demo(args):
@@ -77,8 +65,7 @@ def cmd_train(args):
     from keras_mmtl.experiment import run_experiment
 
     config = from_arguments(args, RunConfig.from_file(args.config) if args.config else None)
-    result = run_experiment(config, overwrite=args.overwrite,
-                            verbose=1 if sys.stdout.isatty() else 2)  # bars on a terminal
+    result = run_experiment(config, overwrite=args.overwrite)
     if result.report is None:
         print("Training done; the chief worker evaluates and exports.")
         return
@@ -102,7 +89,7 @@ def cmd_tune(args):
         config = config.replace(output={"run_dir": os.path.join("runs", f"{config.name}-tuning")})
     result, best = tune_experiment(
         config, tuner=args.tuner, max_trials=args.max_trials, objective=args.objective,
-        search=args.search, overwrite=args.overwrite, verbose=1 if sys.stdout.isatty() else 2)
+        search=args.search, overwrite=args.overwrite)
     print(result.table())
     print(f"Best {result.objective}: {result.best_score:.4f} with {result.best_hyperparameters}")
     print(f"Best config written to {best}: train the final model with "
@@ -131,9 +118,29 @@ def cmd_export(args):
 
 
 def cmd_predict(args):
+    from keras_mmtl.config import DataConfig
     from keras_mmtl.export import predict
+    from keras_mmtl.predictions import predict_manifest
 
+    one = args.image is not None or args.text is not None
+    if one and (args.manifest or args.output):
+        raise CommandError("score one sample (--image, --text) or a manifest (--manifest, "
+                           "--output), not both")
+    if not one and not (args.manifest and args.output):
+        raise CommandError("give --image and/or --text to score one sample, or --manifest and "
+                           "--output (a .csv or .jsonl file) to score a manifest")
     model = args.model if not args.model.endswith(".keras") else _load(args.model)
+    if args.manifest:
+        columns = DataConfig(image_column=args.image_column, text_column=args.text_column,
+                             tabular_columns=args.tabular_columns)
+        try:
+            print(predict_manifest(
+                model, args.manifest, args.output, top_k=args.top_k, batch_size=args.batch_size,
+                image_column=columns.image_column, text_column=columns.text_column,
+                tabular_columns=columns.tabular_columns))
+        except (ValueError, OSError) as error:  # a missing column, an unsupported output...
+            raise CommandError(f"cannot predict: {error_gist(error)}") from None
+        return
     images = [args.image] if args.image else None
     texts = [args.text] if args.text is not None else None
     import tensorflow as tf
@@ -142,14 +149,32 @@ def cmd_predict(args):
         answers = predict(model, images, texts, top_k=args.top_k)
     except tf.errors.OpError as error:  # an image that does not decode
         given = f" (--image {args.image})" if args.image else ""
-        raise CommandError(f"cannot predict: {_gist(error)}{given}") from None
+        raise CommandError(f"cannot predict: {error_gist(error)}{given}") from None
     except (ValueError, OSError) as error:  # a missing input, a folder without a SavedModel
-        raise CommandError(f"cannot predict: {_gist(error)}") from None
+        raise CommandError(f"cannot predict: {error_gist(error)}") from None
     for task, answer in (answers.items() if isinstance(answers, dict) else [(None, answers)]):
         if task is not None:
             print(f"{task}:")
         for label, score in answer[0]:
             print(f"{score:8.4f}  {label}")
+
+
+def cmd_explain(args):
+    import tensorflow as tf
+
+    from keras_mmtl.explain import explain
+
+    model = _load(args.model)
+    try:
+        explanation = explain(model, image=args.image, text=args.text, task=args.task,
+                              target=args.target, baseline=args.baseline, steps=args.steps)
+    except tf.errors.OpError as error:  # an image that does not decode
+        raise CommandError(f"cannot explain: {error_gist(error)}") from None
+    except (ValueError, OSError) as error:  # a missing input, an unknown class
+        raise CommandError(f"cannot explain: {error_gist(error)}") from None
+    print(explanation.summary())
+    for what, path in explanation.save(args.out_dir).items():
+        print(f"{what}: {path}")
 
 
 def _report(report, out_dir):
@@ -164,13 +189,24 @@ def _report(report, out_dir):
 
 def build_parser():
     """The argument parser of `keras-mmtl`."""
+    from keras_mmtl import __version__
     from keras_mmtl.config import SECTIONS, DataConfig, add_arguments
     from keras_mmtl.data.images import MAX_MEGAPIXELS
 
     parser = argparse.ArgumentParser(
         prog="keras-mmtl", description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("--version", action="version", version=f"keras-mmtl {__version__}")
+    verbosity = argparse.ArgumentParser(add_help=False)
+    quiet_or_verbose = verbosity.add_mutually_exclusive_group()
+    quiet_or_verbose.add_argument("-q", "--quiet", dest="verbosity", action="store_const",
+                                  const="warning", default="info",
+                                  help="print only warnings, errors and the results")
+    quiet_or_verbose.add_argument("-v", "--verbose", dest="verbosity", action="store_const",
+                                  const="debug", help="print details too, and TensorFlow's C++ "
+                                  "start-up lines")
+    commands = _Commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"),
+                         parents=[verbosity])
 
     demo = commands.add_parser(
         "demo", help="train image-only, text-only and fused models on bundled demo data",
@@ -249,20 +285,58 @@ def build_parser():
     export.set_defaults(func=cmd_export)
 
     predict = commands.add_parser(
-        "predict", help="top classes for one image and text",
-        description="Prints the most probable classes for one sample, from an exported model "
-                    "folder (newest version) or a model.keras file.")
+        "predict", help="top classes for one image and text, or for every row of a manifest",
+        description="Prints the most probable classes for one sample (--image, --text), or "
+                    "scores every row of a manifest (--manifest, --output: CSV or JSON Lines, "
+                    "the manifest's columns plus label, top classes and an error for rows that "
+                    "fail), from an exported model folder (newest version) or a model.keras file.")
     predict.add_argument("--model", required=True,
                          help="saved_models/NAME, a version folder, or a model.keras file")
     predict.add_argument("--image", help="an image file (JPEG/PNG)")
     predict.add_argument("--text", help="the text")
+    predict.add_argument("--manifest", help="a CSV or JSON Lines file to score, one row per "
+                                            "sample (labels not needed)")
+    predict.add_argument("--output", help="with --manifest: the .csv or .jsonl file to write")
+    add_arguments(predict, DataConfig, only=("image_column", "text_column", "tabular_columns"))
+    predict.add_argument("--batch-size", type=int, default=32,
+                         help="with --manifest: rows scored together (default: 32)")
     predict.add_argument("--top-k", type=int, default=5)
     predict.set_defaults(func=cmd_predict)
+
+    explain = commands.add_parser(
+        "explain", help="which pixels and words drove a prediction",
+        description="Explains a trained model's probability of a class for one sample: "
+                    "integrated gradients over the image (a heatmap PNG), the drop when each "
+                    "word is left out (an HTML page with the words shaded), and each "
+                    "modality's share. Prints a summary and writes the files to --out-dir.")
+    explain.add_argument("--model", required=True, help="a model.keras file from train")
+    explain.add_argument("--image", help="an image file (JPEG/PNG)")
+    explain.add_argument("--text", help="the text")
+    explain.add_argument("--out-dir", required=True, help="where to write the HTML and PNGs")
+    explain.add_argument("--target", help="the class to explain (default: the predicted one)")
+    explain.add_argument("--task", help="the task of a multi-task model (default: the first)")
+    explain.add_argument("--baseline", default="blur", choices=["blur", "black"],
+                         help="the image integrated gradients start from (default: blur)")
+    explain.add_argument("--steps", type=int, default=32,
+                         help="integration steps (default: 32; more: a closer sum)")
+    explain.set_defaults(func=cmd_explain)
     return parser
+
+
+class _Commands:
+    """Subparsers that all take the same parent flags (`--quiet`, `--verbose`)."""
+
+    def __init__(self, subparsers, parents):
+        self.subparsers, self.parents = subparsers, parents
+
+    def add_parser(self, name, **kwargs):
+        return self.subparsers.add_parser(name, parents=self.parents, **kwargs)
 
 
 def main(argv=None):
     """Entry point of the `keras-mmtl` command."""
+    from keras_mmtl.progress import logger, set_verbosity
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "evaluate" and not args.manifest:
@@ -270,19 +344,30 @@ def main(argv=None):
     from keras_mmtl.config import ConfigError
     from keras_mmtl.data import DataValidationError
     from keras_mmtl.models import WeightsUnavailableError
+    from keras_mmtl.op_audit import OpAuditError
+    from keras_mmtl.training.callbacks import NonFiniteLossError
     from keras_mmtl.training.run_state import StaleRunError
 
-    formatwarning, warnings.formatwarning = warnings.formatwarning, _format_warning
+    level, formatwarning = logger.level, warnings.formatwarning
+    set_verbosity(args.verbosity)
+    warnings.formatwarning = _format_warning
     try:
         args.func(args)
-    except (DataValidationError, WeightsUnavailableError, FileNotFoundError, ConfigError,
-            StaleRunError, CommandError) as error:
+    except (DataValidationError, WeightsUnavailableError, FileNotFoundError, FileExistsError,
+            ConfigError, StaleRunError, OpAuditError, NonFiniteLossError,
+            CommandError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except ImportError as error:  # an optional extra not installed: its message says what to pip
+        if "pip install" not in str(error):
+            raise
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted: run the same command to resume", file=sys.stderr)
         return 130
     finally:
+        logger.setLevel(level)
         warnings.formatwarning = formatwarning
     return 0
 

@@ -374,16 +374,18 @@ def _checked(check):
     return parse
 
 
-def add_arguments(parser, section, defaults=True):
+def add_arguments(parser, section, defaults=True, only=None):
     """Adds one command-line flag per field of a config section to an argparse group.
 
     With `defaults=False` the flags have no default (argparse.SUPPRESS), so
     only flags given on the command line land in the parsed namespace and
-    can override a config file.
+    can override a config file. `only` names the fields to add (default: all).
     """
     group = parser.add_argument_group(section.__name__.removesuffix("Config").lower(),
                                       section.__doc__)
     for field in dataclasses.fields(section):
+        if only is not None and field.name not in only:
+            continue
         argument = dict(field.metadata)
         help = argument.pop("help")
         if "check" in argument:

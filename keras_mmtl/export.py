@@ -1,5 +1,7 @@
 """SavedModel export with a serving signature on raw bytes and strings; prediction."""
 
+import dataclasses
+import functools
 import os
 import shutil
 import time
@@ -19,7 +21,7 @@ from keras_mmtl.models.builder import (
     model_tasks,
     presence_modalities,
 )
-from keras_mmtl.modalities import modality_kind
+from keras_mmtl.modalities import modality_kind, ordered
 from keras_mmtl.models.missing import presence_input
 from keras_mmtl.models.text import register_text_ops
 from keras_mmtl.op_audit import audit_ops
@@ -96,7 +98,7 @@ def embedding_function(model, max_megapixels=MAX_MEGAPIXELS):
     return embedding, signature
 
 
-def request_inputs(model, max_megapixels=MAX_MEGAPIXELS):
+def request_inputs(model, max_megapixels=MAX_MEGAPIXELS, check=True):
     """What turns a request's raw tensors into a classifier's inputs, and their signature.
 
     Images are decoded with the same `decode_image` as training (an image
@@ -104,6 +106,10 @@ def request_inputs(model, max_megapixels=MAX_MEGAPIXELS):
     model built with `missing_modalities=True`, empty image bytes or an
     empty (or blank) text mark that modality missing for the sample, and a
     missing image is decoded black.
+
+    `check` refuses a request that cannot be answered (`check_request`);
+    `keras_mmtl.explain` turns it off to feed its own ablations (empty texts
+    standing for removed words or modalities).
 
     Returns:
         `(fn, input_signature)`: `fn(*tensors)` (one per modality, in
@@ -118,6 +124,8 @@ def request_inputs(model, max_megapixels=MAX_MEGAPIXELS):
 
     def model_inputs(*inputs):
         features = dict(zip(modalities, inputs))
+        if check:
+            check_request(features, optional)
         for name in optional:
             raw, kind = features[name], modality_kind(name)
             if kind == "tabular":  # numbers are always there
@@ -126,13 +134,69 @@ def request_inputs(model, max_megapixels=MAX_MEGAPIXELS):
                 present = tf.strings.length(tf.strings.strip(raw) if kind == "text" else raw) > 0
             features[presence_input(name)] = tf.cast(present, tf.float32)
         for name in (name for name in modalities if modality_kind(name) == "image"):
-            decode = decode_optional_image if name in optional else decode_image
+            decode = functools.partial(decode_optional_image if name in optional else decode_image,
+                                       image_size=size, max_megapixels=max_megapixels)
             features[name] = tf.map_fn(
-                lambda data: decode(data, size, max_megapixels), features[name],
-                fn_output_signature=tf.TensorSpec((*size, 3), tf.float32))
+                decode, features[name], fn_output_signature=tf.TensorSpec((*size, 3), tf.float32))
         return features
 
     return model_inputs, signature
+
+
+# The first bytes of the image formats `decode_image` reads (WebP: "RIFF", 4 bytes, "WEBP").
+IMAGE_SIGNATURES = {"JPEG": b"\xff\xd8", "PNG": b"\x89PNG", "GIF": b"GIF8", "BMP": b"BM"}
+
+
+def check_request(features, optional=()):
+    """Fails a request that cannot be answered, naming its items (0-based), before any decode.
+
+    A request with no sample, inputs of different lengths, an image input
+    item that is not a JPEG/PNG/GIF/BMP/WebP file, or a text item that is
+    not UTF-8 fails with an `InvalidArgumentError` saying which. Empty image
+    bytes and empty or blank texts are refused too, except for the inputs in
+    `optional` (a model built with `missing_modalities=True` reads them as
+    missing), as training refuses them in a manifest.
+
+    Example:
+
+    >>> try:
+    ...     check_request({"image": tf.constant([b"\\xff\\xd8..", b"<html>"]),
+    ...                    "text": tf.constant(["wool cap", "cap"])})
+    ... except tf.errors.InvalidArgumentError as error:
+    ...     print("Input image: items that are not a JPEG/PNG/GIF/BMP/WebP" in error.message)
+    True
+    """
+    names = list(features)
+    counts = [tf.shape(features[name])[0] for name in names]
+    tf.debugging.assert_positive(counts[0], message="The request has no samples: send one or more")
+    for name, count in zip(names[1:], counts[1:]):
+        tf.debugging.assert_equal(count, counts[0], message=(
+            f"Inputs {names[0]} and {name} have different numbers of items: send one value "
+            "per sample of every input"))
+    for name in names:
+        raw, kind = features[name], modality_kind(name)
+        if kind == "image":
+            head = tf.strings.substr(tf.strings.join([raw, b"\0" * 12]), 0, 12)
+            start = [tf.strings.substr(head, 0, len(magic)) == magic
+                     for magic in IMAGE_SIGNATURES.values()]
+            webp = ((tf.strings.substr(head, 0, 4) == b"RIFF")
+                    & (tf.strings.substr(head, 8, 4) == b"WEBP"))
+            bad = ~tf.reduce_any(tf.stack([*start, webp]), axis=0)
+            what = "not a JPEG/PNG/GIF/BMP/WebP image"
+        elif kind == "text":
+            clean = tf.strings.unicode_transcode(raw, "UTF-8", "UTF-8", errors="replace")
+            bad = clean != raw
+            what = "not UTF-8 text"
+            if name not in optional:
+                bad |= tf.strings.length(tf.strings.strip(raw)) == 0
+                what = "empty or not UTF-8 text"
+        else:
+            continue
+        if name in optional:
+            bad &= tf.strings.length(raw) > 0  # empty: this sample's input is missing
+        tf.debugging.Assert(~tf.reduce_any(bad), [
+            f"Input {name}: items that are {what} (0-based):", tf.where(bad)[:, 0]],
+            summarize=20)
 
 
 def output_name(task, key):
@@ -319,20 +383,8 @@ def predict(model, images=None, texts=None, top_k=5, tabular=None, **inputs):
     >>> predict("saved_models/demo", images=["bag.jpg"], texts=["Urban wool cap"])  # doctest: +SKIP
     [[('red wool', 0.97), ('blue wool', 0.02), ...]]
     """
-    if isinstance(model, (str, os.PathLike)):
-        register_text_ops()  # a graph with tensorflow-text ops loads once they are registered
-        run = tf.saved_model.load(latest_version(os.fspath(model))).signatures[SIGNATURE]
-        modalities = tuple(run.structured_input_signature[1])
-        tasks = [None] if "top_labels" in run.structured_outputs else sorted(
-            name.removesuffix("_top_labels") for name in run.structured_outputs
-            if name.endswith("_top_labels"))  # a signature does not keep the model's order
-    else:
-        serve, _ = serving_function(model, top_k)
-        modalities = model_modalities(model)
-        tasks = list(model_tasks(model) or [None])
-
-        def run(**tensors):
-            return serve(*(tensors[name] for name in modalities))
+    runner = served(model, top_k)
+    modalities = tuple(runner.inputs)
     given = {name: None for name in modalities}
     given.update({"image": images, "text": texts, "tabular": tabular}, **inputs)
     unknown = sorted(set(given) - set(modalities) - {"image", "text", "tabular"})
@@ -340,23 +392,74 @@ def predict(model, images=None, texts=None, top_k=5, tabular=None, **inputs):
         raise ValueError(f"This model has no inputs {unknown}; it takes {list(modalities)}.")
     # A modality not given is missing for every sample: models built with
     # missing_modalities=True take that (an export cannot tell, and is sent empties).
-    optional = modalities if isinstance(model, (str, os.PathLike)) else presence_modalities(model)
-    missing = [name for name in modalities if given[name] is None and name not in optional]
+    missing = [name for name in modalities if given[name] is None and name not in runner.optional]
     count = max((len(values) for values in given.values() if values is not None), default=0)
     if missing or not count:
         raise ValueError(f"This model needs inputs {list(modalities)}; missing: "
                          f"{missing or list(modalities)}.")
     given = {name: [None] * count if values is None else values for name, values in given.items()}
-    outputs = run(**{name: tf.constant(np.asarray(given[name], np.float32)) if name == "tabular"
-                     else tf.constant(encoded_inputs(given[name], name)) for name in modalities})
+    outputs = runner.run({name: tf.constant(np.asarray(given[name], np.float32))
+                          if name == "tabular" else tf.constant(encoded_inputs(given[name], name))
+                          for name in modalities})
     answers = {}
-    for task in tasks:
+    for task in runner.tasks:
         labels = outputs[output_name(task, "top_labels")].numpy()[:, :top_k]
         scores = outputs[output_name(task, "top_scores")].numpy()[:, :top_k]
         answers[task] = [[(label.decode("utf-8"), float(score))
                           for label, score in zip(row_l, row_s)]
                          for row_l, row_s in zip(labels, scores)]
-    return answers[None] if tasks == [None] else answers
+    return answers[None] if runner.tasks == [None] else answers
+
+
+@dataclasses.dataclass
+class Served:
+    """A classifier or an export, called as a model server calls it (see `served`)."""
+
+    run: object  # {input name: batched tensor} -> the serving signature's outputs
+    inputs: dict  # input name -> tf.TensorSpec, in model order
+    tasks: list  # [None] for a one-task model
+    top: dict  # task -> classes returned at most
+    optional: tuple  # inputs a sample may leave empty (a missing modality)
+
+
+def served(model, top_k=5):
+    """A classifier, a `.keras` file or an exported model folder, answering batches of requests.
+
+    An export's `serving_default` signature is loaded once (the newest
+    version of a TF Serving model folder); a Keras model's `serving_function`
+    is traced once, so both run as a graph (and fail a bad request with the
+    same message). `predict` and `keras_mmtl.predict_manifest` call models
+    through this.
+
+    Returns:
+        `Served`: `run({input name: tensor})` gives the serving outputs.
+    """
+    if isinstance(model, (str, os.PathLike)) and os.fspath(model).endswith(".keras"):
+        model = keras.models.load_model(os.fspath(model))
+    if isinstance(model, (str, os.PathLike)):
+        register_text_ops()  # a graph with tensorflow-text ops loads once they are registered
+        signature = tf.saved_model.load(latest_version(os.fspath(model))).signatures[SIGNATURE]
+        specs = signature.structured_input_signature[1]
+        outputs = signature.structured_outputs
+        tasks = [None] if "top_labels" in outputs else sorted(
+            name.removesuffix("_top_labels") for name in outputs
+            if name.endswith("_top_labels"))  # a signature does not keep the model's order
+        return Served(
+            run=lambda tensors: signature(**tensors),
+            inputs={name: specs[name] for name in ordered(specs)},
+            tasks=tasks,
+            top={task: min(top_k, outputs[output_name(task, "top_labels")].shape[-1])
+                 for task in tasks},
+            optional=tuple(specs))  # the export decides: a needed image that is empty fails
+    serve, signature = serving_function(model, top_k)
+    serve = tf.function(serve, input_signature=signature)
+    modalities = model_modalities(model)
+    tasks = model_tasks(model) or {None: class_names(model)}
+    return Served(run=lambda tensors: serve(*(tensors[name] for name in modalities)),
+                  inputs={spec.name: spec for spec in signature},
+                  tasks=list(tasks),
+                  top={task: min(top_k, len(labels)) for task, labels in tasks.items()},
+                  optional=presence_modalities(model))
 
 
 def request_columns(images=None, texts=None, tabular=None, **inputs):

@@ -42,7 +42,8 @@ def grpc_predict(target, model_name, images=None, texts=None, tabular=None, top_
 
     Raises:
         ServingError: the call failed: the server's status code and message
-            (e.g. `INVALID_ARGUMENT: ... Unknown image file format`, or
+            (e.g. `INVALID_ARGUMENT: ... items that are not a JPEG/PNG/GIF/BMP/WebP
+            image`, or
             `UNAVAILABLE` when nothing answers at `target`).
 
     Example:

@@ -14,8 +14,10 @@ short; nothing at all when the verbosity is above INFO.
 """
 
 import contextlib
+import itertools
 import logging
 import os
+import re
 import sys
 import time
 
@@ -172,6 +174,33 @@ def expected_retracing():
         yield
     finally:
         logger.removeFilter(notice)
+
+
+def error_gist(error):
+    """The line of an error message that names the problem.
+
+    TensorFlow's (an `OpError`, with `.message`) comes last, after the trace
+    of the traced function, stripped of node names, and a failed assertion
+    reads as its message and data; other errors' first line.
+
+    Example:
+
+    >>> import tensorflow as tf
+    >>> error_gist(tf.errors.InvalidArgumentError(None, None, (
+    ...     "Graph execution error:\\n\\nassertion failed: [Input text: items that are empty "
+    ...     "(0-based):] [1 3]\\n\\t [[{{node Assert}}]] [Op:__inference_serve_9]")))
+    'Input text: items that are empty (0-based): 1 3'
+    """
+    lines = (getattr(error, "message", None) or str(error)).splitlines()
+    if hasattr(error, "message"):
+        lines = [re.sub(r"\{\{[^}]*\}\}|\[\[.*?\]\]|\[Op:[^]]*\]( name:)?|^\w+Error: ", "",
+                        line.strip()) for line in reversed(lines)]
+    gist = next((line.strip() for line in lines if line.strip()), type(error).__name__)
+    if gist.startswith("assertion failed: "):  # [message] [data]..., up to a [Condition ...]
+        parts = re.findall(r"\[([^\[\]]*)\]", gist)
+        kept = itertools.takewhile(lambda part: not part.startswith("Condition "), parts)
+        gist = " ".join(kept) or gist
+    return gist
 
 
 set_verbosity("info")

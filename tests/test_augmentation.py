@@ -153,6 +153,7 @@ def test_same_seed_gives_same_augmentation():
     (lambda: ImageAugmentation(rotation="a"), "Received: rotation='a'"),
     (lambda: TextAugmentation(delete=1.5), r"delete must be a number in \[0, 1\]"),
 ])
+@pytest.mark.bad_input
 def test_bad_arguments_are_rejected(make, match):
     with pytest.raises(ValueError, match=match):
         make()
@@ -191,6 +192,7 @@ def test_make_dataset_skips_modalities_it_does_not_yield():
     ("image", "augment must be None or a dict"),
     ({"image": 3}, r"augment\['image'\] must be a layer"),
 ])
+@pytest.mark.bad_input
 def test_make_dataset_rejects_bad_augment(augment, match):
     with pytest.raises(ValueError, match=match):
         make_dataset(records(), image_size=(16, 16), augment=augment)
@@ -211,6 +213,7 @@ def test_make_augmentation_settings():
     ({"text": {"drop": 0.1}}, r"Unknown TextAugmentation arguments \['drop'\]"),
     ({"text": ImageAugmentation()}, "dict of TextAugmentation arguments"),
 ])
+@pytest.mark.bad_input
 def test_make_augmentation_rejects_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
         make_augmentation(**kwargs)

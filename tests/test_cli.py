@@ -11,7 +11,7 @@ from keras_mmtl.data import DataWarning
 
 
 @pytest.mark.parametrize("command", [[], ["demo"], ["train"], ["evaluate"], ["export"],
-                                     ["predict"], ["tune"]])
+                                     ["predict"], ["tune"], ["explain"]])
 def test_help_explains_every_command(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         build_parser().parse_args([*command, "--help"])
@@ -201,7 +201,8 @@ def test_a_model_that_cannot_be_loaded_is_one_line(tmp_path, capsys, small_model
 
 
 @pytest.mark.parametrize("case, message", [
-    ("undecodable image", "cannot predict: Unknown image file format"),
+    ("undecodable image",
+     "cannot predict: Input image: items that are not a JPEG/PNG/GIF/BMP/WebP image (0-based): 0"),
     ("no image", "cannot predict: This model needs inputs ['image', 'text']; missing: ['image']"),
 ])
 def test_predict_with_an_unusable_input_is_one_line(tmp_path, capsys, small_model, case, message):
@@ -238,3 +239,33 @@ def test_data_warnings_print_without_python_source(monkeypatch):
     assert main(["export", "--model", "m.keras", "--export-dir", "out"]) == 0
     assert shown[0] == "warning: Skipped 1 of 24 rows\n"
     assert "x.py:3" in shown[1]  # other warnings as Python writes them
+
+
+def test_predict_scores_a_manifest_into_a_file(tmp_path, capsys, small_model):
+    model, manifest = small_model
+    output = tmp_path / "scores.jsonl"
+    assert main(["predict", "--model", model, "--manifest", manifest, "--output", str(output),
+                 "--batch-size", "5", "--top-k", "2"]) == 0
+    assert capsys.readouterr().out.endswith(f"rows/s). Written to {output}\n")
+    records = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [r["line"] for r in records] == list(range(2, 26))
+    assert all(len(r["top"]) == 2 and r["label"] == r["top"][0]["label"] for r in records)
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--text", "wool", "--manifest", "M", "--output", "O.csv"], "not both"),
+    ([], "give --image and/or --text to score one sample, or --manifest and --output"),
+    (["--manifest", "M"], "or --manifest and --output (a .csv or .jsonl file)"),
+    (["--manifest", "missing.csv", "--output", "O.csv"], "cannot predict: Manifest not found: "),
+    (["--manifest", "M", "--output", "O.csv", "--image-column", "photo"],
+     "cannot predict: manifest.csv: missing column(s) ['photo']. Columns found:"),
+    (["--manifest", "M", "--output", "O.txt"],
+     "O.txt: expected a name ending in .csv or .jsonl"),
+])
+def test_predict_with_an_unusable_manifest_or_output_is_one_line(tmp_path, capsys, small_model,
+                                                                 arguments, message):
+    model, manifest = small_model
+    arguments = [manifest if value == "M" else str(tmp_path / value) if value.startswith("O.")
+                 else value for value in arguments]
+    assert main(["predict", "--model", model, *arguments]) == 2
+    assert message in _one_line_error(capsys)

@@ -57,6 +57,7 @@ def test_more_columns_are_more_inputs(records, two_sided):
     assert sorted(features) == sorted(INPUTS) and features["image_2"].shape == (4, 8, 8, 3)
 
 
+@pytest.mark.bad_input
 def test_bad_rows_name_the_column(tmp_path):
     rows = two_sided_rows(str(tmp_path), 12)
     rows[2]["back"] = "images/nothing.jpg"

@@ -28,6 +28,7 @@ def test_round_trip_through_a_file(tmp_path, name):
     ({"training": {"learning_rate": True}}, r"training.learning_rate must be float"),
     ([1, 2], "must be a mapping of sections"),
 ])
+@pytest.mark.bad_input
 def test_bad_configs_say_which_key(values, message):
     with pytest.raises(ConfigError, match=message):
         RunConfig.from_dict(values)

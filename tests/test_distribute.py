@@ -119,11 +119,13 @@ def test_auto_is_one_device_without_gpus_or_cluster(monkeypatch):
 @pytest.mark.parametrize("value, message", [
     ("tpu", "Unknown strategy 'tpu'"),
 ])
+@pytest.mark.bad_input
 def test_bad_strategy_names_the_choices(value, message):
     with pytest.raises(ValueError, match=message):
         distribute.distribution_strategy(value)
 
 
+@pytest.mark.bad_input
 def test_bad_tf_config_says_what_is_expected(monkeypatch):
     monkeypatch.setenv("TF_CONFIG", "{cluster")
     with pytest.raises(ValueError, match="TF_CONFIG is not valid JSON"):

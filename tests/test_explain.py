@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from keras_mmtl.cli import main
 from keras_mmtl.data import make_dataset, make_demo_dataset, read_manifest
 from keras_mmtl.data.demo import COLOURS
 from keras_mmtl.data.images import decode_image
@@ -95,6 +96,22 @@ def test_the_top_word_is_the_material(demo):
 
 
 @pytest.mark.slow
+def test_the_command_prints_the_summary_and_writes_the_files(demo, tmp_path, capsys):
+    model_file = str(tmp_path / "model.keras")
+    demo["model"].save(model_file)
+    image, title = demo["samples"][0]
+    out_dir = tmp_path / "why"
+    assert main(["explain", "--model", model_file, "--image", image, "--text", title,
+                 "--out-dir", str(out_dir), "--steps", "8"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Explaining '") and f"'{title.split()[2]}' +" in out
+    assert sorted(os.listdir(out_dir)) == ["explanation.html", "image_attribution.png"]
+    assert main(["explain", "--model", model_file, "--image", image, "--text", title,
+                 "--out-dir", str(out_dir), "--target", "purple silk"]) == 2
+    assert capsys.readouterr().err.startswith("error: cannot explain: Unknown target class")
+
+
+@pytest.mark.slow
 def test_both_modalities_share_the_prediction(demo):
     shares = [e.modality_shares for e in demo["explanations"]]
     for share in shares:
@@ -138,12 +155,14 @@ def test_target_class_defaults_to_the_prediction_and_can_be_chosen():
     ({"steps": 1}, "steps must be at least 2"),
     ({"image": b"x"}, "no inputs \\['image'\\]"),
 ])
+@pytest.mark.bad_input
 def test_bad_arguments_are_clear_errors(arguments, message):
     model = build_classifier(["cotton", "wool"], image_backbone=None, text_vocabulary=["wool"])
     with pytest.raises(ValueError, match=message):
         explain(model, **{"text": "wool", **arguments})
 
 
+@pytest.mark.bad_input
 def test_a_missing_required_input_is_a_clear_error():
     model = build_classifier(["a", "b"], **SMALL, text_vocabulary=["x"])
     with pytest.raises(ValueError, match="missing: \\['text'\\]"):
@@ -199,6 +218,7 @@ def test_gated_fusion_gives_its_gates_and_a_missing_input_counts_for_nothing():
     assert set(text_only.modality_drops) == {"text"} and text_only.pixel_attributions == {}
 
 
+@pytest.mark.bad_input
 def test_html_escapes_the_text_and_the_class_names():
     model = build_classifier(["<b>bold</b>", "plain"], image_backbone=None,
                              text_vocabulary=["alert"])

@@ -10,7 +10,8 @@ import pytest
 import tensorflow as tf
 
 import keras_mmtl.export
-from keras_mmtl.data import make_dataset
+from conftest import product_rows, write_manifest
+from keras_mmtl.data import make_dataset, read_manifest
 from keras_mmtl.evaluation import predict_records
 from keras_mmtl.export import export_saved_model, predict, serving_function
 from keras_mmtl.models import build_classifier_for, dataset_arguments, embedding_model
@@ -58,6 +59,7 @@ def test_a_killed_exports_staging_folder_is_removed_by_the_next_export(tmp_path,
     assert sorted(os.listdir(base)) == [".tmp-1-another-export-writing", "1"]
 
 
+@pytest.mark.bad_input
 def test_serving_refuses_an_image_over_the_pixel_limit(tmp_path, products, product_records):
     serve, signature = serving_function(_model(product_records, ("image", "text")),
                                         max_megapixels=0.0002)  # the 16x16 images: 0.000256
@@ -67,6 +69,49 @@ def test_serving_refuses_an_image_over_the_pixel_limit(tmp_path, products, produ
                        match="image too large: 16 x 16 pixels = 0.000256 megapixels, over the "
                              "limit of 0.0002 megapixels"):
         serve(tf.constant([image]), tf.constant(["a nice wool thing"]))
+
+
+JPEG = tf.io.encode_jpeg(tf.fill((16, 16, 3), tf.constant(90, tf.uint8))).numpy()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """The serving functions (traced, as in a SavedModel) of a model that needs both inputs
+    and of one that takes them missing."""
+    folder = str(tmp_path_factory.mktemp("products"))
+    records = read_manifest(write_manifest(folder, product_rows(folder)), split_column="split")
+    functions = {}
+    for missing in (False, True):
+        serve, signature = serving_function(_model(records, ("image", "text"),
+                                                   missing_modalities=missing))
+        functions[missing] = tf.function(serve, input_signature=signature)
+    return functions
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("missing, images, texts, message", [
+    (False, [], [], "The request has no samples"),
+    (False, [JPEG, JPEG], ["wool cap"], "Inputs image and text have different numbers"),
+    (False, [JPEG, b"<html>", JPEG, b"\x89PN"], ["a"] * 4,
+     "Input image: items that are not a JPEG/PNG/GIF/BMP/WebP image (0-based):] [1 3]"),
+    (False, [JPEG] * 3, ["wool cap", " ", ""],
+     "Input text: items that are empty or not UTF-8 text (0-based):] [1 2]"),
+    (False, [JPEG] * 2, [b"wool \xff cap", "cap"],
+     "Input text: items that are empty or not UTF-8 text (0-based):] [0]"),
+    (True, [JPEG, b"", b"GIF"], ["", "cap", "wool"],
+     "Input image: items that are not a JPEG/PNG/GIF/BMP/WebP image (0-based):] [2]"),
+    (True, [JPEG] * 2, ["", b"\xc3("], "Input text: items that are not UTF-8 text (0-based):] [1]"),
+])
+def test_a_request_that_cannot_be_answered_names_its_items(served, missing, images, texts,
+                                                           message):
+    with pytest.raises(tf.errors.InvalidArgumentError) as error:
+        served[missing](tf.constant(images, tf.string), tf.constant(texts, tf.string))
+    assert message in error.value.message
+
+
+def test_empty_inputs_are_missing_samples_for_a_model_that_takes_them(served):
+    answer = served[True](tf.constant([JPEG, b""]), tf.constant(["", "wool cap"]))
+    assert answer["probabilities"].shape[0] == 2
 
 
 FRESH_PROCESS = textwrap.dedent("""

@@ -93,6 +93,7 @@ class Diverge(keras.callbacks.Callback):
                 weight.assign(np.full(weight.shape, np.nan, weight.dtype))
 
 
+@pytest.mark.bad_input
 def test_nan_loss_stops_with_epoch_and_batch_then_resumes(tmp_path):
     records = from_arrays(["a", "b"] * 16, images=np.zeros((32, 16, 16, 3), "uint8"),
                           texts=["x y"] * 32, splits=["train"] * 32)

@@ -66,6 +66,7 @@ def test_shared_fusion_shares_its_layers_across_modalities(count):
     np.testing.assert_allclose(fusion(inputs)[:1], single, atol=1e-6)
 
 
+@pytest.mark.bad_input
 def test_unknown_fusion_error():
     with pytest.raises(ValueError, match=r"Unknown fusion 'sum'. Expected one of .*'gated'.*"
                                          r"Received: fusion='sum'"):

@@ -151,6 +151,7 @@ BAD_INPUTS = [
 ]
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("problem, field, message", BAD_INPUTS)
 def test_bad_row_is_reported_with_file_line_and_field(tmp_path, problem, field, message):
     path = _broken(tmp_path, problem)
@@ -165,6 +166,7 @@ def test_bad_row_is_reported_with_file_line_and_field(tmp_path, problem, field, 
     assert "skip_bad_rows=True" in text
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("problem, field, message", BAD_INPUTS)
 def test_skip_bad_rows_leaves_them_out_and_says_so(tmp_path, problem, field, message):
     path = _broken(tmp_path, problem)
@@ -211,6 +213,9 @@ JSONL_LINES = {
     "malformed line": '{"image": "images/001.jpg", "text": oops}',
     "array line": '["images/001.jpg", "a nice wool thing", "red wool", "train"]',
 }
+
+
+@pytest.mark.bad_input
 def test_val_and_test_rows_of_labels_unseen_in_training_are_counted(tmp_path):
     rows = [{"text": f"t{i}", "label": "ab"[i % 2], "split": "train"} for i in range(8)]
     rows += [{"text": f"u{i}", "label": label, "split": split} for i, (label, split) in
@@ -239,6 +244,7 @@ def test_val_and_test_rows_that_repeat_a_training_row_are_counted(tmp_path):
     assert records.report.duplicates == {"test": 2}
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("case", ["absolute", "dot-dot", "symlink", "missing outside"])
 def test_image_paths_that_leave_the_data_root_are_bad_rows(tmp_path, case):
     root = tmp_path / "root"
@@ -285,6 +291,7 @@ def test_the_pixel_limit_checked_is_the_one_training_decodes_with(products):
      "has 1 distinct label ('shoe') once bad rows and rare classes are left out"),
     (["shoe", ""] * 6, {"skip_bad_rows": True}, "has 1 distinct label ('shoe')"),
 ])
+@pytest.mark.bad_input
 def test_a_manifest_of_one_class_is_refused(tmp_path, monkeypatch, labels, options, message):
     rows = [{"image": f"images/{i:03d}.jpg", "text": f"t{i}", "label": label}
             for i, label in enumerate(labels)]
@@ -301,6 +308,7 @@ def test_a_manifest_of_one_class_is_refused(tmp_path, monkeypatch, labels, optio
     assert len(read_manifest(path, class_names=["cap", "shoe"], **options)) >= 2
 
 
+@pytest.mark.bad_input
 def test_unknown_label_against_a_fixed_vocabulary(products):
     with pytest.raises(DataValidationError, match=r"manifest.csv:2: field 'label': unknown label"):
         read_manifest(products, split_column="split", class_names=["blue wool", "red wool"])

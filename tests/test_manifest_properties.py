@@ -69,6 +69,7 @@ def _write(folder, rows, garbage, fmt):
     return path
 
 
+@pytest.mark.bad_input
 @pytest.mark.slow
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
 @given(changes=CHANGES, garbage=GARBAGE_LINES, fmt=st.sampled_from(["jsonl", "csv"]),

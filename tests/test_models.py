@@ -99,6 +99,7 @@ def test_local_imagenet_weights_file_loads():
     ({"text_encoder": "gpt"}, "Unknown text encoder 'gpt'"),
     ({"image_backbone": None, "text_encoder": None}, "needs an image backbone, a text encoder"),
 ])
+@pytest.mark.bad_input
 def test_builder_errors_name_the_choices(kwargs, message):
     with pytest.raises(ValueError, match=message):
         build_classifier(["a", "b"], **{**SMALL, "text_vocabulary": VOCAB, **kwargs})

@@ -58,6 +58,7 @@ def test_several_label_columns_are_read_as_tasks(task_records):
     assert len(test.task_labels("material")) == len(test) == 8
 
 
+@pytest.mark.bad_input
 def test_a_bad_label_in_any_task_names_its_column(tmp_path):
     rows = task_rows(str(tmp_path), 12)
     rows[3]["material"] = ""
@@ -208,6 +209,7 @@ def test_the_cli_trains_evaluates_and_predicts_every_task(tasks_manifest, tmp_pa
     assert sorted(capsys.readouterr().out.splitlines()[::2]) == ["colour:", "material:"]
 
 
+@pytest.mark.bad_input
 def test_domain_transfer_refuses_a_multi_task_model(task_records):
     from keras_mmtl.training import with_new_head
 

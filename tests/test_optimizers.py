@@ -52,6 +52,7 @@ def test_fine_tuning_rate_warms_up_then_decays_to_zero():
     assert rates[-1] == pytest.approx(0, abs=1e-9)
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("warmup, decay", [(1.0, 0.8), (0.1, 0.0), (0.1, 1.5)])
 def test_bad_schedule_settings_are_refused(warmup, decay):
     model = build_classifier(["a", "b"], **SMALL)

@@ -84,6 +84,7 @@ def test_the_header_tells_the_size_the_decoder_finds(fmt):
     assert tf.io.decode_image(data, expand_animations=False).shape[:2] == (37, 53)
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("encode", [tf.io.encode_png, tf.io.encode_jpeg])
 def test_an_image_over_the_pixel_limit_is_refused_with_its_size(encode):
     data = encode(tf.zeros((200, 300, 3), tf.uint8))
@@ -98,6 +99,7 @@ def test_an_image_over_the_pixel_limit_is_refused_with_its_size(encode):
     assert decode_image(data, (8, 8), max_megapixels=0.06).shape == (8, 8, 3)
 
 
+@pytest.mark.bad_input
 def test_a_huge_header_is_refused_before_decoding():
     bomb = claimed_size_jpeg(12000, 12000)  # 631 bytes; decoded, 432 MB
     with pytest.raises(tf.errors.InvalidArgumentError,

@@ -40,6 +40,7 @@ def test_verbosity_none_hands_messages_to_the_root_logger(caplog, capsys, restor
     assert caplog.messages == ["to the root"] and capsys.readouterr().out == ""
 
 
+@pytest.mark.bad_input
 def test_an_unknown_verbosity_names_the_choices(restore_verbosity):
     with pytest.raises(ValueError, match="Unknown verbosity 'loud'.*'warning'"):
         set_verbosity("loud")

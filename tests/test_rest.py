@@ -39,6 +39,7 @@ def test_the_request_follows_the_row_format(product_records):
         predict_request()
 
 
+@pytest.mark.bad_input
 def test_answers_and_errors_are_parsed():
     answer = {"predictions": [{"colour_top_labels": ["red", "blue"],
                                "colour_top_scores": [0.8, 0.2],
@@ -120,7 +121,8 @@ def test_a_served_export_answers_the_client_like_predict(product_records, tmp_pa
         with pytest.raises(ServingError, match="HTTP 404: Servable not found"):
             rest_predict(predict_url(host, "other"), images=images, texts=texts)
         # An undecodable image fails that request, with a message that says why ...
-        with pytest.raises(ServingError, match="(?s)HTTP 400: .*Unknown image file format"):
+        with pytest.raises(ServingError,
+                           match="(?s)HTTP 400: .*items that are not a JPEG/PNG/GIF/BMP/WebP"):
             rest_predict(predict_url(host, "demo", 1), images=[b"not an image"], texts=["x"])
         # ... and the server goes on answering.
         assert rest_predict(predict_url(host, "demo", 1), images=images, texts=texts, top_k=3) \

@@ -162,7 +162,8 @@ def test_a_served_export_answers_grpc_like_predict(product_records, tmp_path):
         with pytest.raises(ServingError, match="NOT_FOUND: Servable not found"):
             grpc_predict(target, "demo", images=images, texts=texts, version=2)
         # An undecodable image fails that request, with the server's message ...
-        with pytest.raises(ServingError, match="(?s)INVALID_ARGUMENT: .*Unknown image file format"):
+        with pytest.raises(ServingError,
+                           match="(?s)INVALID_ARGUMENT: .*items that are not a JPEG/PNG/GIF/BMP"):
             grpc_predict(target, "demo", images=[b"not an image"], texts=["x"])
         # ... and the server goes on answering.
         assert grpc_predict(target, "demo", images=images, texts=texts, top_k=3) == served

@@ -169,6 +169,7 @@ def test_class_weights_train_models_with_several_outputs(tmp_path, options):
     assert np.isfinite(history["loss"]).all()
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("class_weight, message", [("rare", "'balanced'"), ({"c": 2}, "'c'")])
 def test_bad_class_weights_are_refused(class_weight, message, product_records):
     with pytest.raises(ValueError, match=message):
@@ -255,6 +256,7 @@ def test_parse_duration(text, seconds):
     assert parse_duration(text) == seconds
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("text", ["", "fast", "-5", 0, "15 minutes"])
 def test_parse_duration_rejects_what_is_no_duration(text):
     with pytest.raises(ValueError, match="time limit"):

@@ -101,6 +101,7 @@ def test_new_head_freezes_what_is_asked(product_records):
     (dict(domain_adversarial=True), "joint=True"),
     (dict(joint=True, alpha=1.5), "alpha"),
 ])
+@pytest.mark.bad_input
 def test_bad_transfer_settings_are_refused(tmp_path, product_records, kwargs, message):
     model = build_classifier_for(product_records, **SMALL)
     with pytest.raises(ValueError, match=message):

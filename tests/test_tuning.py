@@ -80,12 +80,14 @@ def _scores(result):
     ({"search_space": {"epochs": [1, 2]}, "tuner": "hyperband"}, ValueError,
      "chooses `epochs` itself"),
 ])
+@pytest.mark.bad_input
 def test_bad_arguments_are_refused(tmp_path, texts, kwargs, error, message):
     with pytest.raises(error, match=message):
         tune(texts, str(tmp_path), **kwargs)
     assert not os.path.exists(tmp_path / "tuner")
 
 
+@pytest.mark.bad_input
 def test_records_without_val_rows_are_refused(tmp_path, texts):
     with pytest.raises(ValueError, match="no val rows"):
         tune(texts.select(texts.splits != "val"), str(tmp_path))
@@ -217,6 +219,7 @@ def test_an_interrupted_search_continues(tmp_path, texts, fake_train, monkeypatc
     assert len(fake_train) == 5
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("change", [{"objective": "val_loss"}, {"tuner": "hyperband"},
                                     {"search_space": {"learning_rate": [1e-3]}}])
 def test_continuing_another_search_is_refused(tmp_path, texts, fake_train, change):
