@@ -12,8 +12,8 @@ about the probability of one class:
   whole words works the same for every text encoder (scratch, TF-IDF,
   n-grams, WordPiece);
 - modalities: the drop in the probability when a modality is removed, as
-  `keras_mmtl.evaluation.modality_report` removes it, and the gates of a
-  gated fusion.
+  `keras_mmtl.evaluation.modality_report` removes it, and the weights of
+  the fusion (a gated fusion's gates, an attention fusion's attention).
 """
 
 import base64
@@ -35,7 +35,7 @@ from keras_mmtl.models.builder import (
     model_tasks,
     presence_modalities,
 )
-from keras_mmtl.models.fusion import GatedFusion
+from keras_mmtl.models.fusion import AttentionFusion, GatedFusion
 
 HTML_FILE = "explanation.html"
 
@@ -66,8 +66,10 @@ class Explanation:
             `target`).
         modality_drops: input name -> how much the probability drops when that
             input is removed (models with two or more image or text inputs).
-        fusion_gates: input name -> its weight in a gated fusion for this
-            sample (`GatedFusion` models only).
+        fusion_gates: input name -> its weight in the fusion for this
+            sample: a `GatedFusion`'s gates, or how an `AttentionFusion`'s
+            [CLS] token attends to each input (last block, heads averaged);
+            empty for other fusions.
 
     Example:
 
@@ -114,7 +116,7 @@ class Explanation:
                 f"{self.probability - self.modality_drops[name]:.3f} without it)"
                 for name, share in self.modality_shares.items()))
         if self.fusion_gates:
-            lines.append("Fusion gates: " + ", ".join(
+            lines.append("Fusion weights: " + ", ".join(
                 f"{name} {gate:.2f}" for name, gate in self.fusion_gates.items()))
         for name, words in self.word_attributions.items():
             top = sorted(words, key=lambda pair: -pair[1])[:5]
@@ -172,7 +174,7 @@ class Explanation:
             parts.append("<p>Modality shares: " + ", ".join(
                 f"{e(name)} {share:.0%}" for name, share in self.modality_shares.items()) + "</p>")
         if self.fusion_gates:
-            parts.append("<p>Fusion gates: " + ", ".join(
+            parts.append("<p>Fusion weights: " + ", ".join(
                 f"{e(name)} {gate:.2f}" for name, gate in self.fusion_gates.items()) + "</p>")
         for name in self.pixel_attributions:
             data = base64.b64encode(self.image_png(name)).decode("ascii")
@@ -221,8 +223,8 @@ def explain(model, image=None, text=None, *, task=None, target=None, baseline="b
     occlusion needs none, so it explains every text encoder alike. With two
     or more image or text inputs, each is removed in turn (a model built with
     `missing_modalities=True` is told it is missing; others see a black image
-    or an empty text, as in `modality_report`), and a `GatedFusion` model
-    also gives its gates.
+    or an empty text, as in `modality_report`), and a gated or attention
+    fusion also gives its weights per input.
 
     Args:
         model: a classifier from `keras_mmtl.models`.
@@ -441,15 +443,19 @@ def _word_occlusion(model, model_inputs, raw, name, index, task):
 
 
 def _fusion_gates(model, sample):
-    """Input name -> gate of a `GatedFusion` for the sample; `{}` for other fusions."""
-    fusion = next((layer for layer in model.layers if isinstance(layer, GatedFusion)), None)
+    """Input name -> its weight in the fusion for the sample: a `GatedFusion`'s gate, or the
+    [CLS] token's attention of an `AttentionFusion`; `{}` for other fusions."""
+    fusion = next((layer for layer in model.layers
+                   if isinstance(layer, (GatedFusion, AttentionFusion))), None)
     if fusion is None:
         return {}
     # The fusion's inputs: one feature tensor per modality, then their presence masks.
     modalities = model_modalities(model)
     tensors = keras.Model(model.input, fusion.input)(sample, training=False)
     features, presence = tensors[:len(modalities)], tensors[len(modalities):] or None
-    _, gates = fusion(features, presence=presence, return_gates=True)
+    _, gates = (fusion(features, presence=presence, return_gates=True)
+                if isinstance(fusion, GatedFusion) else
+                fusion(features, presence=presence, return_attention=True))
     return dict(zip(modalities, tf.cast(gates[0], tf.float32).numpy().astype(float).tolist()))
 
 

@@ -206,8 +206,9 @@ def test_multi_task_models_explain_the_chosen_task():
     assert explanation.probability == pytest.approx(probabilities[2], abs=1e-6)
 
 
-def test_gated_fusion_gives_its_gates_and_a_missing_input_counts_for_nothing():
-    model = build_classifier(["a", "b"], **SMALL, text_vocabulary=["x"], fusion="gated",
+@pytest.mark.parametrize("fusion", ["gated", "attention"])
+def test_fusion_weights_are_given_and_a_missing_input_counts_for_nothing(fusion):
+    model = build_classifier(["a", "b"], **SMALL, text_vocabulary=["x"], fusion=fusion,
                              fusion_units=8, missing_modalities=True)
     both = explain(model, image=_png(), text="x y", steps=4)
     assert set(both.fusion_gates) == set(both.modality_drops) == {"image", "text"}

@@ -187,7 +187,9 @@ class AttentionFusion(keras.layers.Layer):
     ViLT-style single-stream fusion (Kim et al., 2021). The output is the
     [CLS] token after a final layer normalisation. No token attends to a
     modality the sample lacks (`presence` 0), so its features cannot reach
-    the output.
+    the output. `call(..., return_attention=True)` also returns how the
+    [CLS] token attends to each modality in the last block (heads averaged,
+    summing to 1): what `keras_mmtl.explain` reports.
 
     Args:
         units: width of the tokens and of the output.
@@ -202,6 +204,9 @@ class AttentionFusion(keras.layers.Layer):
     >>> fusion = AttentionFusion(units=8, num_heads=2)
     >>> tuple(fusion([np.ones((2, 5)), np.ones((2, 3))]).shape)
     (2, 8)
+    >>> _, weights = fusion([np.ones((2, 5)), np.ones((2, 3))], return_attention=True)
+    >>> tuple(weights.shape), bool(np.allclose(np.sum(weights, axis=-1), 1.0))
+    ((2, 2), True)
     """
 
     def __init__(self, units=256, num_heads=4, num_layers=1, dropout=0.1, **kwargs):
@@ -252,7 +257,7 @@ class AttentionFusion(keras.layers.Layer):
                                                            **common)
         self.output_norm.build(tokens)
 
-    def call(self, inputs, presence=None, training=None):
+    def call(self, inputs, presence=None, training=None, return_attention=False):
         dtype = self.compute_dtype
         embeddings = ops.cast(self.modality_embeddings, dtype)
         tokens = ops.stack([projection(x) for projection, x in zip(self.projections, inputs)],
@@ -270,11 +275,16 @@ class AttentionFusion(keras.layers.Layer):
                                     (batch, len(inputs) + 1, len(inputs) + 1))
         for i in range(self.num_layers):
             x = self.attention_norms[i](tokens)
-            x = self.attentions[i](x, x, attention_mask=mask, training=training)
+            x, scores = self.attentions[i](x, x, attention_mask=mask, training=training,
+                                           return_attention_scores=True)
             tokens = tokens + self.dropout(x, training=training)
             x = self.mlp_outputs[i](self.mlp_hiddens[i](self.mlp_norms[i](tokens)))
             tokens = tokens + self.dropout(x, training=training)
-        return self.output_norm(tokens)[:, 0]
+        fused = self.output_norm(tokens)[:, 0]
+        if not return_attention:
+            return fused
+        to_inputs = ops.mean(ops.cast(scores, "float32")[:, :, 0, 1:], axis=1)  # [CLS] -> inputs
+        return fused, to_inputs / ops.sum(to_inputs, axis=-1, keepdims=True)
 
     def compute_output_shape(self, input_shapes):
         return (input_shapes[0][0], self.units)
