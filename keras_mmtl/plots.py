@@ -1,7 +1,8 @@
 """The package's pictures: confusion matrix, ROC / PR curves, reliability diagram, learning curves.
 
 Each function returns a matplotlib `Figure` of its own (no pyplot state, nothing
-left open): a notebook shows it, `fig.savefig(path)` writes it, and
+left open): a notebook shows it as a cell's value or with `display(fig)` once
+`%matplotlib inline` has run, `fig.savefig(path)` writes it, and
 `figure_image(fig)` gives the pixels (TensorBoard's confusion-matrix image).
 `EvaluationReport.save` writes the report's pictures with these.
 """

@@ -238,8 +238,11 @@ def tabular_branch(inputs, mean, variance, units=256):
     >>> keras.Model(x, tabular_branch(x, [0.0] * 3, [1.0] * 3)).output_shape
     (None, 256)
     """
-    x = keras.layers.Normalization(mean=mean, variance=variance, name="tabular_normalization")(
-        inputs)
+    # In float32 under any policy: float16 would hold neither the statistics nor the values
+    # beyond 65504 (inf, then a NaN loss), and bfloat16 would round away small differences
+    # between large values. The next layer casts the standardised values to its own dtype.
+    x = keras.layers.Normalization(mean=mean, variance=variance, dtype="float32",
+                                   name="tabular_normalization")(inputs)
     x = keras.layers.Dense(units, activation="relu", name="tabular_hidden")(x)
     return keras.layers.Dense(units, activation="relu", name="tabular_features")(x)
 

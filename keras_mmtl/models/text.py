@@ -164,6 +164,9 @@ class TextTokenizer(keras.layers.Layer):
         self.sequence_length = int(sequence_length)
         self.lowercase = bool(lowercase)
         self.tokenizer = tokenizer
+        # Strings and ragged tensors: XLA compiles neither, so a model holding this layer
+        # runs without XLA (`jit_compile="auto"` resolves to False).
+        self.supports_jit = False
         self.lookup = keras.layers.StringLookup(
             vocabulary=self.vocabulary, mask_token=PAD, oov_token=OOV, name="lookup")
 
@@ -285,6 +288,7 @@ class WordPieceTokenizer(keras.layers.Layer):
         self.vocabulary = list(vocabulary)
         self.sequence_length = int(sequence_length)
         self.lowercase = bool(lowercase)
+        self.supports_jit = False  # tensorflow-text's string ops: XLA cannot compile them
         index = {token: i for i, token in enumerate(self.vocabulary)}
         self.cls_id, self.sep_id, self.pad_id = (index[t] for t in ("[CLS]", "[SEP]", "[PAD]"))
         tf_text = import_tensorflow_text(WORDPIECE)

@@ -57,7 +57,7 @@ PROJECTOR_POINTS = 5000  # the Projector stays responsive up to ~10k points
 
 
 def compile_classifier(model, optimizer, steps_per_execution=1, loss=None, task_weights=None,
-                       auxiliary_weight=0.3):
+                       auxiliary_weight=0.3, jit_compile="auto"):
     """Compiles a classifier with cross-entropy, accuracy and macro-F1.
 
     A model with several outputs gets the loss on each, weighed by
@@ -76,6 +76,8 @@ def compile_classifier(model, optimizer, steps_per_execution=1, loss=None, task_
             (sparse categorical cross-entropy).
         task_weights: dict of task -> loss weight (tasks left out weigh 1).
         auxiliary_weight: loss weight of each auxiliary head.
+        jit_compile: XLA for the train and predict steps: `"auto"` (Keras:
+            on a GPU, for models whose layers all support it), True or False.
 
     Returns:
         the main task's `MacroF1` metric (its confusion matrix is the one drawn).
@@ -98,6 +100,7 @@ def compile_classifier(model, optimizer, steps_per_execution=1, loss=None, task_
         loss_weights=weights,
         metrics=metrics,
         steps_per_execution=steps_per_execution,
+        jit_compile=jit_compile,
     )
     # The first task's (`class_names(model)`): the model's first main output.
     return (metrics if tasks is None else next(m for m in metrics.values() if m))[-1]
@@ -150,6 +153,7 @@ def train(
     seed=0,
     time_limit=None,
     callbacks=(),
+    jit_compile="auto",
     verbose="auto",
 ):
     """Trains a classifier the way transfer learning is done, in two phases.
@@ -240,6 +244,7 @@ def train(
             another would not end in time (`TimeLimit`); each keeps its
             best epoch as usual.
         callbacks: more Keras callbacks, run in both phases (after ours).
+        jit_compile: XLA for the training steps (see `compile_classifier`).
         verbose: Keras progress output (`"auto"`, 0, 1, 2).
 
     Returns:
@@ -324,7 +329,7 @@ def train(
             # A head on cached features takes a few ms a step: run many steps per call.
             macro_f1 = compile_classifier(
                 fit_model, optimizer, loss=loss, task_weights=task_weights,
-                auxiliary_weight=auxiliary_weight,
+                auxiliary_weight=auxiliary_weight, jit_compile=jit_compile,
                 steps_per_execution=32 if cached == model_modalities(model) else 1)
         if cached:
             title += f", on cached {' and '.join(cached)} features"
