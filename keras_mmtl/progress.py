@@ -73,9 +73,16 @@ def set_verbosity(level="info"):
 
 
 def interactive():
-    """Whether progress can redraw one line: a terminal or a notebook."""
-    return (getattr(sys.stdout, "isatty", lambda: False)() or "ipykernel" in sys.modules
-            or "PYCHARM_HOSTED" in os.environ)
+    """Whether progress can redraw one line: a terminal, or a notebook's kernel.
+
+    A kernel is recognised by its running shell, not by `ipykernel` having
+    been imported (a test run or a tool may import it without being one).
+    """
+    if getattr(sys.stdout, "isatty", lambda: False)() or "PYCHARM_HOSTED" in os.environ:
+        return True
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if hasattr(ipython, "get_ipython") else None
+    return type(shell).__name__ == "ZMQInteractiveShell"
 
 
 def keras_verbose(verbose="auto"):

@@ -107,7 +107,7 @@ def test_the_builder_checks_the_input_names():
 @pytest.mark.slow
 def test_the_second_columns_are_learned_scored_and_served(records, tmp_path):
     model = build_classifier_for(records, missing_modalities=True, **SMALL)
-    train(model, records, str(tmp_path / "run"), epochs=30, patience=30, learning_rate=3e-3,
+    train(model, records, str(tmp_path / "run"), epochs=12, patience=12, learning_rate=1e-2,
           verbose=0, projector=False)
     assert evaluate(model, records, "test").accuracy == 1.0
     report = modality_report(model, records, "test")

@@ -1,3 +1,4 @@
+import io
 import logging
 import os
 import subprocess
@@ -133,3 +134,16 @@ def test_the_command_starts_without_tensorflow_noise(level, args, shown):
                             capture_output=True, text=True, check=True)
     assert result.stdout.startswith(("keras-mmtl ", "usage: keras-mmtl"))
     assert ("I0000" in result.stderr or "oneDNN" in result.stderr) is shown, result.stderr
+
+
+@pytest.mark.parametrize("shell, expected", [(None, False), ("TerminalInteractiveShell", False),
+                                             ("ZMQInteractiveShell", True)])
+def test_a_notebook_is_recognised_by_its_kernel_not_by_an_import(monkeypatch, shell, expected):
+    import types
+
+    fake = types.ModuleType("IPython")
+    fake.get_ipython = lambda: None if shell is None else type(shell, (), {})()
+    monkeypatch.setitem(sys.modules, "IPython", fake)
+    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
+    monkeypatch.setattr(sys, "stdout", io.StringIO())  # not a terminal
+    assert progress.interactive() is expected
