@@ -130,8 +130,8 @@ def prepare(work):
 def bad_input_cases():
     """The number of test cases marked `bad_input` (collected, not run)."""
     tests = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests")
-    listed = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m",
-                             "bad_input", "-p", "no:cacheprovider", tests],
+    listed = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-n", "0",
+                             "-m", "bad_input", "-p", "no:cacheprovider", tests],
                             capture_output=True, text=True, check=True).stdout
     return sum("::" in line for line in listed.splitlines())
 

@@ -107,6 +107,7 @@ class Progress:
 
     Example:
 
+    >>> set_verbosity("info")
     >>> with Progress("Counting", 3, unit="items") as progress:  # doctest: +ELLIPSIS
     ...     for _ in range(3):
     ...         progress.add(1)
