@@ -19,6 +19,7 @@ def test_help_explains_every_command(command, capsys):
     assert "usage: keras-mmtl" in capsys.readouterr().out
 
 
+@pytest.mark.bad_input
 def test_train_rejects_a_bad_manifest_with_the_row(tmp_path, capsys):
     rows = product_rows(str(tmp_path))
     rows[4]["image"] = "images/missing.jpg"
@@ -30,6 +31,7 @@ def test_train_rejects_a_bad_manifest_with_the_row(tmp_path, capsys):
     assert "--skip-bad-rows" in err
 
 
+@pytest.mark.bad_input
 def test_train_refuses_a_manifest_of_one_class(tmp_path, capsys):
     rows = product_rows(str(tmp_path))
     for row in rows:
@@ -180,6 +182,7 @@ def _one_line_error(capsys):
     return err
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("case, message", [
     ("truncated", "not a complete .keras file (a zip archive); it may be truncated"),
     ("empty", "not a complete .keras file"),
@@ -200,6 +203,7 @@ def test_a_model_that_cannot_be_loaded_is_one_line(tmp_path, capsys, small_model
     assert message in _one_line_error(capsys)
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("case, message", [
     ("undecodable image",
      "cannot predict: Input image: items that are not a JPEG/PNG/GIF/BMP/WebP image (0-based): 0"),
@@ -252,6 +256,7 @@ def test_predict_scores_a_manifest_into_a_file(tmp_path, capsys, small_model):
     assert all(len(r["top"]) == 2 and r["label"] == r["top"][0]["label"] for r in records)
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("arguments, message", [
     (["--text", "wool", "--manifest", "M", "--output", "O.csv"], "not both"),
     ([], "give --image and/or --text to score one sample, or --manifest and --output"),

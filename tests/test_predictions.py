@@ -111,6 +111,7 @@ def test_every_batch_size_writes_every_row_once_in_order(tmp_path, single, batch
         _assert_same(answer, expected[line])
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("kind, no_image", [
     ("export", r"cannot score: .+ \(the image input 'image' is empty\)"),  # the decoder's words
     ("keras_model", r"column 'image': no image; this model needs one in every row"),
@@ -227,6 +228,7 @@ def test_an_interrupted_run_leaves_the_previous_output_whole(tmp_path, single, m
     assert output.read_text() == "the previous run's scores\n"
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("change, error, message", [
     ({"output": "scores.txt"}, ValueError, r"Unsupported output file .*scores.txt: expected a "
                                            r"name ending in .csv or .jsonl"),
