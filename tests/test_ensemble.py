@@ -1,12 +1,15 @@
 """Ensembles of trained classifiers: averaged probabilities, saved, calibrated and served as one."""
 
+import dataclasses
+
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from keras_mmtl.calibration import calibrate
-from keras_mmtl.evaluation import evaluate, predict_records
+from keras_mmtl.data.pipeline import make_dataset
+from keras_mmtl.evaluation import evaluate, predict_records, rescale
 from keras_mmtl.export import export_saved_model
 from keras_mmtl.models import build_classifier, build_classifier_for, embedding_model, ensemble
 
@@ -14,30 +17,73 @@ SMALL = dict(image_backbone="small_cnn", image_weights=None, image_size=(16, 16)
 
 
 @pytest.fixture
-def members(product_records):
+def inputs(product_records):
+    """All the products as one batch of decoded inputs, in order (one pipeline for the test)."""
+    (batch, _), = make_dataset(product_records, image_size=SMALL["image_size"],
+                               batch_size=len(product_records))
+    return batch
+
+
+def _answers(model, inputs):
+    """`model`'s outputs on the inputs it takes, from one eager call (nothing to trace)."""
+    return model({name: inputs[name] for name in model.input}, training=False).numpy()
+
+
+def _fit_head(model, records, inputs, scale=3.0):
+    """Fits the head to the train rows by least squares on the model's own features.
+
+    A trained member in a tenth of a second: right on the train rows, unsure and unlike
+    the other members elsewhere, so a mean of the members differs from each of them and
+    from their geometric mean.
+    """
+    train = records.splits == "train"
+    features = _answers(embedding_model(model), inputs)[train]
+    features = np.concatenate([features, np.ones((len(features), 1))], axis=1)  # the bias
+    targets = scale * np.eye(len(records.class_names))[records.labels[train]]
+    solution = np.linalg.lstsq(features, targets, rcond=None)[0]
+    model.get_layer("head").dense.kernel.assign(solution[:-1])
+    model.get_layer("head").dense.bias.assign(solution[-1])
+    return model
+
+
+def _geometric(*probabilities):
+    geometric = np.exp(np.mean(np.log(probabilities), axis=0))
+    return geometric / geometric.sum(axis=1, keepdims=True)
+
+
+@pytest.fixture
+def members(product_records, inputs):
     models = []
     for seed, fusion in ((1, "concat"), (2, "gated")):
         keras.utils.set_random_seed(seed)
-        models.append(build_classifier_for(product_records, fusion=fusion, **SMALL))
+        models.append(_fit_head(build_classifier_for(product_records, fusion=fusion, **SMALL),
+                                product_records, inputs))
     return models
 
 
-def test_the_ensemble_averages_its_members(members, product_records, tmp_path):
+def test_the_ensemble_averages_its_members(members, product_records, inputs, tmp_path):
     combined = ensemble(members)
-    _, expected = zip(*(predict_records(m, product_records, "test") for m in members))
-    _, probabilities = predict_records(combined, product_records, "test")
-    np.testing.assert_allclose(probabilities, np.mean(expected, axis=0), atol=1e-6)
-    assert evaluate(combined, product_records, "test").accuracy >= 0
+    first, second = (_answers(m, inputs) for m in members)  # all 24 rows
+    # The members disagree, and their mean is not their geometric mean: the check below
+    # tells the mean from either member and from the other combination.
+    assert np.abs(first - second).max() > 0.2
+    mean = (first + second) / 2
+    assert np.abs(mean - _geometric(first, second)).max() > 0.01
+    _, probabilities = predict_records(combined, product_records)
+    np.testing.assert_allclose(probabilities, mean, atol=1e-6)
+    test = product_records.splits == "test"
+    assert evaluate(combined, product_records, "test").accuracy == pytest.approx(
+        np.mean(mean[test].argmax(axis=1) == product_records.labels[test]))
     widths = [embedding_model(m).output_shape[-1] for m in members]  # concat 512, gated 256
     assert embedding_model(combined).output_shape == (None, sum(widths))
     path = str(tmp_path / "ensemble.keras")
     combined.save(path)
-    _, again = predict_records(keras.models.load_model(path), product_records, "test")
+    _, again = predict_records(keras.models.load_model(path), product_records)
     np.testing.assert_allclose(again, probabilities, atol=1e-6)
     # A copy: the members can change without changing it.
     members[0].get_layer("head").dense.kernel.assign(
         np.zeros_like(members[0].get_layer("head").dense.kernel))
-    _, after = predict_records(combined, product_records, "test")
+    _, after = predict_records(combined, product_records)
     np.testing.assert_allclose(after, probabilities, atol=1e-6)
 
 
@@ -56,22 +102,22 @@ def test_members_must_match():
         ensemble([text_only, text_only], combine="median")
 
 
-def test_a_fused_model_and_a_model_of_one_input_combine_geometrically(product_records,
+def test_a_fused_model_and_a_model_of_one_input_combine_geometrically(product_records, inputs,
                                                                      tmp_path):
     keras.utils.set_random_seed(4)
-    fused = build_classifier_for(product_records, **SMALL)
-    image_only = build_classifier_for(product_records, modalities=("image",), **SMALL)
+    fused = _fit_head(build_classifier_for(product_records, **SMALL), product_records, inputs)
+    image_only = _fit_head(build_classifier_for(product_records, modalities=("image",), **SMALL),
+                           product_records, inputs)
     combined = ensemble([fused, image_only], combine="geometric")
     assert sorted(combined.input) == ["image", "text"]
-    _, first = predict_records(fused, product_records, "test")
-    _, second = predict_records(image_only, product_records, "test")
-    _, probabilities = predict_records(combined, product_records, "test")
-    geometric = np.sqrt(first * second)
-    np.testing.assert_allclose(probabilities, geometric / geometric.sum(1, keepdims=True),
-                               atol=1e-5)
+    first, second = (_answers(m, inputs) for m in (fused, image_only))
+    _, probabilities = predict_records(combined, product_records)
+    geometric = _geometric(first, second)
+    assert np.abs(geometric - (first + second) / 2).max() > 0.01  # not the plain mean
+    np.testing.assert_allclose(probabilities, geometric, atol=1e-5)
     combined.save(tmp_path / "ensemble.keras")
     _, again = predict_records(keras.models.load_model(tmp_path / "ensemble.keras"),
-                               product_records, "test")
+                               product_records)
     np.testing.assert_allclose(again, probabilities, atol=1e-6)
 
 
@@ -88,17 +134,26 @@ def test_members_with_auxiliary_heads_take_part_with_their_main_head(product_rec
 
 
 @pytest.mark.slow
-def test_the_ensemble_is_calibrated_and_served_as_one_model(members, product_records, tmp_path):
+def test_the_ensemble_is_calibrated_and_served_as_one_model(members, product_records, inputs,
+                                                            tmp_path):
     combined = ensemble(members)
-    result = calibrate(combined, product_records, "val")
+    # The members are right on every val row: one wrong label in four gives the
+    # temperature something to soften (else it sharpens to its bound, and the served
+    # probabilities would be 0 and 1 whatever the export did).
+    labels = product_records.labels.copy()
+    (wrong, *_) = np.flatnonzero(product_records.splits == "val")
+    labels[wrong] = (labels[wrong] + 1) % len(product_records.class_names)
+    result = calibrate(combined, dataclasses.replace(product_records, labels=labels), "val")
+    assert 0.06 < result.temperature < 19  # inside the search's bounds (0.05, 20)
     assert combined.get_layer("head").temperature == result.temperature
-    _, expected = predict_records(combined, product_records, "test")
+    first, second = (_answers(m, inputs) for m in members)  # all 24 rows
+    expected = rescale((first + second) / 2, result.temperature)
+    assert expected.max(axis=1).min() < 0.9  # unsure on some rows: room to differ
     path = export_saved_model(combined, str(tmp_path / "saved"), custom_ops="error")
     signatures = tf.saved_model.load(path).signatures
-    test = product_records.subset("test")
-    inputs = {"image": tf.constant([open(p, "rb").read() for p in test.images]),
-              "text": tf.constant(list(test.texts))}
-    np.testing.assert_allclose(signatures["serving_default"](**inputs)["probabilities"].numpy(),
+    request = {"image": tf.constant([open(p, "rb").read() for p in product_records.images]),
+               "text": tf.constant(list(product_records.texts))}
+    np.testing.assert_allclose(signatures["serving_default"](**request)["probabilities"].numpy(),
                                expected, atol=1e-4)
     width = embedding_model(combined).output_shape[-1]
-    assert signatures["embed"](**inputs)["embedding"].shape == (len(test), width)
+    assert signatures["embed"](**request)["embedding"].shape == (len(product_records), width)

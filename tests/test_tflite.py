@@ -3,12 +3,15 @@
 import sys
 import warnings
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from keras_mmtl.data.pipeline import make_dataset
 from keras_mmtl.evaluation import predict_records
-from keras_mmtl.models import build_classifier, build_classifier_for
+from keras_mmtl.models import build_classifier, build_classifier_for, dataset_arguments
+from keras_mmtl.training.trainer import compile_classifier
 from keras_mmtl.tflite import (
     convert,
     export_tflite,
@@ -43,16 +46,38 @@ def test_raw_strings_would_need_the_flex_ops_of_the_tokenizer(model):
                                  "StringSplitV2"]
 
 
+def _trained_on_products(records):
+    """A small classifier trained on the products, whose classes need both inputs.
+
+    The label is the colour (image) and the word (text), so a TFLite model that
+    misreads the pixels or the token ids picks other classes. A small CNN converts
+    in 2 s where MobileNetV2 takes 18 s.
+    """
+    keras.utils.set_random_seed(0)
+    model = build_classifier_for(records, missing_modalities=True, image_backbone="small_cnn",
+                                 image_weights=None, image_size=(16, 16))
+    compile_classifier(model, 3e-3)
+    model.fit(make_dataset(records, "train", **dataset_arguments(model), batch_size=8),
+              epochs=8, shuffle=False, verbose=0)
+    return model
+
+
 @pytest.mark.slow
-def test_each_quantization_answers_like_the_keras_model(model, product_records, tmp_path):
-    _, expected = predict_records(model, product_records, "test")
+def test_each_quantization_answers_like_the_keras_model(product_records, tmp_path):
+    model = _trained_on_products(product_records)
+    labels, expected = predict_records(model, product_records, None)  # all 24 rows
+    # The known answer: right where an image-only or a text-only model is right on half.
+    assert (expected.argmax(1) == labels).mean() >= 0.9
     sizes = {}
-    for quantization, tolerance in (("float32", 1e-5), ("float16", 2e-2), ("int8", 5e-2)):
+    # quantization -> (probability tolerance, share of rows whose top class must agree)
+    for quantization, (tolerance, agreement) in {
+            "float32": (1e-5, 1.0), "float16": (5e-3, 1.0), "int8": (2e-2, 0.9)}.items():
         path = export_tflite(model, str(tmp_path / f"m.{quantization}.tflite"), quantization)
         sizes[quantization] = (tmp_path / f"m.{quantization}.tflite").stat().st_size
-        labels, probabilities = tflite_predict(path, model, product_records, "test")
-        np.testing.assert_array_equal(labels, product_records.subset("test").labels)
-        np.testing.assert_allclose(probabilities, expected, atol=tolerance)
+        _, probabilities = tflite_predict(path, model, product_records, None)
+        agree = (probabilities.argmax(1) == expected.argmax(1)).mean()
+        assert agree >= agreement, (quantization, agree)
+        np.testing.assert_allclose(probabilities, expected, atol=tolerance, err_msg=quantization)
     assert sizes["int8"] < 0.4 * sizes["float32"] and sizes["float16"] < 0.6 * sizes["float32"]
     vocabulary = (tmp_path / "m.int8.vocab.txt").read_text(encoding="utf-8").splitlines()
     assert vocabulary == model.get_layer("text_tokenizer").vocabulary

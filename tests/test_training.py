@@ -9,7 +9,12 @@ import pytest
 from conftest import MOBILENET_WEIGHTS
 from keras_mmtl.data import from_arrays
 from keras_mmtl.data.pipeline import make_dataset
-from keras_mmtl.models import backbone_network, build_classifier_for, dataset_arguments
+from keras_mmtl.models import (
+    backbone_network,
+    build_classifier_for,
+    build_image_backbone,
+    dataset_arguments,
+)
 from keras_mmtl.training.losses import ClassificationLoss
 from keras_mmtl.training import class_weights, setup_precision, train
 from keras_mmtl.training.run_state import StaleRunError, check_run_folder, fingerprint
@@ -67,14 +72,40 @@ class _LearningRateFactors(keras.callbacks.Callback):
         self.factors.append(sorted(set(multipliers.values())))
 
 
+def _random_weights_file(folder):
+    """A MobileNetV2 0.35 weights file like the ImageNet one, random, with BatchNorm statistics.
+
+    Its moving means and variances are not the fresh 0 and 1, so a test can tell them
+    from a newly built network's and see any update.
+    """
+    network = backbone_network(build_image_backbone("mobilenet_v2_0.35", None, (32, 32)))
+    rng = np.random.default_rng(0)
+    for layer in network.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.moving_mean.assign(rng.normal(0, 0.5, layer.moving_mean.shape))
+            layer.moving_variance.assign(rng.uniform(0.5, 2.0, layer.moving_variance.shape))
+    path = os.path.join(folder, "mobilenet_v2_0.35_random_notop.weights.h5")
+    network.save_weights(path)
+    return path
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(not os.path.exists(MOBILENET_WEIGHTS), reason="../shared weights absent")
-def test_fine_tuning_a_pretrained_backbone_keeps_batchnorm_statistics(tmp_path, product_records):
+@pytest.mark.parametrize("weights", [
+    "random",  # runs everywhere
+    pytest.param(MOBILENET_WEIGHTS, id="imagenet", marks=pytest.mark.skipif(
+        not os.path.exists(MOBILENET_WEIGHTS), reason="../shared weights absent")),
+])
+def test_fine_tuning_a_pretrained_backbone_keeps_batchnorm_statistics(tmp_path, product_records,
+                                                                     weights):
+    if weights == "random":
+        weights = _random_weights_file(str(tmp_path))
     records = product_records.select(product_records.splits != "val")
     model = build_classifier_for(records, image_backbone="mobilenet_v2_0.35",
-                                 image_weights=MOBILENET_WEIGHTS, image_size=(32, 32))
+                                 image_weights=weights, image_size=(32, 32))
+    assert not model.get_layer("image_backbone").trainable  # a weights file: frozen at first
     top, batchnorm = _weights(model, "Conv_1"), _weights(model, "Conv_1_bn")
-    train(model, records, str(tmp_path), epochs=1, fine_tune_epochs=2, unfreeze_blocks=1,
+    assert np.any(batchnorm[2])  # the file's moving means, not a fresh network's zeros
+    train(model, records, str(tmp_path / "run"), epochs=1, fine_tune_epochs=2, unfreeze_blocks=1,
           fine_tune_learning_rate=1e-3, batch_size=8, verbose=0, projector=False)
     assert _changed(top, _weights(model, "Conv_1"))
     assert not _changed(batchnorm, _weights(model, "Conv_1_bn"))

@@ -1,6 +1,10 @@
+import math
+import os
+
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from keras_mmtl.data import from_arrays
 from keras_mmtl.evaluation import evaluate
@@ -11,6 +15,7 @@ from keras_mmtl.models import (
     class_names,
     learn_vocabulary,
 )
+from keras_mmtl.models.heads import GradientReversal
 from keras_mmtl.training import train, transfer, with_new_head
 
 COLOURS = {"red": (200, 60, 60), "green": (60, 170, 60), "blue": (60, 60, 200)}
@@ -45,6 +50,20 @@ def _accuracy(model, records):
     return evaluate(model, records, "test").accuracy
 
 
+def _domain_losses(run_dir):
+    """The domain classifier's training loss of each epoch, from the run's TensorBoard logs."""
+    folder = os.path.join(run_dir, "logs", "train")
+    return [float(tf.make_ndarray(value.tensor)) for name in sorted(os.listdir(folder))
+            for event in tf.compat.v1.train.summary_iterator(os.path.join(folder, name))
+            for value in event.summary.value if value.tag == "epoch_domain_loss"]
+
+
+# The domains differ in brightness and in words ("new"/"classic" vs "urban"/"soft"): a
+# domain classifier on plain features tells them apart within two epochs (loss near 0).
+# Behind gradient reversal the features keep it near chance (ln 2 = 0.69) all along.
+CHANCE = math.log(2)
+
+
 @pytest.mark.slow
 def test_source_to_target_transfer_beats_training_on_the_target_alone(tmp_path, domains):
     source, target, vocabulary = domains
@@ -70,6 +89,11 @@ def test_joint_training_adapts_to_the_target(tmp_path, domains, domain_adversari
                        epochs=6, batch_size=9, verbose=0)
     assert class_names(adapted) == target.class_names
     assert _accuracy(adapted, target) > 0.8
+    losses = _domain_losses(tmp_path)
+    if domain_adversarial:
+        assert len(losses) == 6 and min(losses) > 0.6 * CHANCE, losses
+    else:
+        assert not losses
     reloaded = keras.models.load_model(tmp_path / "model.keras")
     assert class_names(reloaded) == target.class_names
 
@@ -83,6 +107,26 @@ def test_unsupervised_adaptation_keeps_the_source_classes(tmp_path, domains):
                        unlabeled=shifted.subset("train"), epochs=4, batch_size=16, verbose=0)
     assert class_names(adapted) == source.class_names
     assert _accuracy(adapted, shifted) > 0.5  # its labels were never seen
+    losses = _domain_losses(tmp_path)
+    assert len(losses) == 4 and min(losses) > 0.6 * CHANCE, losses
+
+
+@pytest.mark.parametrize("weight", [0.3, 1.0])
+def test_gradient_reversal_passes_features_and_reverses_their_gradient(weight):
+    layer = GradientReversal(weight)
+    x = tf.constant(np.random.default_rng(0).normal(size=(3, 4)), "float32")
+    upstream = tf.constant(np.random.default_rng(1).normal(size=(3, 4)), "float32")
+
+    @tf.function  # as in training: traced, not eager
+    def forward_and_back(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x)
+        return y, tape.gradient(y, x, output_gradients=upstream)
+
+    y, gradient = forward_and_back(x)
+    np.testing.assert_array_equal(y, x)
+    np.testing.assert_allclose(gradient, -weight * upstream.numpy(), rtol=1e-6)
 
 
 def test_new_head_freezes_what_is_asked(product_records):

@@ -184,12 +184,35 @@ def test_hyperband_trains_each_trial_for_its_epochs(tmp_path, texts, fake_train,
 
 @pytest.mark.skipif(importlib.util.find_spec("sklearn") is None,
                     reason="bayesian needs scikit-learn")
-def test_bayesian_search_follows_its_model(tmp_path, texts, fake_train):
-    # 2 random trials, then 1 the Gaussian process proposes.
-    result = tune(texts, str(tmp_path), tuner="bayesian", max_trials=3,
-                  tuner_options={"num_initial_points": 2}, **QUIET)
-    assert len(fake_train) == len(result.trials) == 3
-    assert result.best_score == max(_scores(result))
+def test_bayesian_search_follows_its_model(tmp_path, texts, monkeypatch):
+    """The same two random trials, then proposals that go where the scores are better.
+
+    A random search draws the same rates whatever the scores (its draws follow the
+    seed alone); the Gaussian process proposes higher rates when the score rises with
+    the rate than when it falls.
+    """
+    model = build_classifier_for(texts)
+    # A trial builds nothing and trains nothing: its score is a known function of the rate.
+    monkeypatch.setattr(tuning, "build_classifier_for", lambda records, **kwargs: model)
+    # clear_session's gc.collect costs 0.2 s a trial, and there is no model to free.
+    monkeypatch.setattr(tuning.keras.backend, "clear_session", lambda: None)
+    starts, proposed = {}, {}
+    for direction in (1, -1):  # the score rises, or falls, with log10(learning_rate)
+        def train(model, records, run_dir, learning_rate, direction=direction, **kwargs):
+            score = direction * float(np.log10(learning_rate))
+            return {"val_accuracy": [score], "val_loss": [-score], "epoch": [0], "phase": [1]}
+
+        monkeypatch.setattr(tuning, "train", train)
+        result = tune(texts, str(tmp_path / str(direction)), tuner="bayesian", max_trials=3,
+                      search_space={"learning_rate": (1e-4, 1e-2)},
+                      tuner_options={"num_initial_points": 2}, **QUIET)
+        rates = [trial.hyperparameters["learning_rate"] for trial in result.trials]
+        assert len(rates) == 3 and result.best_score == max(_scores(result))
+        starts[direction], proposed[direction] = rates[:2], rates[2]
+    # Both searches started from the same random trials; the model's proposals part ways,
+    # each into the half of the (log) range where its scores are better.
+    assert starts[1] == starts[-1]
+    assert proposed[1] > 1e-3 > proposed[-1], proposed
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""Doctests run quiet: the library's progress lines are not part of an example's output."""
+"""Doctests of the package run quiet: the library's progress lines are no part of an example."""
 
 import pytest
 
