@@ -221,9 +221,6 @@ def test_compiled_object_saves_and_loads_with_its_model(name, tmp_path):
     _assert_same(restored.get_weights(), model.get_weights())
 
 
-@pytest.mark.xfail(raises=TypeError, strict=True, reason=(
-    "MagnitudePruning is registered but has no from_config (keras.callbacks.Callback has "
-    "none), so deserialize_keras_object cannot rebuild it"))
 def test_pruning_callback_serializes():
     callback = MagnitudePruning(0.6, ramp_steps=20, frequency=5, min_size=16)
     config = json.loads(json.dumps(keras.saving.serialize_keras_object(callback)))

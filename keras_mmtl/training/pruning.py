@@ -100,6 +100,10 @@ class MagnitudePruning(keras.callbacks.Callback):
         return {"target": self.target, "ramp_steps": self.ramp_steps,
                 "frequency": self.frequency, "min_size": self.min_size}
 
+    @classmethod
+    def from_config(cls, config):  # keras.callbacks.Callback has none
+        return cls(**config)
+
 
 def prune(model, records, target=0.5, *, epochs=2, learning_rate=1e-4, batch_size=32,
           ramp=0.5, seed=0, verbose="auto"):
