@@ -35,8 +35,7 @@ def distribution_strategy(strategy="auto"):
 
     Example:
 
-    >>> strategy = distribution_strategy("default")
-    Distribution: one device, 1 replica.
+    >>> strategy = distribution_strategy("default")  # logs "Distribution: one device, 1 replica."
     >>> strategy.num_replicas_in_sync
     1
     >>> with strategy.scope():  # doctest: +SKIP

@@ -34,8 +34,7 @@ def setup_precision(policy="auto"):
 
     Example:
 
-    >>> setup_precision("auto")  # on a machine without a GPU
-    Precision: float32 (no GPU with tensor cores found)
+    >>> setup_precision("auto")  # without a GPU; logs "Precision: float32 (no GPU ...)"
     'float32'
     """
     gpus = tf.config.list_physical_devices("GPU")
