@@ -13,7 +13,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from keras_mmtl.data.manifest import MAX_CSV_CELL, DataValidationError
+from keras_mmtl.data.manifest import MAX_CSV_CELL, DataValidationError, csv_rows, jsonl_rows
 from keras_mmtl.export import output_name, served
 from keras_mmtl.modalities import input_names, modality_kind
 from keras_mmtl.progress import Progress, error_gist, logger
@@ -290,9 +290,9 @@ def _manifest_rows(path):
                 except csv.Error as error:
                     raise DataValidationError(f"{source}:1: not a readable CSV header "
                                               f"({error})") from None
-                yield columns, _csv_rows(reader)
+                yield columns, csv_rows(reader)
                 return
-            rows, first = _jsonl_rows(f), []
+            rows, first = jsonl_rows(f), []
             for item in rows:
                 first.append(item)
                 if item[1] is not None:
@@ -301,33 +301,6 @@ def _manifest_rows(path):
             yield columns, itertools.chain(first, rows)
     finally:
         csv.field_size_limit(limit)
-
-
-def _csv_rows(reader):
-    while True:
-        try:
-            row = next(reader)
-        except StopIteration:
-            return
-        except csv.Error as error:  # the reader goes on at the next line
-            yield reader.line_num, None, f"not a readable CSV row ({error})"
-            continue
-        yield reader.line_num, row, ""
-
-
-def _jsonl_rows(f):
-    for line, text in enumerate(f, start=1):
-        if not text.strip():
-            continue
-        try:
-            row = json.loads(text)
-        except json.JSONDecodeError as error:
-            yield line, None, f"not a JSON object ({error.msg})"
-            continue
-        if isinstance(row, dict):
-            yield line, row, ""
-        else:
-            yield line, None, f"expected a JSON object, found a {type(row).__name__}"
 
 
 def _count_rows(path):

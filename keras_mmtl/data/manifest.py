@@ -682,18 +682,45 @@ def _read_csv(path):
                 reader.fieldnames  # the header: without it no row can be read
             except csv.Error as error:
                 raise DataValidationError(f"{source}:1: {_unreadable_csv(error)}") from None
-            while True:
-                try:
-                    row = next(reader)
-                except StopIteration:
-                    break
-                except csv.Error as error:  # the reader goes on at the next line
-                    bad.append(BadRow(source, reader.reader.line_num, "", _unreadable_csv(error)))
-                    continue
-                rows.append((reader.line_num, row))
+            for line, row, problem in csv_rows(reader):
+                if problem:
+                    bad.append(BadRow(source, line, "", problem))
+                else:
+                    rows.append((line, row))
     finally:
         csv.field_size_limit(limit)
     return rows, bad
+
+
+def csv_rows(reader):
+    """`(line, row, "")` per row of a `csv.DictReader`, or `(line, None, problem)`: streamed."""
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as error:  # the reader goes on at the next line
+            yield reader.reader.line_num, None, _unreadable_csv(error)
+            continue
+        yield reader.line_num, row, ""
+
+
+def jsonl_rows(f):
+    """`(line, row, "")` per JSON object line of a file, or `(line, None, problem)`: streamed."""
+    for line_number, line in enumerate(f, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            yield line_number, None, (
+                f"not a JSON object ({error.msg}); each line must be one JSON object, e.g. "
+                '{"image": "a.jpg", "text": "...", "label": "..."}')
+            continue
+        if isinstance(row, dict):
+            yield line_number, row, ""
+        else:
+            yield line_number, None, f"expected a JSON object, found a {type(row).__name__}"
 
 
 def _unreadable_csv(error):
@@ -705,21 +732,11 @@ def _read_jsonl(path):
     """Rows of a JSON Lines file as (line number, dict), and `BadRow`s of the other lines."""
     source, rows, bad = os.path.basename(path), [], []
     with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                bad.append(BadRow(source, line_number, "", (
-                    f"not a JSON object ({error.msg}); each line must be one JSON object, e.g. "
-                    '{"image": "a.jpg", "text": "...", "label": "..."}')))
-                continue
-            if isinstance(row, dict):
-                rows.append((line_number, row))
+        for line, row, problem in jsonl_rows(f):
+            if problem:
+                bad.append(BadRow(source, line, "", problem))
             else:
-                bad.append(BadRow(source, line_number, "",
-                                  f"expected a JSON object, found a {type(row).__name__}"))
+                rows.append((line, row))
     return rows, bad
 
 
