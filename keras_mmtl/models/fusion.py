@@ -31,13 +31,28 @@ def _presence_matrix(presence, count, dtype):
 
 
 def _masked_mean(vectors, presence, dtype):
-    """The mean of N `(batch, d)` vectors over the modalities each sample has (all without masks)."""
+    """The mean of N `(batch, d)` vectors over the modalities a sample has (all, without masks)."""
     stacked = ops.stack(vectors, axis=1)
     present = _presence_matrix(presence, len(vectors), dtype)
     if present is None:
         return ops.mean(stacked, axis=1)
     total = ops.sum(ops.expand_dims(present, -1) * stacked, axis=1)
     return total / ops.maximum(ops.sum(present, axis=-1, keepdims=True), 1)
+
+
+def _projections(layer, input_shapes, activation=None, name="projection"):
+    """One `Dense(layer.units)` per modality, built for its input: `f"{name}_{i}"` reads input i."""
+    projections = [keras.layers.Dense(layer.units, activation=activation, name=f"{name}_{i}",
+                                      dtype=layer.dtype_policy)
+                   for i in range(len(input_shapes))]
+    for projection, shape in zip(projections, input_shapes):
+        projection.build(shape)
+    return projections
+
+
+def _project(projections, inputs):
+    """Each input through its own projection."""
+    return [projection(x) for projection, x in zip(projections, inputs)]
 
 
 def _check_inputs(layer, input_shapes):
@@ -75,17 +90,11 @@ class ConcatFusion(keras.layers.Layer):
 
     def build(self, input_shapes):
         if self.units is not None:
-            self.projections = [
-                keras.layers.Dense(self.units, activation="relu", name=f"projection_{i}",
-                                   dtype=self.dtype_policy)
-                for i in range(len(input_shapes))
-            ]
-            for projection, shape in zip(self.projections, input_shapes):
-                projection.build(shape)
+            self.projections = _projections(self, input_shapes, activation="relu")
 
     def call(self, inputs, presence=None, training=None):
         if self.projections:
-            inputs = [projection(x) for projection, x in zip(self.projections, inputs)]
+            inputs = _project(self.projections, inputs)
         return ops.concatenate(inputs, axis=-1)
 
     def compute_output_shape(self, input_shapes):
@@ -136,13 +145,7 @@ class GatedFusion(keras.layers.Layer):
 
     def build(self, input_shapes):
         _check_inputs(self, input_shapes)
-        self.projections = [
-            keras.layers.Dense(self.units, activation="tanh", name=f"projection_{i}",
-                               dtype=self.dtype_policy)
-            for i in range(len(input_shapes))
-        ]
-        for projection, shape in zip(self.projections, input_shapes):
-            projection.build(shape)
+        self.projections = _projections(self, input_shapes, activation="tanh")
         self.gate = keras.layers.Dense(len(input_shapes), name="gate", dtype=self.dtype_policy)
         self.gate.build((input_shapes[0][0], sum(shape[-1] for shape in input_shapes)))
 
@@ -155,8 +158,7 @@ class GatedFusion(keras.layers.Layer):
         if present is not None:
             logits = ops.where(present > 0, logits, _large_negative(logits.dtype))
         gates = ops.softmax(logits, axis=-1)
-        hidden = ops.stack([projection(x) for projection, x in zip(self.projections, inputs)],
-                           axis=1)
+        hidden = ops.stack(_project(self.projections, inputs), axis=1)
         fused = ops.sum(ops.expand_dims(gates, -1) * hidden, axis=1)
         return (fused, gates) if return_gates else fused
 
@@ -223,10 +225,7 @@ class AttentionFusion(keras.layers.Layer):
         _check_inputs(self, input_shapes)
         count, batch = len(input_shapes), input_shapes[0][0]
         common = {"dtype": self.dtype_policy}
-        self.projections = [keras.layers.Dense(self.units, name=f"projection_{i}", **common)
-                            for i in range(count)]
-        for projection, shape in zip(self.projections, input_shapes):
-            projection.build(shape)
+        self.projections = _projections(self, input_shapes)
         self.modality_embeddings = self.add_weight(
             name="modality_embeddings", shape=(count, self.units),
             initializer=keras.initializers.TruncatedNormal(stddev=0.02))
@@ -260,8 +259,7 @@ class AttentionFusion(keras.layers.Layer):
     def call(self, inputs, presence=None, training=None, return_attention=False):
         dtype = self.compute_dtype
         embeddings = ops.cast(self.modality_embeddings, dtype)
-        tokens = ops.stack([projection(x) for projection, x in zip(self.projections, inputs)],
-                           axis=1) + embeddings
+        tokens = ops.stack(_project(self.projections, inputs), axis=1) + embeddings
         batch = ops.shape(tokens)[0]
         cls = ops.broadcast_to(ops.reshape(ops.cast(self.cls_token, dtype), (1, 1, self.units)),
                                (batch, 1, self.units))
@@ -325,9 +323,7 @@ class HierarchicalFusion(keras.layers.Layer):
     def build(self, input_shapes):
         _check_inputs(self, input_shapes)
         count, batch = len(input_shapes), input_shapes[0][0]
-        self.projections = [self._dense(f"projection_{i}") for i in range(count)]
-        for projection, shape in zip(self.projections, input_shapes):
-            projection.build(shape)
+        self.projections = _projections(self, input_shapes, activation="relu")
         pairs = list(itertools.combinations(range(count), 2))
         self.pairs = [self._dense(f"pair_{i}_{j}") for i, j in pairs]
         for pair in self.pairs:
@@ -340,7 +336,7 @@ class HierarchicalFusion(keras.layers.Layer):
                                   dtype=self.dtype_policy)
 
     def call(self, inputs, presence=None, training=None):
-        projected = [projection(x) for projection, x in zip(self.projections, inputs)]
+        projected = _project(self.projections, inputs)
         pairs = itertools.combinations(range(len(projected)), 2)
         fused = [layer(ops.concatenate([projected[i], projected[j]], axis=-1))
                  for layer, (i, j) in zip(self.pairs, pairs)]
@@ -384,16 +380,10 @@ class LateFusion(keras.layers.Layer):
 
     def build(self, input_shapes):
         _check_inputs(self, input_shapes)
-        self.projections = [
-            keras.layers.Dense(self.units, name=f"projection_{i}", dtype=self.dtype_policy)
-            for i in range(len(input_shapes))
-        ]
-        for projection, shape in zip(self.projections, input_shapes):
-            projection.build(shape)
+        self.projections = _projections(self, input_shapes)
 
     def call(self, inputs, presence=None, training=None):
-        return _masked_mean([projection(x) for projection, x in zip(self.projections, inputs)],
-                            presence, self.compute_dtype)
+        return _masked_mean(_project(self.projections, inputs), presence, self.compute_dtype)
 
     def compute_output_shape(self, input_shapes):
         return (input_shapes[0][0], self.units)
@@ -439,18 +429,12 @@ class SharedSpaceFusion(keras.layers.Layer):
 
     def build(self, input_shapes):
         _check_inputs(self, input_shapes)
-        self.adapters = [
-            keras.layers.Dense(self.units, name=f"adapter_{i}", dtype=self.dtype_policy)
-            for i in range(len(input_shapes))
-        ]
-        for adapter, shape in zip(self.adapters, input_shapes):
-            adapter.build(shape)
+        self.adapters = _projections(self, input_shapes, name="adapter")
         self.shared.build((input_shapes[0][0], self.units))
         self.norm.build((input_shapes[0][0], self.units))
 
     def call(self, inputs, presence=None, training=None):
-        return _masked_mean([self.norm(self.shared(adapter(x)))
-                             for adapter, x in zip(self.adapters, inputs)],
+        return _masked_mean([self.norm(self.shared(x)) for x in _project(self.adapters, inputs)],
                             presence, self.compute_dtype)
 
     def compute_output_shape(self, input_shapes):
