@@ -44,10 +44,6 @@ from keras_mmtl.experiment import run_experiment
 from keras_mmtl.explain import Explanation, explain
 from keras_mmtl.export import export_saved_model, predict, serving_function
 from keras_mmtl.grpc_client import grpc_predict
-from keras_mmtl.plots import plot_confusion_matrix, plot_history, plot_reliability
-from keras_mmtl.predictions import PredictionSummary, predict_manifest
-from keras_mmtl.progress import set_verbosity
-from keras_mmtl.rest import ServingError, predict_url, rest_predict
 from keras_mmtl.models import (
     BACKBONES,
     WeightsUnavailableError,
@@ -55,6 +51,10 @@ from keras_mmtl.models import (
     build_classifier_for,
     class_names,
 )
+from keras_mmtl.plots import plot_confusion_matrix, plot_history, plot_reliability
+from keras_mmtl.predictions import PredictionSummary, predict_manifest
+from keras_mmtl.progress import set_verbosity
+from keras_mmtl.rest import ServingError, predict_url, rest_predict
 from keras_mmtl.training import (
     distribution_strategy,
     prune,

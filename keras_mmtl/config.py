@@ -9,6 +9,7 @@ from typing import Optional, Union
 import yaml
 
 from keras_mmtl.data.images import MAX_MEGAPIXELS
+from keras_mmtl.files import write_text
 from keras_mmtl.models.backbones import BACKBONES
 from keras_mmtl.models.fusion import FUSIONS
 from keras_mmtl.models.text import check_text_encoder
@@ -332,11 +333,8 @@ class RunConfig:
 
     def save(self, path):
         """Writes the config as YAML, or JSON when `path` ends with `.json`."""
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        text = (json.dumps(self.to_dict(), indent=2) if path.endswith(".json")
-                else self.to_yaml())
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(text)
+        write_text(path, json.dumps(self.to_dict(), indent=2) if path.endswith(".json")
+                   else self.to_yaml())
         return path
 
     def replace(self, **sections):

@@ -3,12 +3,12 @@
 import contextlib
 import csv
 import dataclasses
-import json
 import os
 
 import numpy as np
 
 from keras_mmtl.data.pipeline import make_dataset
+from keras_mmtl.files import write_json
 from keras_mmtl.modalities import modality_kind
 from keras_mmtl.models.builder import class_names as model_class_names
 from keras_mmtl.models.builder import dataset_arguments, head_name, model_modalities, model_tasks
@@ -78,8 +78,7 @@ class EvaluationReport:
         paths = {name: os.path.join(out_dir, name) for name in (
             "report.json", "per_class.csv", "confusion_matrix.png", "roc_curves.png",
             "pr_curves.png", "reliability.png")}
-        with open(paths["report.json"], "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2)
+        write_json(paths["report.json"], self.to_dict())
         with open(paths["per_class.csv"], "w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=list(self.per_class[0]))
             writer.writeheader()
@@ -387,9 +386,7 @@ def modality_report(model, records, split="test", *, task=None, out_dir=None, ba
         scores = classification_report(labels, probabilities, model_class_names(model, task))
         report.rows[condition] = {"accuracy": scores.accuracy, "macro_f1": scores.macro_f1}
     if out_dir is not None:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "modalities.json"), "w", encoding="utf-8") as f:
-            json.dump(report.to_dict(), f, indent=2)
+        write_json(os.path.join(out_dir, "modalities.json"), report.to_dict())
     return report
 
 

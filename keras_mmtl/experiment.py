@@ -11,6 +11,7 @@ from keras_mmtl.calibration import calibrate
 from keras_mmtl.config import CONFIG_FILE, SECTIONS, ConfigError, RunConfig, TrainingConfig
 from keras_mmtl.evaluation import evaluate, modality_report
 from keras_mmtl.export import export_saved_model
+from keras_mmtl.files import save_atomic
 from keras_mmtl.models import (
     build_classifier_for,
     clone_classifier,
@@ -27,7 +28,6 @@ from keras_mmtl.presets import (
 )
 from keras_mmtl.progress import logger
 from keras_mmtl.training import distribution_strategy, setup_precision, train, transfer, tune
-from keras_mmtl.training.callbacks import save_atomic
 from keras_mmtl.training.distribute import is_chief, is_multi_worker
 from keras_mmtl.training.run_state import check_run_folder, fingerprint
 from keras_mmtl.training.trainer import MODEL_FILE

@@ -13,6 +13,7 @@ import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
 
 from keras_mmtl.data.images import MAX_MEGAPIXELS, decode_image, decode_optional_image
+from keras_mmtl.modalities import modality_kind, ordered
 from keras_mmtl.models.builder import (
     class_names,
     embedding_model,
@@ -21,7 +22,6 @@ from keras_mmtl.models.builder import (
     model_tasks,
     presence_modalities,
 )
-from keras_mmtl.modalities import modality_kind, ordered
 from keras_mmtl.models.missing import presence_input
 from keras_mmtl.models.text import register_text_ops
 from keras_mmtl.op_audit import audit_ops

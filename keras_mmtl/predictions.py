@@ -15,9 +15,9 @@ import tensorflow as tf
 
 from keras_mmtl.data.manifest import MAX_CSV_CELL, DataValidationError, csv_rows, jsonl_rows
 from keras_mmtl.export import output_name, served
+from keras_mmtl.files import save_atomic
 from keras_mmtl.modalities import input_names, modality_kind
 from keras_mmtl.progress import Progress, error_gist, logger
-from keras_mmtl.training.callbacks import save_atomic
 
 MANIFEST_FORMATS = (".csv", ".jsonl", ".json", ".ndjson")  # as read_manifest reads them
 OUTPUT_FORMATS = (".csv", ".jsonl")

@@ -24,7 +24,6 @@ from keras_mmtl.models.builder import (
     presence_modalities,
 )
 from keras_mmtl.models.ensemble import EnsembleHead, ensemble
-from keras_mmtl.models.missing import MissingModality, ModalityDropout
 from keras_mmtl.models.fusion import (
     FUSIONS,
     AttentionFusion,
@@ -35,6 +34,7 @@ from keras_mmtl.models.fusion import (
     SharedSpaceFusion,
 )
 from keras_mmtl.models.heads import ClassifierHead, GradientReversal
+from keras_mmtl.models.missing import MissingModality, ModalityDropout
 from keras_mmtl.models.text import (
     TEXT_ENCODERS,
     MaskedMeanPooling,

@@ -13,7 +13,6 @@ from keras_mmtl.models.builder import (
 )
 from keras_mmtl.models.heads import ClassifierHead, TemperatureVariable
 
-
 COMBINES = ("mean", "geometric")
 
 

@@ -7,7 +7,6 @@ per epoch, `write_hparams` the run's hyperparameters (HParams dashboard) and
 `write_projector` embeddings with their labels (Projector).
 """
 
-import json
 import math
 import os
 import time
@@ -16,6 +15,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_mmtl.files import save_atomic, write_json
 from keras_mmtl.plots import figure_image, plot_confusion_matrix
 from keras_mmtl.training.metrics import MacroF1
 
@@ -103,15 +103,6 @@ class TimeLimit(keras.callbacks.Callback):
             self.model.stop_training = self.stopped = True
 
 
-def save_atomic(save, path):
-    """Calls `save(tmp_path)`, then renames into place: never a half-written file."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    base, name = os.path.split(path)
-    tmp = os.path.join(base, f".tmp-{name}")
-    save(tmp)
-    os.replace(tmp, path)
-
-
 class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
     """`keras.callbacks.BackupAndRestore` whose files are replaced atomically.
 
@@ -129,12 +120,8 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
     def _save_model(self):
         os.makedirs(self.backup_dir, exist_ok=True)
         save_atomic(lambda tmp: self.model.save_weights(tmp, overwrite=True), self._weights_path)
-
-        def write_metadata(tmp):
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump({"epoch": self._current_epoch, "batch": self._last_batch_seen}, f)
-
-        save_atomic(write_metadata, self._training_metadata_path)
+        write_json(self._training_metadata_path,
+                   {"epoch": self._current_epoch, "batch": self._last_batch_seen}, indent=None)
 
 
 class BestWeights(keras.callbacks.Callback):

@@ -13,6 +13,7 @@ import shutil
 
 import numpy as np
 
+from keras_mmtl.files import write_json
 from keras_mmtl.training.trainer import LOGS, MODEL_FILE, STATE_FILE
 
 FINGERPRINT_FILE = "fingerprint.json"
@@ -105,9 +106,7 @@ def check_run_folder(run_dir, found, overwrite=False):
                 "--overwrite (Python: run_experiment(..., overwrite=True)), which clears its "
                 "training state (the feature cache is kept), or give another run folder with "
                 "--run-dir (output.run_dir).")
-    os.makedirs(run_dir, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(found, f, indent=2)
+    write_json(path, found)
 
 
 def clear_run_folder(run_dir):

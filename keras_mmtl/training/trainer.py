@@ -11,6 +11,7 @@ import tensorflow as tf
 
 from keras_mmtl.data.augmentation import make_augmentation
 from keras_mmtl.data.pipeline import make_dataset
+from keras_mmtl.files import save_atomic, write_json
 from keras_mmtl.models import text
 from keras_mmtl.models.backbones import BACKBONE_NAME, backbone_network, unfreeze_top_blocks
 from keras_mmtl.models.builder import (
@@ -37,7 +38,6 @@ from keras_mmtl.training.callbacks import (
     ConfusionMatrixImage,
     StopOnNonFiniteLoss,
     TimeLimit,
-    save_atomic,
     write_hparams,
     write_projector,
 )
@@ -621,7 +621,4 @@ def _read_state(path):
 
 
 def _write_state(path, state):
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(state, f, indent=2)
-    save_atomic(write, path)
+    write_json(path, state)

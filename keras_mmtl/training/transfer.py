@@ -16,6 +16,7 @@ import keras
 import tensorflow as tf
 
 from keras_mmtl.data.pipeline import make_dataset
+from keras_mmtl.files import save_atomic
 from keras_mmtl.models.backbones import BACKBONE_NAME
 from keras_mmtl.models.builder import (
     class_names,
@@ -26,7 +27,7 @@ from keras_mmtl.models.builder import (
 )
 from keras_mmtl.models.heads import ClassifierHead, GradientReversal
 from keras_mmtl.progress import keras_verbose, logger
-from keras_mmtl.training.callbacks import StopOnNonFiniteLoss, save_atomic
+from keras_mmtl.training.callbacks import StopOnNonFiniteLoss
 from keras_mmtl.training.optimizers import LayerwiseAdam
 from keras_mmtl.training.trainer import MODEL_FILE, train
 

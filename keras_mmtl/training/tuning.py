@@ -10,6 +10,7 @@ import shutil
 
 import keras
 
+from keras_mmtl.files import save_atomic, write_json
 from keras_mmtl.models.backbones import BACKBONE_NAME, backbone_blocks, backbone_network
 from keras_mmtl.models.builder import (
     build_classifier,
@@ -19,7 +20,6 @@ from keras_mmtl.models.builder import (
 )
 from keras_mmtl.models.fusion import FUSIONS
 from keras_mmtl.progress import keras_verbose, logger
-from keras_mmtl.training.callbacks import save_atomic
 from keras_mmtl.training.trainer import MODEL_FILE, train
 
 try:
@@ -391,10 +391,7 @@ def _start(run_dir, settings, overwrite):
             shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)
     os.makedirs(run_dir, exist_ok=True)
 
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(settings, f, indent=2)
-    save_atomic(write, path)
+    write_json(path, settings)
     return fresh
 
 
