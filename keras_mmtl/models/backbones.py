@@ -6,6 +6,8 @@ import re
 
 import keras
 
+from keras_mmtl.keras_internals import history, inbound_nodes
+
 BACKBONE_NAME = "image_backbone"
 
 
@@ -291,8 +293,8 @@ def split_frozen_bottom(backbone):
     operations = network.operations
     first = next(i for i, op in enumerate(operations) if op is trained[0][0])
     below = {id(op) for op in operations[:first]}
-    cut = {id(tensor): tensor for op in operations[first:] for node in op._inbound_nodes
-           for tensor in node.input_tensors if id(tensor._keras_history.operation) in below}
+    cut = {id(tensor): tensor for op in operations[first:] for node in inbound_nodes(op)
+           for tensor in node.input_tensors if id(history(tensor).operation) in below}
     if len(cut) != 1:
         return None
     (tensor,) = cut.values()

@@ -4,6 +4,7 @@ import keras
 import numpy as np
 
 from keras_mmtl.data.images import median_aspect_ratio
+from keras_mmtl.keras_internals import all_layers
 from keras_mmtl.modalities import KINDS, input_names, is_input_name, modality_kind, ordered
 from keras_mmtl.models.backbones import build_image_backbone, default_image_size
 from keras_mmtl.models.fusion import get_fusion
@@ -334,7 +335,7 @@ def clone_classifier(model):
     clone.set_weights(model.get_weights())
     # Layers of a subclassed backbone (keras-hub) are rebuilt by its constructor, not
     # from their configs: copy every layer's trainable flag, parents before children.
-    for source, copy in zip(model._flatten_layers(), clone._flatten_layers()):
+    for source, copy in zip(all_layers(model), all_layers(clone)):
         copy.trainable = source.trainable
     return clone
 

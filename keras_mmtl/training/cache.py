@@ -20,6 +20,7 @@ import keras
 import numpy as np
 
 from keras_mmtl.data.pipeline import make_dataset
+from keras_mmtl.keras_internals import history, inbound_nodes
 from keras_mmtl.modalities import modality_kind
 from keras_mmtl.models.backbones import BACKBONE_NAME, split_frozen_bottom
 from keras_mmtl.models.builder import clone_classifier, image_size, model_modalities
@@ -43,7 +44,7 @@ def branch_outputs(model, layer_name, modality):
     A layer shared by several inputs of a kind (a backbone for `image` and
     `image_2`) is called once per input: this is the call on `modality`'s.
     """
-    for node in model.get_layer(layer_name)._inbound_nodes:
+    for node in inbound_nodes(model.get_layer(layer_name)):
         if modality in _source_inputs(node.input_tensors):
             return node.output_tensors
     return []
@@ -53,11 +54,11 @@ def _source_inputs(tensors):
     """The names of the model inputs that symbolic `tensors` are computed from."""
     names, stack = set(), list(tensors)
     while stack:
-        operation, node_index, _ = stack.pop()._keras_history
+        operation, node_index, _ = history(stack.pop())
         if isinstance(operation, keras.layers.InputLayer):
             names.add(operation.name)
         else:
-            stack.extend(operation._inbound_nodes[node_index].input_tensors)
+            stack.extend(inbound_nodes(operation)[node_index].input_tensors)
     return names
 
 

@@ -3,6 +3,7 @@
 import keras
 import tensorflow as tf
 
+from keras_mmtl.keras_internals import adam_moments
 from keras_mmtl.models.backbones import BACKBONE_NAME, backbone_blocks, backbone_network
 from keras_mmtl.models.text import TEXT_BACKBONE
 
@@ -53,7 +54,7 @@ class LayerwiseAdam(keras.optimizers.Adam):
             return super().update_step(gradient, variable, learning_rate)
         dtype = variable.dtype
         beta_1_power, beta_2_power = (tf.cast(p, dtype) for p in self._beta_powers)
-        m, v = self._momentums[index].value, self._velocities[index].value
+        m, v = (moment.value for moment in adam_moments(self, index))
         learning_rate = tf.cast(learning_rate, dtype)
         if isinstance(gradient, tf.IndexedSlices):
             return self._lazy_update(gradient, variable, m, v, learning_rate,

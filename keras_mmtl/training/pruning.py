@@ -12,6 +12,7 @@ import keras
 import numpy as np
 
 from keras_mmtl.data.pipeline import make_dataset
+from keras_mmtl.keras_internals import all_layers
 from keras_mmtl.models.builder import dataset_arguments
 from keras_mmtl.progress import keras_verbose
 from keras_mmtl.training.optimizers import LayerwiseAdam
@@ -134,7 +135,7 @@ def prune(model, records, target=0.5, *, epochs=2, learning_rate=1e-4, batch_siz
     >>> prune(model, records, 0.75, epochs=2)  # doctest: +SKIP
     0.75
     """
-    layers = list(model._flatten_layers())
+    layers = all_layers(model)
     trainable = [layer.trainable for layer in layers]
     for layer in layers:  # BatchNorm keeps its statistics and scale, as in phase 2
         layer.trainable = not isinstance(layer, keras.layers.BatchNormalization)

@@ -12,6 +12,7 @@ import tensorflow as tf
 from keras_mmtl.data.augmentation import make_augmentation
 from keras_mmtl.data.pipeline import make_dataset
 from keras_mmtl.files import save_atomic, write_json
+from keras_mmtl.keras_internals import build_from_spec, distribute_strategy
 from keras_mmtl.models import text
 from keras_mmtl.models.backbones import BACKBONE_NAME, backbone_network, unfreeze_top_blocks
 from keras_mmtl.models.builder import (
@@ -502,20 +503,15 @@ def _build_in_scope(model, dataset):
     element spec here, and under several workers its steps log each value
     with a leading axis of 1.
     """
-    strategy = model._distribute_strategy
+    strategy = distribute_strategy(model)
     if strategy is None:  # built in no strategy's scope
         return
     with strategy.scope():
-        model._symbolic_build(data_batch=dataset.element_spec)
-    model._maybe_symbolic_build = _built
+        build_from_spec(model, dataset.element_spec)
     if is_multi_worker(strategy):
         cls = type(model)
         model.train_step = lambda data: _with_axis(cls.train_step(model, data))
         model.test_step = lambda data: _with_axis(cls.test_step(model, data))
-
-
-def _built(*args, **kwargs):
-    """`_maybe_symbolic_build` of a model `_build_in_scope` built: nothing left to do."""
 
 
 def _with_axis(logs):
