@@ -24,6 +24,7 @@ from keras_mmtl.config import RunConfig
 from keras_mmtl.data import (
     DataValidationError,
     DataWarning,
+    ReadOptions,
     Records,
     from_arrays,
     from_directory,

@@ -352,6 +352,27 @@ def test_from_directory_reads_one_folder_per_class(tmp_path):
     assert records.class_counts() == {"blue": 5, "red": 5}
 
 
+@pytest.mark.parametrize("reader", ["read_manifest", "from_arrays", "from_directory"])
+def test_every_reader_takes_the_same_options(reader, products, tmp_path):
+    for name in ("blue", "red"):
+        os.makedirs(tmp_path / "folder" / name)
+        for i in range(4):
+            write_image(str(tmp_path / "folder" / name / f"{i}.png"), (0, 0, 255), fmt="png")
+    read = {"read_manifest": lambda **options: read_manifest(products, **options),
+            "from_arrays": lambda **options: from_arrays(["a", "b"] * 4, **options,
+                                                         texts=[f"t{i}" for i in range(8)]),
+            "from_directory": lambda **options: from_directory(str(tmp_path / "folder"),
+                                                               **options)}[reader]
+    with pytest.raises(TypeError, match=r"Unknown reading option\(s\) \['skip_bad_row'\]"):
+        read(skip_bad_row=True)
+    # A split drawn from the same options is the same split, whichever reader draws it.
+    options = dict(val_fraction=0.25, test_fraction=0.25, seed=3, min_class_count=1,
+                   skip_bad_rows=True, check_images=True, allow_missing=False)
+    records = read(**options)
+    np.testing.assert_array_equal(records.splits, stratified_split(
+        records.labels, options["val_fraction"], options["test_fraction"], options["seed"]))
+
+
 def test_from_tfds_keeps_encoded_images_and_label_names():
     tfds = pytest.importorskip("tensorflow_datasets")
     from keras_mmtl.data import from_tfds

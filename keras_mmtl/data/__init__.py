@@ -8,6 +8,7 @@ from keras_mmtl.data.manifest import (
     DataReport,
     DataValidationError,
     DataWarning,
+    ReadOptions,
     Records,
     from_arrays,
     from_directory,

@@ -314,6 +314,65 @@ def stratified_split(labels, val_fraction=0.1, test_fraction=0.1, seed=0):
     return splits
 
 
+@dataclasses.dataclass(frozen=True)
+class ReadOptions:
+    """How every reader checks rows and draws splits (`read_manifest`, `from_arrays`...).
+
+    The readers take these as keyword arguments; `read_options(kwargs)` is
+    how they check them, so all of them take the same options with the same
+    defaults.
+
+    Attributes:
+        skip_bad_rows: leave bad rows out (and report them) instead of raising.
+        check_images: decode every image once to find corrupt files.
+        max_megapixels: images larger than this many million pixels are bad
+            rows, found from their headers before they are decoded (see
+            `keras_mmtl.data.decode_image`); training decodes with it too.
+        allow_missing: accept rows whose image or text is empty (but not
+            both): samples with a missing modality, for a model built with
+            `missing_modalities=True`. A path that is given must still exist;
+            image arrays cannot miss one.
+        allowed_root: `None`, or a folder that image files must lie in, for a
+            manifest you did not write: a path that leaves it (absolute, with
+            `..`, or through a symlink) is a bad row, and is never opened.
+        min_class_count: drop classes of the main task with fewer training
+            rows than this. With `class_names` (a model's), the rows of a
+            class outside them with fewer training rows are left out (the
+            classes its training dropped); other unknown labels are bad rows.
+        val_fraction, test_fraction, seed: the stratified split drawn when
+            the rows name none.
+
+    Example:
+
+    >>> ReadOptions(skip_bad_rows=True).min_class_count
+    1
+    >>> read_options({"skip_bad_row": True})  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    TypeError: Unknown reading option(s) ['skip_bad_row']. Expected some of [...
+    """
+
+    skip_bad_rows: bool = False
+    check_images: bool = True
+    max_megapixels: float = MAX_MEGAPIXELS
+    allow_missing: bool = False
+    allowed_root: str = None
+    min_class_count: int = 1
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    seed: int = 0
+
+
+def read_options(options):
+    """`ReadOptions` from a reader's keyword arguments; a `TypeError` names unknown ones."""
+    known = [field.name for field in dataclasses.fields(ReadOptions)]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise TypeError(f"Unknown reading option(s) {unknown}. Expected some of {known}. "
+                        f"Received: {', '.join(f'{k}={options[k]!r}' for k in unknown)}")
+    return ReadOptions(**options)
+
+
 def read_manifest(
     path,
     image_column="image",
@@ -323,15 +382,7 @@ def read_manifest(
     *,
     tabular_columns=(),
     class_names=None,
-    min_class_count=1,
-    skip_bad_rows=False,
-    check_images=True,
-    max_megapixels=MAX_MEGAPIXELS,
-    allow_missing=False,
-    allowed_root=None,
-    val_fraction=0.1,
-    test_fraction=0.1,
-    seed=0,
+    **options,
 ):
     """Reads and validates a CSV or JSON Lines manifest of labelled samples.
 
@@ -362,22 +413,10 @@ def read_manifest(
             labels outside it are bad rows. By default the sorted labels seen.
             With several label columns, a dict of column -> class names
             (`keras_mmtl.models.model_tasks(model)`).
-        min_class_count: drop classes of the main task with fewer training
-            rows than this. With `class_names` (a model's), the rows of a
-            class outside them with fewer training rows are left out (the
-            classes its training dropped); other unknown labels are bad rows.
-        skip_bad_rows: leave bad rows out (and report them) instead of raising.
-        check_images: decode every image once to find corrupt files.
-        max_megapixels: images larger than this many million pixels are bad
-            rows, found from their headers before they are decoded (see
-            `keras_mmtl.data.decode_image`); training decodes with it too.
-        allow_missing: accept rows whose image path or text is empty (but not
-            both): samples with a missing modality, for a model built with
-            `missing_modalities=True`. A path that is given must still exist.
-        allowed_root: `None`, or a folder that image files must lie in, for a
-            manifest you did not write: a path that leaves it (absolute, with
-            `..`, or through a symlink) is a bad row, and is never opened.
-        val_fraction, test_fraction, seed: the split drawn without `split_column`.
+        **options: how rows are checked and split, as `ReadOptions`:
+            `skip_bad_rows`, `check_images`, `max_megapixels`,
+            `allow_missing`, `allowed_root`, `min_class_count` and, without
+            `split_column`, `val_fraction`, `test_fraction`, `seed`.
 
     Returns:
         `Records`; `records.report` lists what was left out.
@@ -396,6 +435,7 @@ def read_manifest(
     >>> records.class_names
     ['shirts', 'shoes']
     """
+    options = read_options(options)
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Manifest not found: {path}")
@@ -439,13 +479,9 @@ def read_manifest(
         if tabular_columns:
             entry["tabular"] = [row.get(name) for name in tabular_columns]
         table.append(entry)
-    return _build_records(
-        table, source, class_names=class_names, min_class_count=min_class_count,
-        skip_bad_rows=skip_bad_rows, check_images=check_images, allow_missing=allow_missing,
-        val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
-        image_kind="path", tabular_columns=tabular_columns, columns=columns,
-        max_megapixels=max_megapixels, unreadable=unreadable, allowed_root=allowed_root,
-    )
+    return _build_records(table, source, options, class_names=class_names, image_kind="path",
+                          tabular_columns=tabular_columns, columns=columns,
+                          unreadable=unreadable)
 
 
 def from_arrays(
@@ -458,14 +494,7 @@ def from_arrays(
     splits=None,
     class_names=None,
     image_kind=None,
-    skip_bad_rows=False,
-    check_images=True,
-    max_megapixels=MAX_MEGAPIXELS,
-    allow_missing=False,
-    min_class_count=1,
-    val_fraction=0.1,
-    test_fraction=0.1,
-    seed=0,
+    **options,
 ):
     """Builds validated `Records` from in-memory data.
 
@@ -482,10 +511,8 @@ def from_arrays(
         class_names: label vocabulary; needed when `labels` are integers (a
             dict of task -> vocabulary when `labels` is a dict).
         image_kind: `"array"`, `"path"` or `"bytes"`; inferred by default.
-        skip_bad_rows, check_images, max_megapixels, allow_missing,
-        min_class_count, val_fraction, test_fraction, seed: as in
-        `read_manifest` (a missing image is an empty path or empty bytes;
-        arrays cannot miss one).
+        **options: how rows are checked and split (`ReadOptions`); a
+            missing image is an empty path or empty bytes.
 
     Returns:
         `Records`.
@@ -497,6 +524,7 @@ def from_arrays(
     >>> records.image_kind, records.class_names
     ('array', ['a', 'b'])
     """
+    options = read_options(options)
     tasks = dict(labels) if isinstance(labels, dict) else {"label": labels}
     if not tasks:
         raise ValueError("labels is an empty dict; give at least one task's labels.")
@@ -534,17 +562,12 @@ def from_arrays(
             entry["tabular"] = list(tabular[i])
         table.append(entry)
     return _build_records(
-        table, ARRAYS_SOURCE, class_names=class_names, min_class_count=min_class_count,
-        skip_bad_rows=skip_bad_rows, check_images=check_images, allow_missing=allow_missing,
-        val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
-        image_kind=image_kind or "path",
+        table, ARRAYS_SOURCE, options, class_names=class_names, image_kind=image_kind or "path",
         image_array=np.asarray(images) if image_kind == "array" else None,
-        tabular_columns=tabular_columns or (), max_megapixels=max_megapixels,
-    )
+        tabular_columns=tabular_columns or ())
 
 
-def from_directory(root, *, skip_bad_rows=False, check_images=True, min_class_count=1,
-                   val_fraction=0.1, test_fraction=0.1, seed=0, max_megapixels=MAX_MEGAPIXELS):
+def from_directory(root, **options):
     """Reads an image-only dataset laid out as `root/<class name>/<image file>`.
 
     This is the layout `keras.utils.image_dataset_from_directory` reads; files
@@ -552,8 +575,7 @@ def from_directory(root, *, skip_bad_rows=False, check_images=True, min_class_co
 
     Args:
         root: the folder holding one sub-folder per class.
-        skip_bad_rows, check_images, min_class_count, val_fraction,
-        test_fraction, seed, max_megapixels: as in `read_manifest`.
+        **options: how rows are checked and split (`ReadOptions`).
 
     Returns:
         `Records` without texts.
@@ -562,6 +584,7 @@ def from_directory(root, *, skip_bad_rows=False, check_images=True, min_class_co
 
     >>> records = from_directory("flowers/")  # doctest: +SKIP
     """
+    read_options(options)  # a typo fails before the folder is listed
     root = os.fspath(root)
     if not os.path.isdir(root):
         raise FileNotFoundError(f"Image folder not found: {root}")
@@ -579,14 +602,11 @@ def from_directory(root, *, skip_bad_rows=False, check_images=True, min_class_co
             f"No images found under {root}. Expected one sub-folder per class holding "
             f"{'/'.join(IMAGE_EXTENSIONS)} files."
         )
-    return from_arrays(labels, images=paths, image_kind="path", skip_bad_rows=skip_bad_rows,
-                       check_images=check_images, min_class_count=min_class_count,
-                       val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
-                       max_megapixels=max_megapixels)
+    return from_arrays(labels, images=paths, image_kind="path", **options)
 
 
 def from_tfds(name, image_key=None, text_key=None, label_key="label", *,
-              splits=None, data_dir=None, download=True, **kwargs):
+              splits=None, data_dir=None, download=True, **options):
     """Loads a TensorFlow Datasets dataset as `Records`.
 
     Images are kept as their encoded bytes (TFDS `SkipDecoding`) and decoded
@@ -603,9 +623,8 @@ def from_tfds(name, image_key=None, text_key=None, label_key="label", *,
             By default TFDS's `train`, `validation` and `test` where present,
             and a stratified split of the rest.
         data_dir, download: passed to `tfds.load`.
-        **kwargs: `skip_bad_rows`, `check_images`, `max_megapixels`,
-            `min_class_count`, `val_fraction`, `test_fraction`, `seed` as in
-            `from_arrays`.
+        **options: how rows are checked and split (`ReadOptions`); the
+            fractions carve the splits the dataset lacks out of its train split.
 
     Returns:
         `Records`.
@@ -616,6 +635,7 @@ def from_tfds(name, image_key=None, text_key=None, label_key="label", *,
     """
     import tensorflow_datasets as tfds
 
+    read = read_options(options)
     builder = tfds.builder(name, data_dir=data_dir)
     if download:
         builder.download_and_prepare()
@@ -645,23 +665,23 @@ def from_tfds(name, image_key=None, text_key=None, label_key="label", *,
     has_all = {"train", "val", "test"} <= set(splits)
     return from_arrays(
         [int(x) for x in values["label"]], images=values.get("image"), texts=texts,
-        splits=split_names if has_all else _fill_splits(split_names, values["label"], kwargs),
+        splits=split_names if has_all else _fill_splits(split_names, values["label"], read),
         class_names=list(label_feature.names),
         image_kind="bytes" if image_key else None,
-        **{k: v for k, v in kwargs.items() if k not in ("val_fraction", "test_fraction")},
+        **{k: v for k, v in options.items() if k not in ("val_fraction", "test_fraction")},
     )
 
 
-def _fill_splits(split_names, labels, kwargs):
+def _fill_splits(split_names, labels, options):
     """Carves the missing val/test splits out of the train split, stratified."""
     split_names = np.array(split_names, dtype=object)
     train = np.flatnonzero(split_names == "train")
     missing = {"val", "test"} - set(split_names)
     drawn = stratified_split(
         np.asarray(labels)[train],
-        kwargs.get("val_fraction", 0.1) if "val" in missing else 0.0,
-        kwargs.get("test_fraction", 0.1) if "test" in missing else 0.0,
-        kwargs.get("seed", 0),
+        options.val_fraction if "val" in missing else 0.0,
+        options.test_fraction if "test" in missing else 0.0,
+        options.seed,
     )
     split_names[train] = drawn
     return split_names.tolist()
@@ -769,10 +789,8 @@ def _normalize_split(value):
     return SPLIT_ALIASES.get(value, value)
 
 
-def _build_records(table, source, *, class_names, min_class_count, skip_bad_rows,
-                   check_images, val_fraction, test_fraction, seed, image_kind,
-                   image_array=None, allow_missing=False, tabular_columns=(), columns=None,
-                   max_megapixels=MAX_MEGAPIXELS, unreadable=(), allowed_root=None):
+def _build_records(table, source, options, *, class_names, image_kind, image_array=None,
+                   tabular_columns=(), columns=None, unreadable=()):
     """Validates rows (dicts with line, labels by task, inputs by name and optional split).
 
     `columns` maps input names to the column names that bad rows name
@@ -791,7 +809,7 @@ def _build_records(table, source, *, class_names, min_class_count, skip_bad_rows
     learned = [task for task in tasks if class_names[task] is None]  # classes the data names
     # Given the classes (a model's), rows of a rare class it does not know were left out of its
     # training by min_class_count: leave them out here too, as dropped classes, not bad rows.
-    rare = _rare_unknown_labels(table, tasks[0], known[tasks[0]], min_class_count)
+    rare = _rare_unknown_labels(table, tasks[0], known[tasks[0]], options.min_class_count)
     table = [entry for entry in table if _odd_value(_label_of(entry, tasks[0]))
              or _label_of(entry, tasks[0]) not in rare]
     for entry in table:
@@ -802,7 +820,7 @@ def _build_records(table, source, *, class_names, min_class_count, skip_bad_rows
             problem = _check_label(label, known[task])
             if problem:
                 bad.append(BadRow(source, line, task, problem))
-        missing = [f for f in inputs if allow_missing and not _has_value(entry[f])]
+        missing = [f for f in inputs if options.allow_missing and not _has_value(entry[f])]
         if missing and len(missing) == len(inputs):
             bad.append(BadRow(source, line, " and ".join(column[f] for f in missing),
                               "no input at all; give the row an image or a text"))
@@ -824,7 +842,7 @@ def _build_records(table, source, *, class_names, min_class_count, skip_bad_rows
             if name in missing:
                 entry[name] = "" if image_kind == "path" else b""
             elif image_kind == "path":
-                problem = _check_image_path(entry[name], allowed_root)
+                problem = _check_image_path(entry[name], options.allowed_root)
                 if problem:
                     bad.append(BadRow(source, line, column[name], problem))
             elif not entry[name]:
@@ -834,17 +852,17 @@ def _build_records(table, source, *, class_names, min_class_count, skip_bad_rows
     _check_classes(source, {task: {entry["labels"][task] for entry in table
                                    if (entry["line"], task) not in bad_labels}
                             for task in learned})
-    for name in images if check_images else ():
+    for name in images if options.check_images else ():
         candidates = [e for e in table
                       if (source, e["line"]) not in flagged and _has_value(e[name])]
         failures = find_undecodable([e[name] for e in candidates],
                                     read_files=image_kind == "path",
-                                    max_megapixels=max_megapixels)
+                                    max_megapixels=options.max_megapixels)
         for index, problem in failures.items():
             bad.append(BadRow(source, candidates[index]["line"], column[name], problem))
     bad.sort(key=lambda row: row.line)
     report = DataReport(total_rows=total, bad_rows=bad)
-    if bad and not skip_bad_rows:
+    if bad and not options.skip_bad_rows:
         listed = "\n".join(f"  {row}" for row in bad[:MAX_LISTED_ROWS])
         more = f"\n  ... and {len(bad) - MAX_LISTED_ROWS} more" if len(bad) > MAX_LISTED_ROWS else ""
         raise DataValidationError(
@@ -867,7 +885,8 @@ def _build_records(table, source, *, class_names, min_class_count, skip_bad_rows
     if "split" in fields:
         splits = np.array([entry["split"] for entry in table], dtype=object)
     else:
-        splits = stratified_split(labels, val_fraction, test_fraction, seed)
+        splits = stratified_split(labels, options.val_fraction, options.test_fraction,
+                                  options.seed)
     lines = [entry["line"] for entry in table]
     values = {name: np.array([_as_str(entry[name]) if modality_kind(name) == "text"
                               else entry[name] for entry in table], dtype=object)
@@ -882,10 +901,10 @@ def _build_records(table, source, *, class_names, min_class_count, skip_bad_rows
         label_name=main, extra_tasks=extra_tasks, image_kind=image_kind, report=report,
         tabular=np.array([entry["tabular"] for entry in table], dtype=np.float32)
         if tabular_columns else None,
-        tabular_columns=tuple(tabular_columns), max_megapixels=max_megapixels,
+        tabular_columns=tuple(tabular_columns), max_megapixels=options.max_megapixels,
     )
     if main in learned:
-        records = _drop_rare_classes(records, min_class_count)
+        records = _drop_rare_classes(records, options.min_class_count)
     elif rare:
         records.report = dataclasses.replace(records.report, dropped_classes=rare)
     _check_classes(source, {task: records.tasks[task] for task in learned},
