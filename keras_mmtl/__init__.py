@@ -51,6 +51,8 @@ from keras_mmtl.models import (
     build_classifier,
     build_classifier_for,
     class_names,
+    ensemble,
+    mirror_averaged,
 )
 from keras_mmtl.plots import plot_confusion_matrix, plot_history, plot_reliability
 from keras_mmtl.predictions import PredictionSummary, predict_manifest

@@ -12,12 +12,15 @@ from keras_mmtl.config import CONFIG_FILE, SECTIONS, ConfigError, RunConfig, Tra
 from keras_mmtl.evaluation import evaluate, modality_report
 from keras_mmtl.export import export_saved_model
 from keras_mmtl.files import save_atomic
+from keras_mmtl.modalities import modality_kind
 from keras_mmtl.models import (
     build_classifier_for,
     clone_classifier,
     ensemble,
     learn_text_vocabulary,
+    mirror_averaged,
     model_modalities,
+    model_tasks,
 )
 from keras_mmtl.presets import (
     DEFAULT_PRESET,
@@ -152,7 +155,15 @@ def run_experiment(config, *, overwrite=False, verbose="auto"):
         models.append(model)
     if len(models) > 1:
         model = ensemble(models, name=f"{models[0].name}_ensemble")
-        save_atomic(model.save, os.path.join(run_dir, MODEL_FILE))
+    if fit.test_time_mirror and _mirrorable(model):
+        logger.info("Test-time augmentation: the model averages each image's answer with its "
+                    "mirror image's (--no-test-time-mirror leaves it out).")
+        model = mirror_averaged(model)
+    # Where the served model is saved: the target's folder after in-turn transfer.
+    model_path = os.path.join(run_dir, "target" if moved.source_manifest and not moved.joint
+                              else "", MODEL_FILE)
+    if len(models) > 1 or model is not models[0]:
+        save_atomic(model.save, model_path)
     if is_multi_worker(strategy):
         if not is_chief():
             return ExperimentResult(model, None, run_dir, history)  # the chief evaluates
@@ -166,8 +177,7 @@ def run_experiment(config, *, overwrite=False, verbose="auto"):
             logger.info(f"Temperature scaling{'' if task is None else f' of {task}'}: "
                         f"T={one.temperature:.3f}, val ECE {one.ece_before:.4f} -> "
                         f"{one.ece_after:.4f}")
-        sequential = moved.source_manifest and not moved.joint
-        save_atomic(model.save, os.path.join(run_dir, "target" if sequential else "", MODEL_FILE))
+        save_atomic(model.save, model_path)
     result = ExperimentResult(model, evaluate(model, records, "test", out_dir=eval_dir), run_dir,
                               history)
     if len(model_modalities(model)) > 1:
@@ -177,6 +187,12 @@ def run_experiment(config, *, overwrite=False, verbose="auto"):
             model, config.output.export_dir or os.path.join("saved_models", config.name),
             max_megapixels=data.max_megapixels)
     return result
+
+
+def _mirrorable(model):
+    """Whether `mirror_averaged` applies: one task, and an image input."""
+    return len(model_tasks(model) or [None]) == 1 and any(
+        modality_kind(name) == "image" for name in model_modalities(model))
 
 
 def resolve_preset(config, rows):

@@ -2,6 +2,7 @@ import json
 import os
 import warnings
 
+import keras
 import pytest
 
 from conftest import product_rows, write_image, write_manifest
@@ -104,6 +105,8 @@ def test_train_evaluate_export_predict(tmp_path, products, capsys):
     assert os.path.exists(os.path.join(run_dir, "eval", "confusion_matrix.png"))
 
     model = os.path.join(run_dir, "model.keras")
+    # By default the served model averages each image with its mirror image.
+    assert "mirror_image" in [layer.name for layer in keras.models.load_model(model).layers]
     assert main(["evaluate", "--model", model, *common, "--out-dir", str(tmp_path / "e")]) == 0
     assert os.path.exists(tmp_path / "e" / "report.json")
     assert main(["export", "--model", model, "--export-dir", export_dir]) == 0

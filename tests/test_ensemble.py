@@ -11,7 +11,13 @@ from keras_mmtl.calibration import calibrate
 from keras_mmtl.data.pipeline import make_dataset
 from keras_mmtl.evaluation import evaluate, predict_records, rescale
 from keras_mmtl.export import export_saved_model
-from keras_mmtl.models import build_classifier, build_classifier_for, embedding_model, ensemble
+from keras_mmtl.models import (
+    build_classifier,
+    build_classifier_for,
+    embedding_model,
+    ensemble,
+    mirror_averaged,
+)
 
 SMALL = dict(image_backbone="small_cnn", image_weights=None, image_size=(16, 16))
 
@@ -157,3 +163,34 @@ def test_the_ensemble_is_calibrated_and_served_as_one_model(members, product_rec
                                expected, atol=1e-4)
     width = embedding_model(combined).output_shape[-1]
     assert signatures["embed"](**request)["embedding"].shape == (len(product_records), width)
+
+
+def test_the_mirror_averaged_model_averages_each_image_and_its_mirror(members, tmp_path):
+    model = members[0]
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 255, (6, *SMALL["image_size"], 3)).astype("float32")
+    inputs = {"image": tf.constant(images),
+              "text": tf.constant(["a nice cotton thing", "wool", "", "silk", "x", "a b c"])}
+    mirror = {**inputs, "image": tf.constant(images[:, :, ::-1])}
+    plain, flipped = _answers(model, inputs), _answers(model, mirror)
+    assert np.abs(plain - flipped).max() > 1e-3  # the model tells an image from its mirror
+    averaged = mirror_averaged(model)
+    assert averaged.name == model.name and sorted(averaged.input) == ["image", "text"]
+    np.testing.assert_allclose(_answers(averaged, inputs), (plain + flipped) / 2, atol=1e-6)
+    path = str(tmp_path / "mirrored.keras")
+    averaged.save(path)
+    np.testing.assert_allclose(_answers(keras.models.load_model(path), inputs),
+                               (plain + flipped) / 2, atol=1e-6)
+    # A copy, and one copy of the trunk: twice the head, not twice the model.
+    model.get_layer("head").dense.bias.assign(np.full(model.get_layer("head").dense.bias.shape, 5.))
+    np.testing.assert_allclose(_answers(averaged, inputs), (plain + flipped) / 2, atol=1e-6)
+    assert len(averaged.weights) == len(model.weights) + len(model.get_layer("head").weights)
+
+
+def test_only_a_classifier_of_images_and_one_task_is_mirrored():
+    with pytest.raises(ValueError, match="takes no image"):
+        mirror_averaged(build_classifier(["a", "b"], image_backbone=None, text_vocabulary=["x"]))
+    two_tasks = build_classifier({"a": ["x", "y"], "b": ["u", "v"]}, **SMALL,
+                                 text_vocabulary=["x"])
+    with pytest.raises(ValueError, match="one task"):
+        mirror_averaged(two_tasks)

@@ -18,7 +18,7 @@ import pytest
 import tensorflow as tf
 
 from keras_mmtl.data.augmentation import ImageAugmentation, TextAugmentation
-from keras_mmtl.models.ensemble import EnsembleHead
+from keras_mmtl.models.ensemble import EnsembleHead, MirrorImages
 from keras_mmtl.models.fusion import (
     AttentionFusion,
     ConcatFusion,
@@ -83,6 +83,7 @@ LAYERS = {
         lambda: EnsembleHead([ClassifierHead(["a", "b"]), ClassifierHead(["a", "b"])], [3, 2],
                              temperature=1.5, combine="geometric"),
         lambda: _floats(3, 5)),
+    "MirrorImages": Case(MirrorImages, lambda: _floats(2, 4, 3, 3)),
     "MissingModality": Case(MissingModality, lambda: [_floats(3, 4), _presence()]),
     "ModalityDropout": Case(lambda: ModalityDropout(0.3, seed=1),
                             lambda: [_presence(), np.ones(3, "float32")]),

@@ -23,7 +23,7 @@ from keras_mmtl.models.builder import (
     output_tasks,
     presence_modalities,
 )
-from keras_mmtl.models.ensemble import EnsembleHead, ensemble
+from keras_mmtl.models.ensemble import EnsembleHead, MirrorImages, ensemble, mirror_averaged
 from keras_mmtl.models.fusion import (
     FUSIONS,
     AttentionFusion,

@@ -194,8 +194,11 @@ def train(
             to `build_classifier_for(preset=...)`, and its ensemble to
             `run_experiment`.
         epochs: maximum epochs of phase 1.
-        fine_tune_epochs: maximum epochs of phase 2 (0 skips it; models
-            without a frozen image backbone have no phase 2).
+        fine_tune_epochs: maximum epochs of phase 2 (0 skips it). Phase 2
+            needs something to fine-tune: a frozen pretrained image backbone,
+            or a pretrained text encoder with `unfreeze_text_layers`; other
+            models (text-only n-grams, a backbone trained from scratch) train
+            in one phase.
         learning_rate: Adam learning rate of phase 1.
         fine_tune_learning_rate: peak learning rate of phase 2, lower so the
             pretrained features are adjusted, not overwritten.
