@@ -1,4 +1,4 @@
-"""tf.distribute: the strategy choice, and two workers training in step on 127.0.0.1."""
+"""tf.distribute: the strategy choice, and two replicas or two workers training as one."""
 
 import json
 import os
@@ -13,35 +13,93 @@ import tensorflow as tf
 
 from keras_mmtl.training import distribute
 
-# One worker of a two-worker cluster: builds a small image + text model in the strategy's
-# scope, trains both phases and saves its final weights.
-WORKER = textwrap.dedent("""
+# One process of a run with a global batch of 8: mirrored over one device ("single") or over
+# two logical CPU devices, 4 rows each ("mirrored", the multi-GPU code path without GPUs), or
+# one of two workers of a cluster on 127.0.0.1 ("worker", 4 rows each, TF_CONFIG set).
+REPLICAS = textwrap.dedent("""
     import sys
 
+    import keras
     import numpy as np
+    import tensorflow as tf
+
+    mode, run_dir, out = sys.argv[1:4]
+    if mode == "mirrored":
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 
     from keras_mmtl.training import distribution_strategy
 
-    strategy = distribution_strategy("auto")  # before anything else runs in TensorFlow
+    # First thing: a multi-worker strategy must exist before TensorFlow runs anything else.
+    # One replica or two, the same code (LayerwiseAdam runs Keras' Adam under a strategy).
+    strategy = distribution_strategy("auto" if mode == "worker" else "mirrored")
 
-    from keras_mmtl.data import from_arrays
-    from keras_mmtl.models import build_classifier_for
+    from keras_mmtl.data import from_arrays, make_dataset
+    from keras_mmtl.models import build_classifier_for, dataset_arguments
     from keras_mmtl.training import train
 
-    run_dir, out = sys.argv[1], sys.argv[2]
     rng = np.random.default_rng(0)
     labels = ["a", "a", "b", "b"] * 12
     images = rng.integers(0, 255, (48, 16, 16, 3), dtype="uint8")
-    texts = [f"word{i % 5} thing" for i in range(48)]
-    records = from_arrays(labels, images=images, texts=texts, splits=["train", "val"] * 24)
+    records = from_arrays(labels, images=images, splits=["train", "val"] * 24)
+    keras.utils.set_random_seed(0)  # the same initial weights in every process
     with strategy.scope():
+        # No dropout: nothing random in a step, so every run can agree.
         model = build_classifier_for(records, image_backbone="small_cnn", image_weights=None,
-                                     image_size=(16, 16), freeze_backbone=True)
-    history = train(model, records, run_dir, epochs=2, fine_tune_epochs=1, batch_size=4,
-                    verbose=0)
-    np.savez(out, replicas=strategy.num_replicas_in_sync, epochs=len(history["epoch"]),
+                                     image_size=(16, 16), freeze_backbone=True, dropout=0.0)
+    replicas = strategy.num_replicas_in_sync
+    history = train(model, records, run_dir, epochs=2, fine_tune_epochs=1,
+                    batch_size=8 // replicas, verbose=0)
+    batch = make_dataset(records, "train", **dataset_arguments(model), batch_size=8)
+    shares = strategy.experimental_local_results(
+        next(iter(strategy.experimental_distribute_dataset(batch)))[1])
+    np.savez(out, replicas=replicas, epochs=len(history["epoch"]),
+             shares=[len(share) for share in shares],
              **{f"w{i}": w for i, w in enumerate(model.get_weights())})
 """)
+
+
+def _start(tmp_path, mode, name, env=None):
+    script = tmp_path / "replicas.py"
+    script.write_text(REPLICAS)
+    run_dir = tmp_path / ("run" if mode == "worker" else name)
+    log = open(tmp_path / f"{name}.log", "w")
+    return subprocess.Popen(
+        [sys.executable, str(script), mode, str(run_dir), str(tmp_path / f"{name}.npz")],
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": "", **(env or {})}, stdout=log,
+        stderr=subprocess.STDOUT)
+
+
+def _finish(tmp_path, processes):
+    """Waits for the named processes; their saved arrays and logs."""
+    try:
+        codes = {name: p.wait(timeout=420) for name, p in processes.items()}
+    finally:
+        for p in processes.values():
+            p.kill()
+    logs = {name: (tmp_path / f"{name}.log").read_text() for name in processes}
+    assert set(codes.values()) == {0}, {name: log[-3000:] for name, log in logs.items()}
+    return {name: np.load(tmp_path / f"{name}.npz") for name in processes}, logs
+
+
+def _assert_same_weights(first, second, rtol=1e-4, atol=1e-5):
+    names = [name for name in first.files if name.startswith("w")]
+    assert names and sorted(names) == sorted(n for n in second.files if n.startswith("w"))
+    for name in names:
+        np.testing.assert_allclose(first[name], second[name], rtol=rtol, atol=atol, err_msg=name)
+
+
+@pytest.mark.slow
+def test_two_replicas_train_as_one_device_at_the_same_global_batch(tmp_path):
+    runs, logs = _finish(tmp_path, {mode: _start(tmp_path, mode, mode)
+                                    for mode in ("single", "mirrored")})
+    single, mirrored = runs["single"], runs["mirrored"]
+    assert "MirroredStrategy, 2 replicas" in logs["mirrored"]
+    assert int(single["replicas"]) == 1 and int(mirrored["replicas"]) == 2
+    assert mirrored["shares"].tolist() == [4, 4]  # each replica takes half of each batch
+    assert int(single["epochs"]) == int(mirrored["epochs"]) == 3
+    _assert_same_weights(single, mirrored)
 
 
 def _free_ports(count):
@@ -59,34 +117,24 @@ def _tf_config(workers, index):
 
 
 @pytest.mark.slow
-def test_two_workers_finish_with_identical_weights(tmp_path):
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
+def test_two_workers_train_as_one_process_at_the_same_global_batch(tmp_path):
     workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
-    run_dir = tmp_path / "run"
-    processes = []
-    for index in range(2):
-        env = {**os.environ, "TF_CONFIG": _tf_config(workers, index), "CUDA_VISIBLE_DEVICES": ""}
-        log = open(tmp_path / f"worker{index}.log", "w")
-        processes.append(subprocess.Popen(
-            [sys.executable, str(script), str(run_dir), str(tmp_path / f"weights{index}.npz")],
-            env=env, stdout=log, stderr=subprocess.STDOUT))
-    try:
-        codes = [p.wait(timeout=420) for p in processes]
-    finally:
-        for p in processes:
-            p.kill()
-    logs = [(tmp_path / f"worker{i}.log").read_text() for i in range(2)]
-    assert codes == [0, 0], [log[-3000:] for log in logs]
-    assert "MultiWorkerMirroredStrategy, 2 replicas on 2 workers" in logs[0]
-    first, second = (np.load(tmp_path / f"weights{i}.npz") for i in range(2))
+    processes = {f"worker{index}": _start(tmp_path, "worker", f"worker{index}",
+                                          {"TF_CONFIG": _tf_config(workers, index)})
+                 for index in range(2)}
+    processes["single"] = _start(tmp_path, "single", "single")
+    runs, logs = _finish(tmp_path, processes)
+    assert "MultiWorkerMirroredStrategy, 2 replicas on 2 workers" in logs["worker0"]
+    first, second, single = runs["worker0"], runs["worker1"], runs["single"]
     assert int(first["replicas"]) == 2 and int(first["epochs"]) == 3
-    assert sorted(first.files) == sorted(second.files)
-    for name in first.files:
-        np.testing.assert_array_equal(first[name], second[name], err_msg=name)
+    assert first["shares"].tolist() == second["shares"].tolist() == [4]  # half of each batch
+    _assert_same_weights(first, second, rtol=0, atol=0)
+    # Each worker computes its features through the backbone (no cache across workers yet),
+    # the single process trains on cached ones: the same model, up to rounding.
+    _assert_same_weights(first, single)
     # The chief writes the run folder, the other worker its own below it.
-    assert (run_dir / "model.keras").exists()
-    assert (run_dir / "workers" / "worker1" / "model.keras").exists()
+    assert (tmp_path / "run" / "model.keras").exists()
+    assert (tmp_path / "run" / "workers" / "worker1" / "model.keras").exists()
 
 
 @pytest.mark.parametrize("config, workers, chief", [

@@ -330,11 +330,13 @@ def train(
                 optimizer = decoupled_weight_decay(
                     LayerwiseAdam(learning_rate=rate, weight_decay=weight_decay or None))
                 schedule = f"learning rate {rate:g}"
-            # A head on cached features takes a few ms a step: run many steps per call.
+            # A head on cached features takes a few ms a step: run many steps per call; not
+            # with several replicas, where Keras' loop of steps fails (keras-team/keras#19246).
+            many = cached == model_modalities(model) and strategy.num_replicas_in_sync == 1
             macro_f1 = compile_classifier(
                 fit_model, optimizer, loss=loss, task_weights=task_weights,
                 auxiliary_weight=auxiliary_weight, jit_compile=jit_compile,
-                steps_per_execution=32 if cached == model_modalities(model) else 1)
+                steps_per_execution=32 if many else 1)
         if cached:
             title += f", on cached {' and '.join(cached)} features"
             if number == 2 and image_frozen and any(m.startswith("image") for m in cached):
