@@ -157,7 +157,7 @@ def run_experiment(config, *, overwrite=False, verbose="auto"):
         model = ensemble(models, name=f"{models[0].name}_ensemble")
     if fit.test_time_mirror and _mirrorable(model):
         logger.info("Test-time augmentation: the model averages each image's answer with its "
-                    "mirror image's (--no-test-time-mirror leaves it out).")
+                    "mirror image's.")
         model = mirror_averaged(model)
     # Where the served model is saved: the target's folder after in-turn transfer.
     model_path = os.path.join(run_dir, "target" if moved.source_manifest and not moved.joint

@@ -98,14 +98,14 @@ def test_train_evaluate_export_predict(tmp_path, products, capsys):
     common = ["--manifest", products, "--split-column", "split"]
     assert main(["train", *common, "--image-backbone", "small_cnn", "--image-weights", "none",
                  "--image-size", "16x16", "--epochs", "2", "--batch-size", "8",
-                 "--run-dir", run_dir, "--export-dir", export_dir]) == 0
+                 "--test-time-mirror", "--run-dir", run_dir, "--export-dir", export_dir]) == 0
     out = capsys.readouterr().out
     assert "accuracy" in out and "macro" in out
     assert os.path.exists(os.path.join(export_dir, "1", "saved_model.pb"))
     assert os.path.exists(os.path.join(run_dir, "eval", "confusion_matrix.png"))
 
     model = os.path.join(run_dir, "model.keras")
-    # By default the served model averages each image with its mirror image.
+    # With --test-time-mirror the served model averages each image with its mirror image.
     assert "mirror_image" in [layer.name for layer in keras.models.load_model(model).layers]
     assert main(["evaluate", "--model", model, *common, "--out-dir", str(tmp_path / "e")]) == 0
     assert os.path.exists(tmp_path / "e" / "report.json")

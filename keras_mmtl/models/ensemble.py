@@ -176,9 +176,12 @@ def mirror_averaged(model, combine="mean"):
     """`model` averaged over each image and its mirror image: test-time augmentation.
 
     A photo of a shoe or a shirt is as much that class mirrored; a trained
-    classifier's two answers differ a little, and their mean is more often
-    right than either (about 1 point of macro-F1 on the fashion benchmark's
-    image-only model). The classifier runs once on the inputs as given and
+    classifier's two answers differ a little, and their mean is often right
+    more often than either. Not always: where the photos are all shot one
+    way (the fashion benchmark's catalogue), a fine-tuned model learns that
+    way, and mirroring cost its image-only models about a point of
+    macro-F1 (`benchmarks/mirror.py`); measure it on your validation data.
+    The classifier runs once on the inputs as given and
     once with every image input flipped left to right (texts and numbers
     unchanged); its head's two probabilities are averaged by an
     `EnsembleHead`, so the result is scored, calibrated, saved and served
