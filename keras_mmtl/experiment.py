@@ -251,11 +251,12 @@ def train_arguments(config, verbose="auto"):
     """The `train` arguments a config gives (those `train_joint` takes, for joint transfer)."""
     fit = config.training
     kwargs = dict(epochs=fit.epochs, learning_rate=fit.learning_rate,
-                  batch_size=fit.batch_size, seed=config.data.seed, verbose=verbose)
+                  batch_size=fit.batch_size, patience=fit.patience, seed=config.data.seed,
+                  verbose=verbose)
     if not config.transfer.joint:
         kwargs.update({name: getattr(fit, name) for name in (
             "fine_tune_epochs", "fine_tune_learning_rate", "unfreeze_blocks",
-            "unfreeze_text_layers", "warmup", "layer_decay", "patience", "class_weight",
+            "unfreeze_text_layers", "warmup", "layer_decay", "class_weight",
             "focal_gamma", "label_smoothing", "weight_decay", "augment_images", "augment_text",
             "task_weights", "auxiliary_weight", "cache_features", "projector")})
     return kwargs

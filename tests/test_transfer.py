@@ -1,3 +1,4 @@
+import dataclasses
 import math
 import os
 
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_mmtl.data import from_arrays
+from keras_mmtl.data import from_arrays, make_dataset
 from keras_mmtl.evaluation import evaluate
 from keras_mmtl.models import (
     backbone_network,
@@ -24,17 +25,18 @@ SMALL = dict(image_backbone="small_cnn", image_weights=None, image_size=(16, 16)
 TRAINING = dict(epochs=10, fine_tune_epochs=2, batch_size=8, verbose=0)
 
 
-def _domain(num_train, num_test, seed, brightness=1.0, words=("new", "classic"), prefix=""):
+def _domain(num_train, num_test, seed, brightness=1.0, words=("new", "classic"), prefix="",
+            num_val=0):
     """Colour (photo) x material (text) products; the target domain is darker, other words."""
     rng = np.random.default_rng(seed)
-    n = num_train + num_test
+    n = num_train + num_val + num_test
     colours = np.arange(n) % 3
     materials = (np.arange(n) // 3) % 3
     pixels = np.array([COLOURS[c] for c in COLOURS])[colours][:, None, None, :] * brightness
     images = np.clip(pixels + rng.normal(0, 40, (n, 16, 16, 3)), 0, 255).astype("uint8")
     texts = [f"{rng.choice(words)} {MATERIALS[m]} item" for m in materials]
     labels = [f"{prefix}{list(COLOURS)[c]} {MATERIALS[m]}" for c, m in zip(colours, materials)]
-    splits = ["train"] * num_train + ["test"] * num_test
+    splits = ["train"] * num_train + ["val"] * num_val + ["test"] * num_test
     return from_arrays(labels, images=images, texts=texts, splits=splits)
 
 
@@ -50,12 +52,17 @@ def _accuracy(model, records):
     return evaluate(model, records, "test").accuracy
 
 
-def _domain_losses(run_dir):
-    """The domain classifier's training loss of each epoch, from the run's TensorBoard logs."""
-    folder = os.path.join(run_dir, "logs", "train")
+def _logged(run_dir, tag, folder="train"):
+    """A value of each epoch, from the run's TensorBoard logs (`folder` train or validation)."""
+    folder = os.path.join(run_dir, "logs", folder)
     return [float(tf.make_ndarray(value.tensor)) for name in sorted(os.listdir(folder))
             for event in tf.compat.v1.train.summary_iterator(os.path.join(folder, name))
-            for value in event.summary.value if value.tag == "epoch_domain_loss"]
+            for value in event.summary.value if value.tag == tag]
+
+
+def _domain_losses(run_dir):
+    """The domain classifier's training loss of each epoch."""
+    return _logged(run_dir, "epoch_domain_loss")
 
 
 # The domains differ in brightness and in words ("new"/"classic" vs "urban"/"soft"): a
@@ -96,6 +103,31 @@ def test_joint_training_adapts_to_the_target(tmp_path, domains, domain_adversari
         assert not losses
     reloaded = keras.models.load_model(tmp_path / "model.keras")
     assert class_names(reloaded) == target.class_names
+
+
+@pytest.mark.slow
+def test_joint_training_keeps_the_epoch_best_on_the_target_val_split(tmp_path, domains):
+    source, _, vocabulary = domains
+    target = _domain(18, 0, seed=1, brightness=0.7, words=("urban", "soft"), prefix="t:",
+                     num_val=36)
+    # A third of the val labels wrong: the surer the model gets, the higher its val loss
+    # climbs after a while, so the best epoch is not the last.
+    labels = target.labels.copy()
+    wrong = np.flatnonzero(target.splits == "val")[::3]
+    labels[wrong] = (labels[wrong] + 1) % len(target.class_names)
+    target = dataclasses.replace(target, labels=labels)
+    model = build_classifier(source.class_names, text_vocabulary=vocabulary, **SMALL)
+    adapted = transfer(model, source, target, str(tmp_path), joint=True, alpha=0.5, epochs=8,
+                       learning_rate=3e-3, patience=2, batch_size=9, verbose=0)
+    val_losses = _logged(str(tmp_path), "epoch_loss", "validation")
+    # Stopped early, after a best epoch that was not the last.
+    assert len(val_losses) < 8 and int(np.argmin(val_losses)) < len(val_losses) - 1, val_losses
+    # The validation loss is the target classifier's on the target's val rows (weighed by
+    # 1 - alpha), and the model returned is the epoch where it was lowest.
+    val = target.subset("val")
+    (inputs, labels), = make_dataset(val, image_size=SMALL["image_size"], batch_size=len(val))
+    loss = keras.losses.SparseCategoricalCrossentropy()(labels, adapted(inputs))
+    assert 0.5 * float(loss) == pytest.approx(min(val_losses), rel=1e-3)
 
 
 @pytest.mark.slow

@@ -27,7 +27,7 @@ from keras_mmtl.models.builder import (
 )
 from keras_mmtl.models.heads import ClassifierHead, GradientReversal
 from keras_mmtl.progress import keras_verbose, logger
-from keras_mmtl.training.callbacks import StopOnNonFiniteLoss
+from keras_mmtl.training.callbacks import AtomicBackupAndRestore, BestWeights, StopOnNonFiniteLoss
 from keras_mmtl.training.optimizers import LayerwiseAdam
 from keras_mmtl.training.trainer import MODEL_FILE, train
 
@@ -132,7 +132,7 @@ def transfer(model, source, target, run_dir, *, joint=False, alpha=0.5,
 
 def train_joint(model, source, target, run_dir, *, alpha=0.5, domain_adversarial=False,
                 adversarial_weight=0.3, unlabeled=None, epochs=10, learning_rate=1e-3,
-                batch_size=32, seed=0, verbose="auto"):
+                batch_size=32, patience=3, seed=0, verbose="auto"):
     """Trains one shared network on source and target batches together.
 
     Each step sees `batch_size` source rows, `batch_size` target rows (the
@@ -140,10 +140,17 @@ def train_joint(model, source, target, run_dir, *, alpha=0.5, domain_adversarial
     target rows. The loss is `alpha * source + (1 - alpha) * target` (each
     over its own rows), plus `adversarial_weight * domain` with
     `domain_adversarial`. An epoch is one pass over the larger labelled set.
-    Interrupted runs resume from their last epoch (`BackupAndRestore`).
+
+    As in a phase of `train`: the loss of the classifier kept (the target's,
+    or the source's without target labels) on its val split is the
+    validation loss; training stops early when it stops improving
+    (`patience`) and ends with the best epoch's weights
+    (`checkpoints/joint.weights.h5`); an interrupted run resumes from its
+    last epoch, from a backup written atomically. Without a val split, the
+    kept classifier's training loss is monitored.
 
     Arguments are those of `transfer`, plus `epochs`, `learning_rate`,
-    `batch_size`, `seed` and `verbose` as in `train`.
+    `batch_size`, `patience`, `seed` and `verbose` as in `train`.
 
     Returns:
         the target classifier (the source head when `target` is None).
@@ -179,16 +186,41 @@ def train_joint(model, source, target, run_dir, *, alpha=0.5, domain_adversarial
     parts = [("source", source)] + ([("target", target)] if target is not None else [])
     parts += [("unlabeled", unlabeled)] if unlabeled is not None else []
     data, steps = _joint_dataset(model, parts, tuple(outputs), batch_size, seed)
+    kept = "target" if target is not None else "source"
+    val = _joint_validation(model, dict(parts)[kept], kept, tuple(outputs), batch_size)
+    # Without val rows, the kept classifier's own training loss (the domain loss may rise).
+    monitor = "val_loss" if val is not None else f"{kept}_loss"
+    best = os.path.join(run_dir, "checkpoints", "joint.weights.h5")
     os.makedirs(run_dir, exist_ok=True)
     joint_model.fit(
-        data, epochs=epochs, steps_per_epoch=steps, verbose=keras_verbose(verbose),
-        callbacks=[keras.callbacks.BackupAndRestore(os.path.join(run_dir, "backup")),
+        data, epochs=epochs, steps_per_epoch=steps, validation_data=val,
+        verbose=keras_verbose(verbose),
+        callbacks=[AtomicBackupAndRestore(os.path.join(run_dir, "backup")),
                    keras.callbacks.TensorBoard(os.path.join(run_dir, "logs")),
+                   BestWeights(best, monitor),
+                   keras.callbacks.EarlyStopping(monitor=monitor, patience=patience, mode="min"),
                    StopOnNonFiniteLoss(run_dir)])
-    adapted = keras.Model(clone.input, outputs["target" if target is not None else "source"],
-                          name=model.name)
+    if os.path.exists(best):
+        joint_model.load_weights(best)
+    adapted = keras.Model(clone.input, outputs[kept], name=model.name)
     save_atomic(adapted.save, os.path.join(run_dir, MODEL_FILE))
     return adapted
+
+
+def _joint_validation(model, records, kept, outputs, batch_size):
+    """The val rows of the kept classifier's data, weighing its output only; `None` without."""
+    if not (records.splits == "val").any():
+        return None
+
+    def weigh(inputs, labels):
+        rows = tf.shape(labels)[0]
+        return (inputs,
+                {name: labels if name == kept else tf.zeros([rows, 1]) if name == "domain"
+                 else tf.zeros_like(labels) for name in outputs},
+                {name: tf.fill([rows], 1.0 if name == kept else 0.0) for name in outputs})
+
+    return make_dataset(records, "val", **dataset_arguments(model), batch_size=batch_size,
+                        shuffle=False).map(weigh)
 
 
 def _joint_dataset(model, parts, outputs, batch_size, seed):
