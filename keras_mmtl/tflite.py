@@ -48,7 +48,14 @@ def tflite_graph(model):
     if output_tasks(model) is not None:
         raise ValueError("TFLite export takes a classifier with one output; this one has "
                          f"{list(model.output)}.")
+    has_text = any(is_input_name(name) and modality_kind(name) == "text" for name in model.input)
     clone = clone_classifier(model)
+    if has_text and TOKENIZER not in {layer.name for layer in clone.layers} and any(
+            isinstance(layer, keras.Model) and TOKENIZER in {inner.name for inner in layer.layers}
+            for layer in clone.layers):
+        raise ValueError("TFLite export cuts a classifier after its text tokenizer, and this "
+                         "one holds its tokenizer inside members (an ensemble or a "
+                         "mirror-averaged model): export a single trained classifier.")
     inputs = {}
     for name in clone.input:  # modalities and presence masks
         if not is_input_name(name) or modality_kind(name) != "text":

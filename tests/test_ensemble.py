@@ -63,10 +63,12 @@ def _geometric(*probabilities):
 @pytest.fixture
 def members(product_records, inputs):
     models = []
-    for seed, fusion in ((1, "concat"), (2, "gated")):
+    # A sure member and an unsure one: they disagree by 0.4-0.5 and their mean is 0.04-0.08
+    # from their geometric mean, over seeds (a clean-clone run varied them by a few hundredths).
+    for seed, fusion, scale in ((1, "concat", 3.0), (2, "gated", 1.0)):
         keras.utils.set_random_seed(seed)
         models.append(_fit_head(build_classifier_for(product_records, fusion=fusion, **SMALL),
-                                product_records, inputs))
+                                product_records, inputs, scale=scale))
     return models
 
 
@@ -75,7 +77,7 @@ def test_the_ensemble_averages_its_members(members, product_records, inputs, tmp
     first, second = (_answers(m, inputs) for m in members)  # all 24 rows
     # The members disagree, and their mean is not their geometric mean: the check below
     # tells the mean from either member and from the other combination.
-    assert np.abs(first - second).max() > 0.05
+    assert np.abs(first - second).max() > 0.2
     mean = (first + second) / 2
     assert np.abs(mean - _geometric(first, second)).max() > 0.01
     _, probabilities = predict_records(combined, product_records)

@@ -54,8 +54,10 @@ CHILD = textwrap.dedent("""
     records = from_arrays(labels, images=images, texts=["x y"] * 64, splits=["train"] * 64)
     model = build_classifier_for(records, image_backbone="small_cnn", image_weights=None,
                                  image_size=(16, 16))
+    # No feature cache: a phase on cached features runs many steps per call, and the stall
+    # needs a callback after each batch.
     train(model, records, run_dir, epochs=5, batch_size=8, patience=10, callbacks=[Log()],
-          verbose=0)
+          cache_features=False, verbose=0)
 """)
 
 

@@ -10,8 +10,12 @@ import tensorflow as tf
 
 from keras_mmtl.data.pipeline import make_dataset
 from keras_mmtl.evaluation import predict_records
-from keras_mmtl.models import build_classifier, build_classifier_for, dataset_arguments
-from keras_mmtl.training.trainer import compile_classifier
+from keras_mmtl.models import (
+    build_classifier,
+    build_classifier_for,
+    dataset_arguments,
+    mirror_averaged,
+)
 from keras_mmtl.tflite import (
     convert,
     export_tflite,
@@ -20,6 +24,7 @@ from keras_mmtl.tflite import (
     tflite_graph,
     tflite_predict,
 )
+from keras_mmtl.training.trainer import compile_classifier
 
 SMALL = dict(image_backbone="mobilenet_v2_0.35", image_weights=None, image_size=(32, 32))
 
@@ -39,6 +44,8 @@ def test_the_tflite_graph_takes_token_ids(model):
     with pytest.raises(ValueError, match="one output"):
         tflite_graph(build_classifier({"a": ["x", "y"], "b": ["u", "v"]}, image_backbone=None,
                                       text_vocabulary=["x"]))
+    with pytest.raises(ValueError, match="inside members"):
+        tflite_graph(mirror_averaged(model))
 
 
 def test_raw_strings_would_need_the_flex_ops_of_the_tokenizer(model):
