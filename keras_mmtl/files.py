@@ -1,12 +1,18 @@
-"""Files written whole or not at all: what a run, a report or a cache leaves on disk.
+"""Files: written whole or not at all, and read from any filesystem TensorFlow knows.
 
 A run killed mid-write (Ctrl-C, an out-of-memory kill, a preempted machine) must leave the
 previous file, never half of a new one: every file the library writes for later reading goes
 through `save_atomic` (write a temporary file beside it, then rename it into place).
+
+Data may live on any filesystem TensorFlow has (`gs://`, `s3://`, `hdfs://`, `ram://`...):
+manifests and images are read through `is_file`, `open_text`, `read_bytes`... here, and
+decoded by `tf.io.read_file`, which reads the same paths.
 """
 
+import io
 import json
 import os
+import posixpath
 
 
 def save_atomic(save, path):
@@ -58,3 +64,95 @@ def write_text(path, text):
             f.write(text)
 
     save_atomic(write, path)
+
+
+# Paths with a scheme (`gs://`, `s3://`, `hdfs://`, `ram://`...) go through TensorFlow's
+# filesystems (`tf.io.gfile`); plain paths through Python's, as they always did.
+
+
+def is_remote(path):
+    """Whether `path` names a file on a TensorFlow filesystem (`gs://bucket/a.jpg`, `ram://x`).
+
+    Example:
+
+    >>> is_remote("gs://bucket/products.csv"), is_remote("data/products.csv")
+    (True, False)
+    """
+    return "://" in str(path)
+
+
+def _gfile():
+    import tensorflow as tf
+
+    return tf.io.gfile
+
+
+def is_file(path):
+    """Whether `path` is an existing file (not a folder), on any filesystem."""
+    if not is_remote(path):
+        return os.path.isfile(path)
+    gfile = _gfile()
+    return gfile.exists(path) and not gfile.isdir(path)
+
+
+def file_size(path):
+    """The size of a file in bytes, on any filesystem."""
+    return _gfile().stat(path).length if is_remote(path) else os.path.getsize(path)
+
+
+def file_stamp(path):
+    """`(size, modification time in ns)`: what tells a replaced file from the one read before."""
+    if is_remote(path):
+        stat = _gfile().stat(path)
+        return stat.length, stat.mtime_nsec
+    stat = os.stat(path)
+    return stat.st_size, stat.st_mtime_ns
+
+
+def read_bytes(path):
+    """The bytes of a file, on any filesystem (`FileNotFoundError` when it is not there)."""
+    if is_remote(path):
+        import tensorflow as tf
+
+        try:
+            with tf.io.gfile.GFile(path, "rb") as f:
+                return f.read()
+        except tf.errors.NotFoundError:
+            raise FileNotFoundError(f"No such file: {path}") from None
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def open_text(path):
+    """A text file (UTF-8, a BOM dropped, bad bytes kept as surrogates) open for reading.
+
+    Newlines are left as they are, as the `csv` module needs. A remote file is read whole.
+    """
+    if not is_remote(path):
+        return open(path, newline="", encoding="utf-8-sig", errors="surrogateescape")
+    text = read_bytes(path).decode("utf-8-sig", "surrogateescape")
+    return io.StringIO(text, newline="")
+
+
+def folder_of(path):
+    """The folder a file is in, absolute for a local path: where relative names start.
+
+    Example:
+
+    >>> folder_of("gs://bucket/data/products.csv")
+    'gs://bucket/data'
+    """
+    return posixpath.dirname(path) if is_remote(path) else os.path.dirname(os.path.abspath(path))
+
+
+def join_path(folder, name):
+    """`name` relative to `folder` (a path with its own scheme, or absolute, stays as it is).
+
+    Example:
+
+    >>> join_path("gs://bucket/data", "images/1.jpg"), join_path("gs://bucket", "ram://x.jpg")
+    ('gs://bucket/data/images/1.jpg', 'ram://x.jpg')
+    """
+    if is_remote(name):
+        return name
+    return posixpath.join(folder, name) if is_remote(folder) else os.path.join(folder, name)

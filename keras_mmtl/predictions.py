@@ -15,7 +15,7 @@ import tensorflow as tf
 
 from keras_mmtl.data.manifest import MAX_CSV_CELL, DataValidationError, csv_rows, jsonl_rows
 from keras_mmtl.export import output_name, served
-from keras_mmtl.files import save_atomic
+from keras_mmtl.files import folder_of, is_file, join_path, open_text, read_bytes, save_atomic
 from keras_mmtl.modalities import input_names, modality_kind
 from keras_mmtl.progress import Progress, error_gist, logger
 
@@ -119,7 +119,7 @@ def predict_manifest(model, manifest, output, *, top_k=5, batch_size=32, image_c
     if top_k < 1 or batch_size < 1:
         raise ValueError(f"Expected top_k >= 1 and batch_size >= 1. Received: top_k={top_k}, "
                          f"batch_size={batch_size}")
-    if not os.path.isfile(manifest):
+    if not is_file(manifest):
         raise FileNotFoundError(f"Manifest not found: {manifest}")
     if not manifest.lower().endswith(MANIFEST_FORMATS):
         raise ValueError(f"Unknown manifest format: {manifest}. Expected a .csv or .jsonl file.")
@@ -139,7 +139,7 @@ def predict_manifest(model, manifest, output, *, top_k=5, batch_size=32, image_c
                 f"{os.path.basename(manifest)}: missing column(s) {missing}. Columns found: "
                 f"{header}. Name the model's input columns (image_column=, text_column=, "
                 "tabular_columns=; CLI: --image-column ...).")
-        folder = os.path.dirname(os.path.abspath(manifest))
+        folder = folder_of(manifest)
         batches = _scored(rows, runner, columns, folder, batch_size)
         written = []  # (rows, failed), from inside save_atomic
         save_atomic(lambda tmp: written.append(_write(tmp, batches, header, runner, jsonl,
@@ -282,7 +282,7 @@ def _manifest_rows(path):
     source = os.path.basename(path)
     limit = csv.field_size_limit(MAX_CSV_CELL)
     try:
-        with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
+        with open_text(path) as f:
             if path.lower().endswith(".csv"):
                 reader = csv.DictReader(f)
                 try:
@@ -348,10 +348,9 @@ def _inputs(row, columns, runner, folder):
                 return f"column {column!r}: no image; this model needs one in every row"
             inputs[name] = b""
         else:
-            path = os.path.join(folder, value.strip())
+            path = join_path(folder, value.strip())
             try:
-                with open(path, "rb") as f:
-                    inputs[name] = f.read()
+                inputs[name] = read_bytes(path)
             except FileNotFoundError:
                 return f"column {column!r}: image file not found: {path}"
             except OSError as error:

@@ -7,11 +7,22 @@ import hashlib
 import json
 import math
 import os
+import posixpath
 import warnings
 
 import numpy as np
 
 from keras_mmtl.data.images import MAX_MEGAPIXELS, find_undecodable
+from keras_mmtl.files import (
+    file_size,
+    file_stamp,
+    folder_of,
+    is_file,
+    is_remote,
+    join_path,
+    open_text,
+    read_bytes,
+)
 from keras_mmtl.modalities import input_names, is_input_name, modality_kind, ordered
 
 SPLITS = ("train", "val", "test")
@@ -255,9 +266,8 @@ class Records:
                 digest.update(np.ascontiguousarray(values).tobytes())
             elif kind == "image" and self.image_kind == "path":
                 for path in values:
-                    stat = os.stat(path) if path else None  # an empty path: a missing image
-                    digest.update(f"{path}:{stat and stat.st_size}:"
-                                  f"{stat and stat.st_mtime_ns}\0".encode(errors="replace"))
+                    size, time = file_stamp(path) if path else (None, None)  # "": missing
+                    digest.update(f"{path}:{size}:{time}\0".encode(errors="replace"))
             else:  # texts, or encoded images
                 for value in values:
                     data = value if isinstance(value, bytes) else str(value).encode(
@@ -437,7 +447,7 @@ def read_manifest(
     """
     options = read_options(options)
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not is_file(path):
         raise FileNotFoundError(f"Manifest not found: {path}")
     label_columns = _task_names(label_column)
     columns = {**_input_columns("image", image_column), **_input_columns("text", text_column)}
@@ -467,7 +477,7 @@ def read_manifest(
             "Name the right columns (image_column=, text_column=, label_column=, "
             "split_column=; CLI: --image-column ...), or None for a modality you lack."
         )
-    folder = os.path.dirname(os.path.abspath(path))
+    folder = folder_of(path)
     table = []
     for line, row in rows:
         entry = {"line": line, "labels": {name: _as_field(row.get(name)) for name in label_columns}}
@@ -475,7 +485,7 @@ def read_manifest(
             entry[field] = value = _as_field(row.get(name))
             if (field != "split" and modality_kind(field) == "image" and isinstance(value, str)
                     and value.strip()):
-                entry[field] = os.path.join(folder, value.strip())
+                entry[field] = join_path(folder, value.strip())
         if tabular_columns:
             entry["tabular"] = [row.get(name) for name in tabular_columns]
         table.append(entry)
@@ -696,7 +706,7 @@ def _read_csv(path):
     source, rows, bad = os.path.basename(path), [], []
     limit = csv.field_size_limit(MAX_CSV_CELL)
     try:
-        with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
+        with open_text(path) as f:
             reader = csv.DictReader(f)
             try:
                 reader.fieldnames  # the header: without it no row can be read
@@ -751,7 +761,7 @@ def _unreadable_csv(error):
 def _read_jsonl(path):
     """Rows of a JSON Lines file as (line number, dict), and `BadRow`s of the other lines."""
     source, rows, bad = os.path.basename(path), [], []
-    with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
+    with open_text(path) as f:
         for line, row, problem in jsonl_rows(f):
             if problem:
                 bad.append(BadRow(source, line, "", problem))
@@ -1038,16 +1048,23 @@ def _check_image_path(path, allowed_root=None):
         return f"image path is {odd}; give every row an image file name"
     if not path:
         return "empty image path; give every row an image file"
-    if allowed_root is not None:  # checked first: nothing outside is opened, or said to exist
-        root = os.path.realpath(allowed_root)
-        if os.path.commonpath([root, os.path.realpath(path)]) != root:
-            return (f"image path {path} leaves the data root {allowed_root} (an absolute "
-                    "path, '..' or a symlink); only files under the data root are read")
-    if not os.path.isfile(path):
+    if allowed_root is not None and not _under(path, allowed_root):  # nothing outside is read
+        return (f"image path {path} leaves the data root {allowed_root} (an absolute "
+                "path, '..' or a symlink); only files under the data root are read")
+    if not is_file(path):
         return f"image file not found: {path}; fix the path (relative to the manifest's folder)"
-    if os.path.getsize(path) == 0:
+    if file_size(path) == 0:
         return f"image file is empty: {path}"
     return None
+
+
+def _under(path, root):
+    """Whether `path` lies in the folder `root` (symlinks resolved on a local disk)."""
+    if is_remote(path) or is_remote(root):
+        root = posixpath.normpath(root)
+        return posixpath.normpath(path).startswith(root.rstrip("/") + "/")
+    root = os.path.realpath(root)
+    return os.path.commonpath([root, os.path.realpath(path)]) == root
 
 
 def _label_of(entry, task):
@@ -1110,10 +1127,9 @@ def _repeated_training_rows(records):
             elif records.image_kind == "bytes":
                 parts.append(hashlib.sha1(value).hexdigest())
             elif read:
-                with open(value, "rb") as f:
-                    parts.append(hashlib.sha1(f.read()).hexdigest())
+                parts.append(hashlib.sha1(read_bytes(value)).hexdigest())
             else:
-                parts.append(os.path.getsize(value))
+                parts.append(file_size(value))
         return tuple(parts)
 
     if not names:
