@@ -148,6 +148,14 @@ def phase2_cache(records, work):
     for cached in (True, False):
         run_dir = os.path.join(work, f"phase2-{'cached' if cached else 'uncached'}")
         shutil.copytree(phase1, run_dir)
+        # Phase 2 continues phase 1's finished run on purpose, with other settings: drop the
+        # run's fingerprint, which would refuse them.
+        state_path = os.path.join(run_dir, "state.json")
+        with open(state_path) as f:
+            state = json.load(f)
+        state.pop("fingerprint", None)
+        with open(state_path, "w") as f:
+            json.dump(state, f)
         model = default_model()  # frozen again: phase 2 resumes from phase 1's weights
         timer = TrainingTimer()
         history = train(model, records, run_dir, **{**settings, "fine_tune_epochs": 2},

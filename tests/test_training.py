@@ -312,3 +312,32 @@ def test_a_run_folder_is_reused_only_for_its_fingerprint_and_overwrite_keeps_the
     other = fingerprint({"training": {"epochs": 3}, "output": {"run_dir": "elsewhere"}}, {})
     with pytest.raises(StaleRunError, match=r"What changed: training.epochs 2 -> 3\. To train"):
         check_run_folder(str(run), other)
+
+
+def _text_run(labels=("a", "b") * 8, word="shirt", shift=0):
+    """A text-only model and its records, the same each call for the same arguments."""
+    texts = [f"{word} {i % 3}" for i in range(len(labels))]
+    records = from_arrays(list(labels), texts=texts[shift:] + texts[:shift],
+                          splits=["train", "train", "train", "val"] * (len(labels) // 4))
+    keras.utils.set_random_seed(0)
+    return build_classifier_for(records, image_backbone=None), records
+
+
+@pytest.mark.bad_input
+def test_train_refuses_a_run_folder_of_other_data_or_settings(tmp_path):
+    run = str(tmp_path / "run")
+    train(*_text_run(), run, epochs=1, verbose=0)
+    train(*_text_run(), run, epochs=1, verbose=0)  # the same: the finished run is reused
+    for changed, settings in ((_text_run(word="dress"), {}),  # another vocabulary
+                              (_text_run(shift=1), {}),  # the same words, in other rows
+                              (_text_run(labels=("a", "b") * 7 + ("b", "a")), {}),  # labels
+                              (_text_run(), {"learning_rate": 0.01})):  # settings
+        with pytest.raises(StaleRunError, match="neither resume nor be reused"):
+            train(*changed, run, epochs=1, verbose=0, **settings)
+    model, records = _text_run(word="dress")
+    train(model, records, run, epochs=1, resume=False, verbose=0)  # cleared, trained again
+    train(*_text_run(word="dress"), run, epochs=1, verbose=0)
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    del state["fingerprint"]  # a run from before fingerprints: taken as it is
+    (tmp_path / "run" / "state.json").write_text(json.dumps(state))
+    train(*_text_run(), run, epochs=1, verbose=0)

@@ -143,7 +143,7 @@ def cache_key(extractor, records, split):
     """A digest of the frozen weights, their input spec and the split's samples."""
     digest = hashlib.sha256()
     digest.update(f"features {FEATURES_VERSION}:".encode())
-    digest.update(_canonical_config(extractor).encode())
+    digest.update(canonical_config(extractor).encode())
     for weight in extractor.weights:
         digest.update(np.ascontiguousarray(keras.ops.convert_to_numpy(weight)).tobytes())
     rows = records.subset(split)
@@ -151,13 +151,18 @@ def cache_key(extractor, records, split):
     return digest.hexdigest()[:24]
 
 
-def _canonical_config(model):
+def canonical_config(model, trainable=True):
     """The model's config as JSON with layer names replaced by their order of appearance.
 
     Keras numbers automatic names per process (`input_layer_3`), so the same
-    architecture built twice would otherwise get another key.
+    architecture built twice would otherwise get another key. With
+    `trainable=False` the layers' trainable flags are left out (training
+    changes them; the model stays the same).
     """
-    text = json.dumps(model.get_config(), sort_keys=True, default=str)
+    config = model.get_config()
+    if not trainable:
+        config = _without(config, "trainable")
+    text = json.dumps(config, sort_keys=True, default=str)
     names = []
 
     def collect(node):
@@ -173,6 +178,15 @@ def _canonical_config(model):
     collect(json.loads(text))
     index = {json.dumps(name): f'"#{i}"' for i, name in enumerate(names)}
     return re.sub(r'"(?:[^"\\]|\\.)*"', lambda m: index.get(m.group(0), m.group(0)), text)
+
+
+def _without(node, key):
+    """A JSON-like tree with every `key` entry left out."""
+    if isinstance(node, dict):
+        return {k: _without(v, key) for k, v in node.items() if k != key}
+    if isinstance(node, list):
+        return [_without(v, key) for v in node]
+    return node
 
 
 def compute_features(extractors, records, split, cache_dir=None, batch_size=64):

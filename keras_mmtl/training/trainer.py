@@ -1,5 +1,6 @@
 """Two-phase transfer learning: train the head on a frozen backbone, then fine-tune its top."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -32,7 +33,7 @@ from keras_mmtl.progress import (
     logger,
     predict_with_progress,
 )
-from keras_mmtl.training.cache import compute_features, split_model
+from keras_mmtl.training.cache import canonical_config, compute_features, split_model
 from keras_mmtl.training.callbacks import (
     AtomicBackupAndRestore,
     BestWeights,
@@ -286,7 +287,12 @@ def train(
     if not resume:
         _clear_run(run_dir)
     state = _read_state(state_path)
+    found = run_fingerprint(model, records, {name: value for name, value in hparams.items()
+                                             if name not in ("cache_features", "jit_compile")})
+    if state.get("fingerprint", found) != found:  # runs from before fingerprints pass
+        raise _stale(run_dir)
     if not state:  # a new run
+        state["fingerprint"] = found  # written with the first epoch
         write_hparams(os.path.join(run_dir, LOGS), {**_model_hparams(model), **hparams})
     has_val = bool((records.splits == "val").any())
     monitor = "val_loss" if has_val else "loss"
@@ -385,6 +391,33 @@ def train(
         _write_embeddings(model, records.subset("val" if has_val else "train"),
                           os.path.join(run_dir, LOGS), batch_size)
     return state.get("history", {})
+
+
+def run_fingerprint(model, records, settings):
+    """A digest of what a run trains: the model's architecture, the settings and the data.
+
+    The architecture is the model's config without layer names' numbering
+    or trainable flags; the data is the records' inputs (images by path,
+    size and modification time), labels and splits. `train` keeps it in
+    the run's state, and refuses to resume or reuse a run of another one.
+    """
+    digest = hashlib.sha256(canonical_config(model, trainable=False).encode())
+    digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    digest.update(records.input_digest().encode())
+    for task, names in records.tasks.items():
+        digest.update(json.dumps([task, names]).encode())
+        digest.update(np.ascontiguousarray(records.task_labels(task)).tobytes())
+    digest.update("\0".join(map(str, records.splits)).encode())
+    return digest.hexdigest()[:24]
+
+
+def _stale(run_dir):
+    from keras_mmtl.training.run_state import StaleRunError  # run_state builds on this module
+
+    return StaleRunError(
+        f"The run folder {run_dir} holds a run of another model, other settings or other data, "
+        "so it can neither resume nor be reused; nothing was trained. To train this one, pass "
+        "resume=False (which clears the folder's training state) or another run_dir.")
 
 
 def _class_weights_by_output(model, records, class_weight):
