@@ -159,6 +159,9 @@ def run_experiment(config, *, overwrite=False, verbose="auto"):
         logger.info("Test-time augmentation: the model averages each image's answer with its "
                     "mirror image's.")
         model = mirror_averaged(model)
+    elif fit.test_time_mirror:
+        logger.warning("Test-time mirroring takes a model of one task with an image input; "
+                       "this one is served as trained.")
     # Where the served model is saved: the target's folder after in-turn transfer.
     model_path = os.path.join(run_dir, "target" if moved.source_manifest and not moved.joint
                               else "", MODEL_FILE)
