@@ -32,8 +32,7 @@ from keras_mmtl.presets import (
 from keras_mmtl.progress import logger
 from keras_mmtl.training import distribution_strategy, setup_precision, train, transfer, tune
 from keras_mmtl.training.distribute import is_chief, is_multi_worker
-from keras_mmtl.training.run_state import check_run_folder, fingerprint
-from keras_mmtl.training.trainer import MODEL_FILE
+from keras_mmtl.training.run_state import MODEL_FILE, check_run_folder, fingerprint
 
 # Of a run's time limit, the share kept for calibration, evaluation and export.
 EVALUATION_SHARE = 0.15
@@ -165,7 +164,7 @@ def run_experiment(config, *, overwrite=False, verbose="auto"):
     # Where the served model is saved: the target's folder after in-turn transfer.
     model_path = os.path.join(run_dir, "target" if moved.source_manifest and not moved.joint
                               else "", MODEL_FILE)
-    if len(models) > 1 or model is not models[0]:
+    if model is not models[0]:  # an ensemble, or mirror-averaged
         save_atomic(model.save, model_path)
     if is_multi_worker(strategy):
         if not is_chief():

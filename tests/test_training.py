@@ -328,11 +328,12 @@ def test_train_refuses_a_run_folder_of_other_data_or_settings(tmp_path):
     run = str(tmp_path / "run")
     train(*_text_run(), run, epochs=1, verbose=0)
     train(*_text_run(), run, epochs=1, verbose=0)  # the same: the finished run is reused
-    for changed, settings in ((_text_run(word="dress"), {}),  # another vocabulary
-                              (_text_run(shift=1), {}),  # the same words, in other rows
-                              (_text_run(labels=("a", "b") * 7 + ("b", "a")), {}),  # labels
-                              (_text_run(), {"learning_rate": 0.01})):  # settings
-        with pytest.raises(StaleRunError, match="neither resume nor be reused"):
+    for changed, settings, said in (
+            (_text_run(word="dress"), {}, "model.architecture"),  # another vocabulary
+            (_text_run(shift=1), {}, "the data of records"),  # the same words, in other rows
+            (_text_run(labels=("a", "b") * 7 + ("b", "a")), {}, "the data of records"),
+            (_text_run(), {"learning_rate": 0.01}, "training.learning_rate 0.001 -> 0.01")):
+        with pytest.raises(StaleRunError, match=f"neither resume nor be reused.*{said}"):
             train(*changed, run, epochs=1, verbose=0, **settings)
     model, records = _text_run(word="dress")
     train(model, records, run, epochs=1, resume=False, verbose=0)  # cleared, trained again

@@ -14,8 +14,11 @@ import shutil
 import numpy as np
 
 from keras_mmtl.files import write_json
-from keras_mmtl.training.trainer import LOGS, MODEL_FILE, STATE_FILE
 
+# What a run folder holds (`train` writes them).
+STATE_FILE = "state.json"
+MODEL_FILE = "model.keras"
+LOGS = "logs"
 FINGERPRINT_FILE = "fingerprint.json"
 # Config keys that do not change the trained model: paths whose data is fingerprinted
 # itself, outputs, and the feature cache (it gives the same model).
@@ -102,7 +105,7 @@ def check_run_folder(run_dir, found, overwrite=False):
             raise StaleRunError(
                 f"The run folder {run_dir} holds a run of other settings or data, so it can "
                 "neither resume nor be reused; nothing was trained or exported. What changed: "
-                f"{_changes(recorded, found)}. To train with these settings, pass "
+                f"{changes(recorded, found)}. To train with these settings, pass "
                 "--overwrite (Python: run_experiment(..., overwrite=True)), which clears its "
                 "training state (the feature cache is kept), or give another run folder with "
                 "--run-dir (output.run_dir).")
@@ -123,8 +126,11 @@ def _training_state(run_dir):
                   for path in glob.glob(os.path.join(glob.escape(run_dir), name)))
 
 
-def _changes(recorded, found):
-    """What differs between a recorded fingerprint and a new one, in words."""
+def changes(recorded, found):
+    """What differs between a recorded fingerprint and a new one, in words.
+
+    A fingerprint is `{"config": {key: value}, "data": {name: digest}}`.
+    """
     if recorded is None:
         return (f"unknown (the folder has no readable {FINGERPRINT_FILE}: it was trained before "
                 "keras-mmtl recorded what a run was trained on)")

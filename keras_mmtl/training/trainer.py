@@ -51,10 +51,8 @@ from keras_mmtl.training.optimizers import (
     decoupled_weight_decay,
     fine_tuning_optimizer,
 )
+from keras_mmtl.training.run_state import LOGS, MODEL_FILE, STATE_FILE, StaleRunError, changes
 
-STATE_FILE = "state.json"
-MODEL_FILE = "model.keras"
-LOGS = "logs"
 PROJECTOR_POINTS = 5000  # the Projector stays responsive up to ~10k points
 
 
@@ -289,8 +287,13 @@ def train(
     state = _read_state(state_path)
     found = run_fingerprint(model, records, {name: value for name, value in hparams.items()
                                              if name not in ("cache_features", "jit_compile")})
-    if state.get("fingerprint", found) != found:  # runs from before fingerprints pass
-        raise _stale(run_dir)
+    recorded = state.get("fingerprint", found)  # runs from before fingerprints pass
+    if recorded != found:
+        raise StaleRunError(
+            f"The run folder {run_dir} holds a run of another model, other settings or other "
+            f"data, so it can neither resume nor be reused; nothing was trained. What changed: "
+            f"{changes(recorded, found)}. To train this one, pass resume=False (which clears "
+            "the folder's training state) or another run_dir.")
     if not state:  # a new run
         state["fingerprint"] = found  # written with the first epoch
         write_hparams(os.path.join(run_dir, LOGS), {**_model_hparams(model), **hparams})
@@ -394,30 +397,25 @@ def train(
 
 
 def run_fingerprint(model, records, settings):
-    """A digest of what a run trains: the model's architecture, the settings and the data.
+    """What a `train` call trains: the model's architecture, the settings and the data.
 
-    The architecture is the model's config without layer names' numbering
-    or trainable flags; the data is the records' inputs (images by path,
-    size and modification time), labels and splits. `train` keeps it in
-    the run's state, and refuses to resume or reuse a run of another one.
+    In the form of `run_state.fingerprint` (`{"config": ..., "data": ...}`),
+    so `run_state.changes` says what differs. The architecture is a digest
+    of the model's config without layer names' numbering or trainable flags;
+    the data a digest of the records' inputs (images by path, size and
+    modification time), labels and splits. `train` keeps it in the run's
+    state, and refuses to resume or reuse a run of another one.
     """
-    digest = hashlib.sha256(canonical_config(model, trainable=False).encode())
-    digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
-    digest.update(records.input_digest().encode())
+    data = hashlib.sha256(records.input_digest().encode())
     for task, names in records.tasks.items():
-        digest.update(json.dumps([task, names]).encode())
-        digest.update(np.ascontiguousarray(records.task_labels(task)).tobytes())
-    digest.update("\0".join(map(str, records.splits)).encode())
-    return digest.hexdigest()[:24]
-
-
-def _stale(run_dir):
-    from keras_mmtl.training.run_state import StaleRunError  # run_state builds on this module
-
-    return StaleRunError(
-        f"The run folder {run_dir} holds a run of another model, other settings or other data, "
-        "so it can neither resume nor be reused; nothing was trained. To train this one, pass "
-        "resume=False (which clears the folder's training state) or another run_dir.")
+        data.update(json.dumps([task, names]).encode())
+        data.update(np.ascontiguousarray(records.task_labels(task)).tobytes())
+    data.update("\0".join(map(str, records.splits)).encode())
+    architecture = hashlib.sha256(canonical_config(model, trainable=False).encode())
+    config = {"model.architecture": architecture.hexdigest()[:24],
+              **{f"training.{name}": value for name, value in settings.items()}}
+    return {"config": json.loads(json.dumps(config, sort_keys=True, default=str)),
+            "data": {"records": data.hexdigest()[:24]}}
 
 
 def _class_weights_by_output(model, records, class_weight):

@@ -29,7 +29,8 @@ from keras_mmtl.models.heads import ClassifierHead, GradientReversal
 from keras_mmtl.progress import keras_verbose, logger
 from keras_mmtl.training.callbacks import AtomicBackupAndRestore, BestWeights, StopOnNonFiniteLoss
 from keras_mmtl.training.optimizers import LayerwiseAdam
-from keras_mmtl.training.trainer import MODEL_FILE, train
+from keras_mmtl.training.run_state import MODEL_FILE
+from keras_mmtl.training.trainer import train
 
 HEAD = head_name()
 

@@ -20,7 +20,8 @@ from keras_mmtl.models.builder import (
 )
 from keras_mmtl.models.fusion import FUSIONS
 from keras_mmtl.progress import keras_verbose, logger
-from keras_mmtl.training.trainer import MODEL_FILE, train
+from keras_mmtl.training.run_state import MODEL_FILE
+from keras_mmtl.training.trainer import train
 
 try:
     import keras_tuner
