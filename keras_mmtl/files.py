@@ -14,6 +14,8 @@ import json
 import os
 import posixpath
 
+import tensorflow as tf
+
 
 def save_atomic(save, path):
     """Calls `save(tmp_path)`, then renames into place: never a half-written file.
@@ -81,29 +83,22 @@ def is_remote(path):
     return "://" in str(path)
 
 
-def _gfile():
-    import tensorflow as tf
-
-    return tf.io.gfile
-
-
 def is_file(path):
     """Whether `path` is an existing file (not a folder), on any filesystem."""
     if not is_remote(path):
         return os.path.isfile(path)
-    gfile = _gfile()
-    return gfile.exists(path) and not gfile.isdir(path)
+    return tf.io.gfile.exists(path) and not tf.io.gfile.isdir(path)
 
 
 def file_size(path):
     """The size of a file in bytes, on any filesystem."""
-    return _gfile().stat(path).length if is_remote(path) else os.path.getsize(path)
+    return tf.io.gfile.stat(path).length if is_remote(path) else os.path.getsize(path)
 
 
 def file_stamp(path):
     """`(size, modification time in ns)`: what tells a replaced file from the one read before."""
     if is_remote(path):
-        stat = _gfile().stat(path)
+        stat = tf.io.gfile.stat(path)
         return stat.length, stat.mtime_nsec
     stat = os.stat(path)
     return stat.st_size, stat.st_mtime_ns
@@ -112,8 +107,6 @@ def file_stamp(path):
 def read_bytes(path):
     """The bytes of a file, on any filesystem (`FileNotFoundError` when it is not there)."""
     if is_remote(path):
-        import tensorflow as tf
-
         try:
             with tf.io.gfile.GFile(path, "rb") as f:
                 return f.read()

@@ -48,8 +48,10 @@ def test_a_remote_manifest_reads_and_decodes_like_a_local_one(remote):
     (batch, _), = make_dataset(records, image_size=(16, 16), batch_size=len(records))
     (same, _), = make_dataset(here, image_size=(16, 16), batch_size=len(here))
     np.testing.assert_array_equal(batch["image"], same["image"])
-    # The digest that keys the feature cache and the run fingerprint reads remote stamps.
-    assert records.input_digest() == records.input_digest()
+    # The digest that keys the feature cache and the run fingerprint sees a replaced image.
+    before = records.input_digest()
+    tf.io.gfile.copy(records.images[1], records.images[0], overwrite=True)
+    assert records.input_digest() != before
 
 
 @pytest.mark.bad_input
