@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import keras  # noqa: E402
 
 from keras_mmtl import RunConfig, evaluate, mirror_averaged  # noqa: E402
-from keras_mmtl.models import class_names  # noqa: E402
+from keras_mmtl.models import describe
 from results import append_section  # noqa: E402
 
 
@@ -31,7 +31,7 @@ def score(run_dir):
     """`(name, plain macro-F1, mirrored macro-F1, plain accuracy, mirrored accuracy)`."""
     config = RunConfig.from_file(os.path.join(run_dir, "config.yaml"))
     model = keras.models.load_model(os.path.join(run_dir, "model.keras"))
-    records = config.data.read(class_names=class_names(model), check_images=False)
+    records = config.data.read(class_names=describe(model).class_names(), check_images=False)
     plain = evaluate(model, records, "test")
     mirrored = evaluate(mirror_averaged(model), records, "test")
     return (os.path.basename(os.path.normpath(run_dir)), plain.macro_f1, mirrored.macro_f1,

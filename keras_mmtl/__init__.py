@@ -47,10 +47,11 @@ from keras_mmtl.export import export_saved_model, predict, serving_function
 from keras_mmtl.grpc_client import grpc_predict
 from keras_mmtl.models import (
     BACKBONES,
+    ClassifierSpec,
     WeightsUnavailableError,
     build_classifier,
     build_classifier_for,
-    class_names,
+    describe,
     ensemble,
     mirror_averaged,
 )

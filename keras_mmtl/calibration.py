@@ -18,7 +18,7 @@ from keras_mmtl.evaluation import (
     rescale,
     uncalibrated,
 )
-from keras_mmtl.models.builder import head_name, model_tasks
+from keras_mmtl.models.spec import describe
 
 _LOG_T = (-3.0, 3.0)  # temperatures from 0.05 to 20
 
@@ -99,12 +99,11 @@ def calibrate(model, records, split="val", *, batch_size=64):
     if not (records.splits == split).any():
         raise ValueError(f"calibrate() fits on the {split!r} split, and the records have no "
                          f"{split} rows.")
-    tasks = model_tasks(model)
-    heads = {None: model.get_layer(head_name())} if tasks is None else {
-        task: model.get_layer(head_name(task)) for task in tasks}
+    spec = describe(model)
+    heads = {task: model.get_layer(spec.head(task)) for task in spec.tasks}
     with uncalibrated(model):  # fit from the probabilities as trained, not an earlier fit's
         labels, probabilities = predict_records(model, records, split, batch_size)
-    if tasks is None:
+    if not spec.multi_output:
         labels, probabilities = {None: labels}, {None: probabilities}
     results = {}
     for task, head in heads.items():
@@ -117,4 +116,4 @@ def calibrate(model, records, split="val", *, batch_size=64):
             expected_calibration_error(labels[task], scaled),
             negative_log_likelihood(labels[task], raw),
             negative_log_likelihood(labels[task], scaled), split)
-    return results[None] if tasks is None else results
+    return results if spec.multi_output else results[None]

@@ -99,13 +99,14 @@ def cmd_tune(args):
 def cmd_evaluate(args):
     from keras_mmtl.config import from_arguments
     from keras_mmtl.evaluation import evaluate, modality_report
-    from keras_mmtl.models import class_names, model_modalities, model_tasks
+    from keras_mmtl.models import describe
 
     model = _load(args.model)
-    records = from_arguments(args).data.read(class_names=model_tasks(model) or class_names(model))
+    spec = describe(model)
+    records = from_arguments(args).data.read(class_names=spec.label_classes)
     out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(args.model)), "eval")
     _report(evaluate(model, records, args.split, out_dir=out_dir), out_dir)
-    if len(model_modalities(model)) > 1:
+    if len(spec.modalities) > 1:
         print(modality_report(model, records, args.split, out_dir=out_dir).table())
 
 

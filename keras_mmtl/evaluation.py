@@ -10,8 +10,7 @@ import numpy as np
 from keras_mmtl.data.pipeline import make_dataset
 from keras_mmtl.files import write_json
 from keras_mmtl.modalities import modality_kind
-from keras_mmtl.models.builder import class_names as model_class_names
-from keras_mmtl.models.builder import dataset_arguments, head_name, model_modalities, model_tasks
+from keras_mmtl.models.spec import describe
 from keras_mmtl.plots import plot_confusion_matrix, plot_curves, plot_reliability
 from keras_mmtl.progress import predict_with_progress
 
@@ -220,7 +219,8 @@ def predict_records(model, records, split=None, batch_size=64, title=None):
     out). A model without presence inputs (`missing_modalities=False`) sees
     a missing image as a black image and a missing text as an empty one.
     """
-    arguments = dataset_arguments(model)
+    spec = describe(model)
+    arguments = spec.dataset_arguments()
     arguments["presence"] += tuple(m for m in arguments["modalities"] if modality_kind(m) ==
                                    "image" and m not in arguments["presence"])
     names = list(model.input)
@@ -229,11 +229,10 @@ def predict_records(model, records, split=None, batch_size=64, title=None):
     probabilities = predict_with_progress(
         model, ds.map(lambda x, y: {name: x[name] for name in names}),
         title or f"Scoring the {split or 'given'} split", len(rows), batch_size)
-    tasks = model_tasks(model)
-    if tasks is None:
+    if not spec.multi_output:
         return rows.labels, probabilities
-    return ({task: rows.task_labels(task) for task in tasks},
-            {task: probabilities[task] for task in tasks})
+    return ({task: rows.task_labels(task) for task in spec.tasks},
+            {task: probabilities[task] for task in spec.tasks})
 
 
 def evaluate(model, records, split="test", *, out_dir=None, batch_size=64):
@@ -257,25 +256,25 @@ def evaluate(model, records, split="test", *, out_dir=None, batch_size=64):
     >>> report = evaluate(model, records, out_dir="runs/x/eval")  # doctest: +SKIP
     >>> print(report.summary())  # doctest: +SKIP
     """
-    tasks = _check_classes(model, records)
+    spec = _check_classes(model, records)
     labels, probabilities = predict_records(model, records, split, batch_size)
     raw = None
     if any(head.temperature != 1 for head in _heads(model)):  # calibrated: the ECE before too
         with uncalibrated(model):
             raw = predict_records(model, records, split, batch_size,
                                   title=f"Scoring the {split} split before calibration")[1]
-    if tasks is None:
+    if not spec.multi_output:
         labels, probabilities, raw = {None: labels}, {None: probabilities}, {None: raw}
     reports = {}
     for task in labels:
         reports[task] = report = classification_report(
-            labels[task], probabilities[task], model_class_names(model, task))
-        report.temperature = model.get_layer(head_name(task)).temperature
+            labels[task], probabilities[task], spec.class_names(task))
+        report.temperature = model.get_layer(spec.head(task)).temperature
         if report.temperature != 1:
             report.ece_uncalibrated = expected_calibration_error(labels[task], raw[task])
         if out_dir is not None:
             report.save(out_dir if task is None else os.path.join(out_dir, task))
-    return reports[None] if tasks is None else reports
+    return reports if spec.multi_output else reports[None]
 
 
 @contextlib.contextmanager
@@ -300,26 +299,26 @@ def uncalibrated(model):
 
 def _heads(model):
     """The head layer of each task (of the one output)."""
-    return [model.get_layer(head_name(task)) for task in model_tasks(model) or [None]]
+    spec = describe(model)
+    return [model.get_layer(spec.head(task)) for task in spec.tasks]
 
 
 def _check_classes(model, records):
-    """The model's tasks (`model_tasks`), once the records are known to share their classes."""
-    tasks = model_tasks(model)
-    expected = {None: model_class_names(model)} if tasks is None else tasks
-    for task, names in expected.items():
+    """The model's spec (`describe`), once the records are known to share its classes."""
+    spec = describe(model)
+    for task, names in spec.tasks.items():
         if task is not None and task not in records.tasks:
             raise ValueError(f"The model has a task {task!r} that the records lack; their tasks "
                              f"(label columns): {list(records.tasks)}. Read the data with "
-                             "label_column=list(keras_mmtl.models.model_tasks(model)).")
+                             "label_column=list(keras_mmtl.describe(model).tasks).")
         found = records.class_names if task is None else records.tasks[task]
         if list(found) != names:
             raise ValueError(
                 f"The records' classes{'' if task is None else f' of {task!r}'} differ from the "
-                "model's. Read the data with class_names=keras_mmtl.models."
-                f"{'class_names' if task is None else 'model_tasks'}(model). "
+                "model's. Read the data with "
+                "class_names=keras_mmtl.describe(model).label_classes. "
                 f"Model: {names[:5]}...; data: {list(found)[:5]}...")
-    return tasks
+    return spec
 
 
 @dataclasses.dataclass
@@ -367,7 +366,7 @@ def modality_report(model, records, split="test", *, task=None, out_dir=None, ba
     without image       0.7020    0.5410
     without text        0.8050    0.7170
     """
-    modalities = model_modalities(model)
+    modalities = describe(model).modalities
     if len(modalities) < 2:
         raise ValueError(f"A modality report needs a model with two or more inputs; this one "
                          f"takes {list(modalities)}.")
@@ -375,15 +374,15 @@ def modality_report(model, records, split="test", *, task=None, out_dir=None, ba
     conditions = {"all inputs": rows}
     for name in (m for m in modalities if modality_kind(m) != "tabular"):  # never missing
         conditions[f"without {name}"] = rows.without(name, np.ones(len(rows), bool))
-    tasks = _check_classes(model, records)
-    task = task or next(iter(tasks or [None]))
+    spec = _check_classes(model, records)
+    task = task or next(iter(spec.tasks))
     report = ModalityReport({})
     for condition, data in conditions.items():
         labels, probabilities = predict_records(model, data, None, batch_size,
                                                 title=f"Modality report, {condition}")
-        if tasks is not None:
+        if spec.multi_output:
             labels, probabilities = labels[task], probabilities[task]
-        scores = classification_report(labels, probabilities, model_class_names(model, task))
+        scores = classification_report(labels, probabilities, spec.class_names(task))
         report.rows[condition] = {"accuracy": scores.accuracy, "macro_f1": scores.macro_f1}
     if out_dir is not None:
         write_json(os.path.join(out_dir, "modalities.json"), report.to_dict())

@@ -16,11 +16,10 @@ from keras_mmtl.modalities import modality_kind
 from keras_mmtl.models import (
     build_classifier_for,
     clone_classifier,
+    describe,
     ensemble,
     learn_text_vocabulary,
     mirror_averaged,
-    model_modalities,
-    model_tasks,
 )
 from keras_mmtl.presets import (
     DEFAULT_PRESET,
@@ -182,7 +181,7 @@ def run_experiment(config, *, overwrite=False, verbose="auto"):
         save_atomic(model.save, model_path)
     result = ExperimentResult(model, evaluate(model, records, "test", out_dir=eval_dir), run_dir,
                               history)
-    if len(model_modalities(model)) > 1:
+    if len(describe(model).modalities) > 1:
         result.modalities = modality_report(model, records, "test", out_dir=eval_dir)
     if config.output.export:
         result.export_path = export_saved_model(
@@ -193,8 +192,8 @@ def run_experiment(config, *, overwrite=False, verbose="auto"):
 
 def _mirrorable(model):
     """Whether `mirror_averaged` applies: one task, and an image input."""
-    return len(model_tasks(model) or [None]) == 1 and any(
-        modality_kind(name) == "image" for name in model_modalities(model))
+    spec = describe(model)
+    return len(spec.tasks) == 1 and any(modality_kind(name) == "image" for name in spec.modalities)
 
 
 def resolve_preset(config, rows):

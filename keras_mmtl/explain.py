@@ -28,14 +28,8 @@ import tensorflow as tf
 
 from keras_mmtl.export import encoded_inputs, request_inputs
 from keras_mmtl.modalities import modality_kind
-from keras_mmtl.models.builder import (
-    class_names,
-    image_size,
-    model_modalities,
-    model_tasks,
-    presence_modalities,
-)
 from keras_mmtl.models.fusion import AttentionFusion, GatedFusion
+from keras_mmtl.models.spec import describe
 
 HTML_FILE = "explanation.html"
 
@@ -262,9 +256,10 @@ def explain(model, image=None, text=None, *, task=None, target=None, baseline="b
     if steps < 2:
         raise ValueError(f"steps must be at least 2 (the path's two ends). Received: "
                          f"steps={steps}")
+    spec = describe(model)
     raw = _raw_inputs(model, {"image": image, "text": text, **inputs})
-    names = class_names(model, task)
-    task = task or next(iter(model_tasks(model) or [None]))
+    names = spec.class_names(task)
+    task = task or next(iter(spec.tasks))
     model_inputs, _ = request_inputs(model, check=False)  # ablations send empty texts
     sample = _model_inputs(model_inputs, model, raw)
     probabilities = _probabilities(model, sample, task)[0]
@@ -279,7 +274,7 @@ def explain(model, image=None, text=None, *, task=None, target=None, baseline="b
     explanation = Explanation(target=names[index], probability=float(probabilities[index]),
                               prediction=names[int(np.argmax(probabilities))],
                               task=task)
-    given = [name for name in model_modalities(model) if name != "tabular" and _has(raw[name])]
+    given = [name for name in spec.modalities if name != "tabular" and _has(raw[name])]
     for name in given:
         if modality_kind(name) == "image":
             attribution, start, delta = _integrated_gradients(
@@ -291,7 +286,7 @@ def explain(model, image=None, text=None, *, task=None, target=None, baseline="b
         else:
             explanation.word_attributions[name] = _word_occlusion(
                 model, model_inputs, raw, name, index, task)
-    if given and len([m for m in model_modalities(model) if m != "tabular"]) > 1:
+    if given and len([m for m in spec.modalities if m != "tabular"]) > 1:
         explanation.modality_drops = _modality_drops(model, model_inputs, raw, given, index,
                                                      task, probabilities[index])
     explanation.fusion_gates = _fusion_gates(model, sample)
@@ -300,11 +295,11 @@ def explain(model, image=None, text=None, *, task=None, target=None, baseline="b
 
 def _raw_inputs(model, given):
     """The request values of one sample: input name -> a list of one value (None: missing)."""
-    modalities = model_modalities(model)
+    spec = describe(model)
+    modalities, optional = spec.modalities, spec.presence
     unknown = sorted(n for n, v in given.items() if n not in modalities and v is not None)
     if unknown:
         raise ValueError(f"This model has no inputs {unknown}; it takes {list(modalities)}.")
-    optional = presence_modalities(model)
     missing = [name for name in modalities if given.get(name) is None
                and (name not in optional or name == "tabular")]
     if missing:
@@ -322,7 +317,7 @@ def _has(values):
 def _model_inputs(model_inputs, model, raw):
     """The model's input dict for a batch of request values (lists of equal length)."""
     return model_inputs(*(tf.constant(np.stack(raw[name]) if name == "tabular" else raw[name])
-                          for name in model_modalities(model)))
+                          for name in describe(model).modalities))
 
 
 def _probabilities(model, inputs, task):
@@ -346,9 +341,10 @@ def _removed(model, name):
     """
     if modality_kind(name) == "text":
         return ""
-    if name in presence_modalities(model):
+    spec = describe(model)
+    if name in spec.presence:
         return b""
-    return tf.io.encode_png(tf.zeros((*image_size(model), 3), tf.uint8)).numpy()
+    return tf.io.encode_png(tf.zeros((*spec.image_size, 3), tf.uint8)).numpy()
 
 
 def black_baseline(image):
@@ -450,7 +446,7 @@ def _fusion_gates(model, sample):
     if fusion is None:
         return {}
     # The fusion's inputs: one feature tensor per modality, then their presence masks.
-    modalities = model_modalities(model)
+    modalities = describe(model).modalities
     tensors = keras.Model(model.input, fusion.input)(sample, training=False)
     features, presence = tensors[:len(modalities)], tensors[len(modalities):] or None
     _, gates = (fusion(features, presence=presence, return_gates=True)

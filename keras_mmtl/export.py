@@ -14,15 +14,9 @@ from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
 
 from keras_mmtl.data.images import MAX_MEGAPIXELS, decode_image, decode_optional_image
 from keras_mmtl.modalities import modality_kind, ordered
-from keras_mmtl.models.builder import (
-    class_names,
-    embedding_model,
-    image_size,
-    model_modalities,
-    model_tasks,
-    presence_modalities,
-)
+from keras_mmtl.models.builder import embedding_model
 from keras_mmtl.models.missing import presence_input
+from keras_mmtl.models.spec import describe
 from keras_mmtl.models.text import register_text_ops
 from keras_mmtl.op_audit import audit_ops
 
@@ -59,7 +53,7 @@ def serving_function(model, top_k=5, max_megapixels=MAX_MEGAPIXELS):
         not served).
     """
     model_inputs, signature = request_inputs(model, max_megapixels)
-    tasks = model_tasks(model) or {None: class_names(model)}
+    tasks = describe(model).tasks
 
     def serve(*inputs):
         predictions = model(model_inputs(*inputs), training=False)
@@ -113,11 +107,10 @@ def request_inputs(model, max_megapixels=MAX_MEGAPIXELS, check=True):
 
     Returns:
         `(fn, input_signature)`: `fn(*tensors)` (one per modality, in
-        `model_modalities(model)` order) gives the model's input dict.
+        `describe(model).modalities` order) gives the model's input dict.
     """
-    modalities = model_modalities(model)
-    optional = presence_modalities(model)
-    size = image_size(model)
+    spec = describe(model)
+    modalities, optional, size = spec.modalities, spec.presence, spec.image_size
     signature = [tf.TensorSpec(model.input[name].shape, tf.float32, name=name)
                  if name == "tabular" else tf.TensorSpec([None], tf.string, name=name)
                  for name in modalities]
@@ -308,10 +301,11 @@ def write_warmup_requests(model, export_dir, model_name, batch_sizes):
     if not sizes or min(sizes) < 1:
         raise ValueError(f"Give one or more batch sizes of at least 1. Received: {batch_sizes}")
     sample = {}  # one sample's value of each input
-    for name in model_modalities(model):
+    spec = describe(model)
+    for name in spec.modalities:
         kind = modality_kind(name)
         if kind == "image":
-            grey = tf.fill((*image_size(model), 3), tf.constant(128, tf.uint8))
+            grey = tf.fill((*spec.image_size, 3), tf.constant(128, tf.uint8))
             sample[name] = tf.io.encode_jpeg(grey).numpy()
         elif kind == "text":
             sample[name] = "warm-up request"
@@ -453,13 +447,12 @@ def served(model, top_k=5):
             optional=tuple(specs))  # the export decides: a needed image that is empty fails
     serve, signature = serving_function(model, top_k)
     serve = tf.function(serve, input_signature=signature)
-    modalities = model_modalities(model)
-    tasks = model_tasks(model) or {None: class_names(model)}
-    return Served(run=lambda tensors: serve(*(tensors[name] for name in modalities)),
-                  inputs={spec.name: spec for spec in signature},
-                  tasks=list(tasks),
-                  top={task: min(top_k, len(labels)) for task, labels in tasks.items()},
-                  optional=presence_modalities(model))
+    spec = describe(model)
+    return Served(run=lambda tensors: serve(*(tensors[name] for name in spec.modalities)),
+                  inputs={tensor.name: tensor for tensor in signature},
+                  tasks=list(spec.tasks),
+                  top={task: min(top_k, len(labels)) for task, labels in spec.tasks.items()},
+                  optional=spec.presence)
 
 
 def request_columns(images=None, texts=None, tabular=None, **inputs):

@@ -21,16 +21,12 @@ import tensorflow as tf
 
 from keras_mmtl.data.pipeline import make_dataset
 from keras_mmtl.modalities import is_input_name, modality_kind
-from keras_mmtl.models.builder import (
-    clone_classifier,
-    dataset_arguments,
-    output_tasks,
-)
-from keras_mmtl.models.text import TextTokenizer
+from keras_mmtl.models.builder import clone_classifier
+from keras_mmtl.models.spec import describe
+from keras_mmtl.models.text import TOKENIZER
 from keras_mmtl.training.cache import branch_outputs
 
 QUANTIZATIONS = ("float32", "float16", "int8")
-TOKENIZER = "text_tokenizer"
 
 
 def ids_input(modality):
@@ -45,29 +41,28 @@ def tflite_graph(model):
     Only the `"scratch"` text encoder tokenizes into one tensor of ids; the
     TF-IDF and pretrained encoders are refused.
     """
-    if output_tasks(model) is not None:
+    spec = describe(model)
+    if spec.multi_output:
         raise ValueError("TFLite export takes a classifier with one output; this one has "
                          f"{list(model.output)}.")
-    has_text = any(is_input_name(name) and modality_kind(name) == "text" for name in model.input)
-    clone = clone_classifier(model)
-    if has_text and TOKENIZER not in {layer.name for layer in clone.layers} and any(
+    texts = [name for name in spec.modalities if modality_kind(name) == "text"]
+    if texts and not spec.tokenizers and any(
             isinstance(layer, keras.Model) and TOKENIZER in {inner.name for inner in layer.layers}
-            for layer in clone.layers):
+            for layer in model.layers):
         raise ValueError("TFLite export cuts a classifier after its text tokenizer, and this "
                          "one holds its tokenizer inside members (an ensemble or a "
                          "mirror-averaged model): export a single trained classifier.")
+    if any(name not in spec.tokenizers for name in texts):
+        raise ValueError("TFLite export needs the 'scratch' text encoder (its tokenizer "
+                         "gives token ids the app can compute); this model's text "
+                         "encoder tokenizes inside its graph.")
+    clone = clone_classifier(model)
     inputs = {}
     for name in clone.input:  # modalities and presence masks
-        if not is_input_name(name) or modality_kind(name) != "text":
+        if name in spec.tokenizers:
+            inputs[ids_input(name)] = branch_outputs(clone, spec.tokenizers[name], name)[0]
+        else:
             inputs[name] = clone.input[name]
-            continue
-        ids = branch_outputs(clone, TOKENIZER, name) if TOKENIZER in {
-            layer.name for layer in clone.layers} else []
-        if len(ids) != 1 or not isinstance(clone.get_layer(TOKENIZER), TextTokenizer):
-            raise ValueError("TFLite export needs the 'scratch' text encoder (its tokenizer "
-                             "gives token ids the app can compute); this model's text "
-                             "encoder tokenizes inside its graph.")
-        inputs[ids_input(name)] = ids[0]
     with warnings.catch_warnings():  # the ids keys differ from the tensors' own names
         warnings.simplefilter("ignore", UserWarning)
         return keras.Model(inputs, clone.output, name=f"{model.name}_tflite")
@@ -105,10 +100,17 @@ def export_tflite(model, path, quantization="float32"):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "wb") as f:
         f.write(flatbuffer)
-    if TOKENIZER in {layer.name for layer in model.layers}:
+    tokenizer = _tokenizer(model)
+    if tokenizer is not None:
         with open(f"{os.path.splitext(path)[0]}.vocab.txt", "w", encoding="utf-8") as f:
-            f.writelines(f"{token}\n" for token in model.get_layer(TOKENIZER).vocabulary)
+            f.writelines(f"{token}\n" for token in tokenizer.vocabulary)
     return path
+
+
+def _tokenizer(model):
+    """The classifier's in-graph tokenizer (one, shared by its text inputs), or `None`."""
+    tokenizers = describe(model).tokenizers
+    return model.get_layer(next(iter(tokenizers.values()))) if tokenizers else None
 
 
 def string_ops(model):
@@ -187,9 +189,8 @@ def tflite_predict(flatbuffer, model, records, split="test", batch_size=32):
         with open(flatbuffer, "rb") as f:
             flatbuffer = f.read()
     runner = interpreter(flatbuffer).get_signature_runner()
-    tokenizer = model.get_layer(TOKENIZER) if TOKENIZER in {
-        layer.name for layer in model.layers} else None
-    arguments = dataset_arguments(model)
+    tokenizer = _tokenizer(model)
+    arguments = describe(model).dataset_arguments()
     arguments["presence"] += tuple(m for m in arguments["modalities"] if modality_kind(m) ==
                                    "image" and m not in arguments["presence"])
     probabilities = []

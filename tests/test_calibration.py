@@ -13,7 +13,7 @@ from keras_mmtl.evaluation import (
 )
 from keras_mmtl.data.pipeline import make_dataset
 from keras_mmtl.export import export_saved_model
-from keras_mmtl.models import build_classifier_for, dataset_arguments, ensemble
+from keras_mmtl.models import build_classifier_for, describe, ensemble
 from keras_mmtl.training import train
 from keras_mmtl.training.losses import ClassificationLoss
 
@@ -93,7 +93,7 @@ def test_a_new_temperature_reaches_functions_already_compiled(product_records, m
     model = models[0] if members == 1 else ensemble(models)
     model.compile(loss=ClassificationLoss())
     _, before = predict_records(model, product_records, "test")  # traces predict
-    dataset = make_dataset(product_records, "test", **dataset_arguments(model))
+    dataset = make_dataset(product_records, "test", **describe(model).dataset_arguments())
     loss = model.evaluate(dataset, verbose=0)  # traces evaluate
     model.get_layer("head").temperature = 4.0
     _, after = predict_records(model, product_records, "test")

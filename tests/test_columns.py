@@ -11,7 +11,7 @@ from conftest import product_rows, write_image, write_manifest
 from keras_mmtl.data import DataValidationError, make_dataset, read_manifest
 from keras_mmtl.evaluation import evaluate, modality_report
 from keras_mmtl.export import export_saved_model, predict
-from keras_mmtl.models import build_classifier, build_classifier_for, dataset_arguments
+from keras_mmtl.models import build_classifier, build_classifier_for, describe
 from keras_mmtl.training import train
 from keras_mmtl.training.cache import cacheable_outputs
 
@@ -88,7 +88,7 @@ def test_inputs_of_a_kind_share_their_branch(records, tmp_path):
     # One vocabulary for both text columns.
     assert {"nice", "cotton", "wool"} <= set(layers["text_tokenizer"].vocabulary)
     assert cacheable_outputs(model) == {"text": "text_tokenizer", "text_2": "text_tokenizer"}
-    features, _ = next(iter(make_dataset(records, "test", **dataset_arguments(model))))
+    features, _ = next(iter(make_dataset(records, "test", **describe(model).dataset_arguments())))
     path = str(tmp_path / "m.keras")
     model.save(path)
     np.testing.assert_allclose(keras.models.load_model(path).predict(features, verbose=0),

@@ -36,7 +36,7 @@ REPLICAS = textwrap.dedent("""
     strategy = distribution_strategy("auto" if mode == "worker" else "mirrored")
 
     from keras_mmtl.data import from_arrays, make_dataset
-    from keras_mmtl.models import build_classifier_for, dataset_arguments
+    from keras_mmtl.models import build_classifier_for, describe
     from keras_mmtl.training import train
 
     rng = np.random.default_rng(0)
@@ -51,7 +51,7 @@ REPLICAS = textwrap.dedent("""
     replicas = strategy.num_replicas_in_sync
     history = train(model, records, run_dir, epochs=2, fine_tune_epochs=1,
                     batch_size=8 // replicas, verbose=0)
-    batch = make_dataset(records, "train", **dataset_arguments(model), batch_size=8)
+    batch = make_dataset(records, "train", **describe(model).dataset_arguments(), batch_size=8)
     shares = strategy.experimental_local_results(
         next(iter(strategy.experimental_distribute_dataset(batch)))[1])
     np.savez(out, replicas=replicas, epochs=len(history["epoch"]),

@@ -12,12 +12,7 @@ from keras_mmtl.data import make_dataset, make_demo_dataset, read_manifest
 from keras_mmtl.data.demo import COLOURS
 from keras_mmtl.data.images import decode_image
 from keras_mmtl.explain import BASELINES, explain
-from keras_mmtl.models import (
-    build_classifier,
-    build_classifier_for,
-    class_names,
-    dataset_arguments,
-)
+from keras_mmtl.models import build_classifier, build_classifier_for, describe
 from keras_mmtl.training import compile_classifier
 
 SMALL = dict(image_backbone="small_cnn", image_weights=None, image_size=(32, 32))
@@ -61,9 +56,9 @@ def demo(tmp_path_factory):
     keras.utils.set_random_seed(0)
     model = build_classifier_for(records, **SMALL, fusion_units=32)
     compile_classifier(model, 3e-3)
-    model.fit(make_dataset(records, "train", **dataset_arguments(model), batch_size=32),
+    model.fit(make_dataset(records, "train", **describe(model).dataset_arguments(), batch_size=32),
               epochs=8, verbose=0)
-    test = make_dataset(records, "test", **dataset_arguments(model), batch_size=64)
+    test = make_dataset(records, "test", **describe(model).dataset_arguments(), batch_size=64)
     accuracy = model.evaluate(test, verbose=0, return_dict=True)["accuracy"]
     assert accuracy > 0.9, f"the demo model did not learn (test accuracy {accuracy:.2f})"
     rows = records.subset("test")
@@ -127,7 +122,7 @@ def test_attributions_add_up_to_the_change_from_the_baseline(demo, baseline, ste
     explanation = explain(demo["model"], image, text, baseline=baseline, steps=steps)
     pixels = decode_image(tf.io.read_file(image), SMALL["image_size"])[None]
     start = demo["model"]({"image": BASELINES[baseline](pixels), "text": tf.constant([text])})
-    class_index = class_names(demo["model"]).index(explanation.target)
+    class_index = describe(demo["model"]).class_names().index(explanation.target)
     assert explanation.baseline_probabilities["image"] == pytest.approx(
         float(start[0, class_index]), abs=1e-4)
     change = explanation.probability - explanation.baseline_probabilities["image"]

@@ -14,7 +14,7 @@ from conftest import product_rows, write_manifest
 from keras_mmtl.data import make_dataset, read_manifest
 from keras_mmtl.evaluation import predict_records
 from keras_mmtl.export import export_saved_model, predict, serving_function
-from keras_mmtl.models import build_classifier_for, dataset_arguments, embedding_model
+from keras_mmtl.models import build_classifier_for, describe, embedding_model
 from keras_mmtl.op_audit import OpAuditError, custom_ops, saved_model_ops
 
 
@@ -157,7 +157,8 @@ def test_export_answers_like_the_keras_model_in_a_fresh_process(tmp_path, produc
     np.testing.assert_allclose(served["probabilities"], expected, atol=1e-4)
     names = [model.get_layer("head").class_names[i] for i in expected.argmax(axis=1)]
     assert served["label"] == names
-    features = make_dataset(product_records, "test", **dataset_arguments(model), batch_size=64)
+    features = make_dataset(product_records, "test", **describe(model).dataset_arguments(),
+                            batch_size=64)
     embeddings = embedding_model(model).predict(features.map(lambda x, y: x), verbose=0)
     np.testing.assert_allclose(served["embedding"], embeddings, atol=1e-4)
 

@@ -11,7 +11,7 @@ from conftest import COLOURS, product_rows, write_image, write_manifest
 from keras_mmtl.data import DataValidationError, from_arrays, make_dataset, read_manifest
 from keras_mmtl.evaluation import modality_report
 from keras_mmtl.export import export_saved_model, latest_version
-from keras_mmtl.models import ModalityDropout, build_classifier_for, dataset_arguments
+from keras_mmtl.models import ModalityDropout, build_classifier_for, describe
 from keras_mmtl.training import train
 
 SMALL = dict(image_backbone="small_cnn", image_weights=None, image_size=(16, 16))
@@ -72,7 +72,7 @@ def test_training_with_modality_dropout_saves_and_reloads(tmp_path, gappy, cache
           cache_features=cache, verbose=0, projector=False)
     loaded = keras.models.load_model(str(tmp_path / "run" / "model.keras"))
     assert isinstance(loaded.get_layer("modality_dropout"), ModalityDropout)
-    data = make_dataset(records, "test", **dataset_arguments(model), batch_size=8)
+    data = make_dataset(records, "test", **describe(model).dataset_arguments(), batch_size=8)
     features = next(iter(data))[0]
     np.testing.assert_allclose(model(features), loaded(features), atol=1e-5)
 

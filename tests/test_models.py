@@ -22,12 +22,10 @@ from keras_mmtl.models import (
     build_classifier,
     build_classifier_for,
     build_image_backbone,
-    class_names,
-    image_size,
+    describe,
     learn_ngrams,
     learn_tfidf,
     learn_vocabulary,
-    model_modalities,
     tokenize,
     unfreeze_top_blocks,
 )
@@ -111,8 +109,8 @@ def test_classifier_builds_saves_and_loads(tmp_path, modalities):
         ["a", "b", "c"], text_vocabulary=VOCAB,
         **{**SMALL, "image_backbone": SMALL["image_backbone"] if "image" in modalities else None,
            "text_encoder": "scratch" if "text" in modalities else None})
-    assert model_modalities(model) == modalities
-    assert class_names(model) == ["a", "b", "c"]
+    assert describe(model).modalities == modalities
+    assert describe(model).class_names() == ["a", "b", "c"]
     inputs = {"image": tf.random.uniform((2, 32, 32, 3), maxval=255),
               "text": tf.constant(["a cotton thing", "wool"])}
     inputs = {k: v for k, v in inputs.items() if k in modalities}
@@ -121,7 +119,7 @@ def test_classifier_builds_saves_and_loads(tmp_path, modalities):
     model.save(tmp_path / "m.keras")
     loaded = keras.models.load_model(tmp_path / "m.keras", safe_mode=True)
     np.testing.assert_allclose(loaded(inputs).numpy(), probabilities, atol=1e-6)
-    assert image_size(loaded) == ((32, 32) if "image" in modalities else None)
+    assert describe(loaded).image_size == ((32, 32) if "image" in modalities else None)
 
 
 def test_pretrained_backbone_is_frozen_by_default_random_one_is_not():

@@ -13,15 +13,7 @@ from conftest import product_rows, write_manifest
 from keras_mmtl.data import DataValidationError, from_arrays, make_dataset, read_manifest
 from keras_mmtl.evaluation import evaluate, modality_report
 from keras_mmtl.export import export_saved_model, predict
-from keras_mmtl.models import (
-    auxiliary_output,
-    build_classifier,
-    build_classifier_for,
-    class_names,
-    dataset_arguments,
-    model_tasks,
-    output_tasks,
-)
+from keras_mmtl.models import auxiliary_output, build_classifier, build_classifier_for, describe
 from keras_mmtl.training import train
 
 SMALL = dict(image_backbone="small_cnn", image_weights=None, image_size=(16, 16))
@@ -86,11 +78,12 @@ def test_a_multi_task_model_has_one_output_per_task(task_records, auxiliary, tmp
     model = build_classifier_for(task_records, auxiliary_heads=auxiliary, **SMALL)
     aux = [auxiliary_output(t, m) for t in TASKS for m in ("image", "text")] if auxiliary else []
     assert list(model.output) == TASKS + aux
-    assert model_tasks(model) == task_records.tasks
-    assert output_tasks(model) == {**{t: t for t in TASKS}, **{a: a.split("_")[0] for a in aux}}
-    assert class_names(model) == ["blue", "red"] and class_names(model, "material") == [
-        "cotton", "wool"]
-    features, labels = next(iter(make_dataset(task_records, "train", **dataset_arguments(model))))
+    spec = describe(model)
+    assert spec.tasks == task_records.tasks
+    assert spec.outputs == {**{t: t for t in TASKS}, **{a: a.split("_")[0] for a in aux}}
+    assert spec.class_names() == ["blue", "red"]
+    assert spec.class_names("material") == ["cotton", "wool"]
+    features, labels = next(iter(make_dataset(task_records, "train", **spec.dataset_arguments())))
     assert sorted(labels) == sorted(model.output)
     for name in aux:  # an auxiliary head learns its task's labels
         np.testing.assert_array_equal(labels[name], labels[name.split("_")[0]])
@@ -170,7 +163,7 @@ def test_the_export_serves_every_task_in_a_fresh_process(task_records, tmp_path)
     served = json.loads(served)
     assert sorted(served) == ["colour_probabilities", "material_probabilities"]
     keras_outputs = model.predict(next(iter(make_dataset(
-        test, **dataset_arguments(model), batch_size=4)))[0], verbose=0)
+        test, **describe(model).dataset_arguments(), batch_size=4)))[0], verbose=0)
     for task in TASKS:
         np.testing.assert_allclose(served[f"{task}_probabilities"], keras_outputs[task],
                                    atol=1e-4)

@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from keras_mmtl.data import from_arrays, make_dataset
-from keras_mmtl.models import build_classifier_for, dataset_arguments
+from keras_mmtl.models import build_classifier_for, describe
 from keras_mmtl.training import setup_precision
 from keras_mmtl.training.trainer import compile_classifier
 from test_xla import KINDS, SMALL, kind_records, phase_model
@@ -121,7 +121,7 @@ def test_xla_compiles_mixed_precision_training(policy, kind, phase, tmp_path):
 
 
 def _dataset(model, records):
-    return make_dataset(records, "train", **dataset_arguments(model), batch_size=16,
+    return make_dataset(records, "train", **describe(model).dataset_arguments(), batch_size=16,
                         shuffle=False)
 
 

@@ -6,7 +6,7 @@ import pytest
 
 from keras_mmtl.data.pipeline import make_dataset
 from keras_mmtl.evaluation import predict_records
-from keras_mmtl.models import build_classifier_for, dataset_arguments
+from keras_mmtl.models import build_classifier_for, describe
 from keras_mmtl.training.pruning import (
     MagnitudePruning,
     compressed_size,
@@ -64,8 +64,9 @@ def test_prune_reaches_its_target_keeps_the_answers_and_the_file_shrinks(product
     keras.utils.set_random_seed(0)
     model = build_classifier_for(product_records, **SMALL)
     compile_classifier(model, 3e-3)
-    model.fit(make_dataset(product_records, "train", **dataset_arguments(model), batch_size=8),
-              epochs=8, shuffle=False, verbose=0)
+    data = make_dataset(product_records, "train", **describe(model).dataset_arguments(),
+                        batch_size=8)
+    model.fit(data, epochs=8, shuffle=False, verbose=0)
     labels, before = predict_records(model, product_records)  # all 24 rows
     # The known answer needs the colour and the word: a model guessing either is right on half.
     assert (before.argmax(axis=1) == labels).mean() >= 0.9

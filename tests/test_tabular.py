@@ -7,7 +7,7 @@ import tensorflow as tf
 from conftest import product_rows, write_manifest
 from keras_mmtl.data import DataValidationError, from_arrays, read_manifest
 from keras_mmtl.export import export_saved_model, latest_version, predict
-from keras_mmtl.models import build_classifier_for, model_modalities
+from keras_mmtl.models import build_classifier_for, describe
 from keras_mmtl.training import train
 
 
@@ -42,7 +42,7 @@ def test_a_model_on_text_and_numbers_learns_and_exports(tmp_path):
     records = from_arrays(labels, texts=["a thing"] * 80, tabular=tabular,
                           splits=(["train"] * 6 + ["val", "test"]) * 10)
     model = build_classifier_for(records, fusion="hierarchical")
-    assert model_modalities(model) == ("text", "tabular")
+    assert describe(model).modalities == ("text", "tabular")
     history = train(model, records, str(tmp_path / "run"), epochs=10, learning_rate=3e-3,
                     patience=10, verbose=0, projector=False)
     assert max(history["val_accuracy"]) == 1.0

@@ -10,12 +10,7 @@ import tensorflow as tf
 
 from keras_mmtl.data.pipeline import make_dataset
 from keras_mmtl.evaluation import predict_records
-from keras_mmtl.models import (
-    build_classifier,
-    build_classifier_for,
-    dataset_arguments,
-    mirror_averaged,
-)
+from keras_mmtl.models import build_classifier, build_classifier_for, describe, mirror_averaged
 from keras_mmtl.tflite import (
     convert,
     export_tflite,
@@ -64,7 +59,7 @@ def _trained_on_products(records):
     model = build_classifier_for(records, missing_modalities=True, image_backbone="small_cnn",
                                  image_weights=None, image_size=(16, 16))
     compile_classifier(model, 3e-3)
-    model.fit(make_dataset(records, "train", **dataset_arguments(model), batch_size=8),
+    model.fit(make_dataset(records, "train", **describe(model).dataset_arguments(), batch_size=8),
               epochs=8, shuffle=False, verbose=0)
     return model
 

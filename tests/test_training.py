@@ -9,12 +9,7 @@ import pytest
 from conftest import MOBILENET_WEIGHTS
 from keras_mmtl.data import from_arrays
 from keras_mmtl.data.pipeline import make_dataset
-from keras_mmtl.models import (
-    backbone_network,
-    build_classifier_for,
-    build_image_backbone,
-    dataset_arguments,
-)
+from keras_mmtl.models import backbone_network, build_classifier_for, build_image_backbone, describe
 from keras_mmtl.training.losses import ClassificationLoss
 from keras_mmtl.training import class_weights, setup_precision, train
 from keras_mmtl.training.run_state import StaleRunError, check_run_folder, fingerprint
@@ -172,7 +167,7 @@ def test_class_weights_weigh_training_only(tmp_path):
     history = train(model, records, str(tmp_path), epochs=1, fine_tune_epochs=0, batch_size=8,
                     class_weight={"b": 5.0}, verbose=0, projector=False)
     model.compile(loss=ClassificationLoss())
-    val = make_dataset(records, "val", **dataset_arguments(model), batch_size=8)
+    val = make_dataset(records, "val", **describe(model).dataset_arguments(), batch_size=8)
     assert history["val_loss"][-1] == pytest.approx(model.evaluate(val, verbose=0), rel=1e-4)
 
 

@@ -13,7 +13,7 @@ from keras_mmtl.models import (
     backbone_network,
     build_classifier,
     build_classifier_for,
-    class_names,
+    describe,
     learn_vocabulary,
 )
 from keras_mmtl.models.heads import GradientReversal
@@ -78,12 +78,12 @@ def test_source_to_target_transfer_beats_training_on_the_target_alone(tmp_path, 
     train(alone, target, str(tmp_path / "alone"), **TRAINING, projector=False)
     model = build_classifier(source.class_names, text_vocabulary=vocabulary, **SMALL)
     adapted = transfer(model, source, target, str(tmp_path / "transfer"), **TRAINING)
-    assert class_names(adapted) == target.class_names
+    assert describe(adapted).class_names() == target.class_names
     assert not backbone_network(adapted).get_layer("block1_conv").trainable
     baseline, transferred = _accuracy(alone, target), _accuracy(adapted, target)
     assert transferred > 0.8 and transferred > baseline + 0.2, (transferred, baseline)
     reloaded = keras.models.load_model(tmp_path / "transfer" / "target" / "model.keras")
-    assert class_names(reloaded) == target.class_names
+    assert describe(reloaded).class_names() == target.class_names
 
 
 @pytest.mark.slow
@@ -94,7 +94,7 @@ def test_joint_training_adapts_to_the_target(tmp_path, domains, domain_adversari
     adapted = transfer(model, source, target, str(tmp_path), joint=True, alpha=0.5,
                        domain_adversarial=domain_adversarial, unlabeled=target.subset("test"),
                        epochs=6, batch_size=9, verbose=0)
-    assert class_names(adapted) == target.class_names
+    assert describe(adapted).class_names() == target.class_names
     assert _accuracy(adapted, target) > 0.8
     losses = _domain_losses(tmp_path)
     if domain_adversarial:
@@ -102,7 +102,7 @@ def test_joint_training_adapts_to_the_target(tmp_path, domains, domain_adversari
     else:
         assert not losses
     reloaded = keras.models.load_model(tmp_path / "model.keras")
-    assert class_names(reloaded) == target.class_names
+    assert describe(reloaded).class_names() == target.class_names
 
 
 @pytest.mark.slow
@@ -137,7 +137,7 @@ def test_unsupervised_adaptation_keeps_the_source_classes(tmp_path, domains):
     model = build_classifier(source.class_names, text_vocabulary=vocabulary, **SMALL)
     adapted = transfer(model, source, None, str(tmp_path), joint=True, domain_adversarial=True,
                        unlabeled=shifted.subset("train"), epochs=4, batch_size=16, verbose=0)
-    assert class_names(adapted) == source.class_names
+    assert describe(adapted).class_names() == source.class_names
     assert _accuracy(adapted, shifted) > 0.5  # its labels were never seen
     losses = _domain_losses(tmp_path)
     assert len(losses) == 4 and min(losses) > 0.6 * CHANCE, losses

@@ -422,7 +422,7 @@ def read_manifest(
         class_names: fixed label vocabulary (for example a trained model's);
             labels outside it are bad rows. By default the sorted labels seen.
             With several label columns, a dict of column -> class names
-            (`keras_mmtl.models.model_tasks(model)`).
+            (`keras_mmtl.describe(model).label_classes`).
         **options: how rows are checked and split, as `ReadOptions`:
             `skip_bad_rows`, `check_images`, `max_megapixels`,
             `allow_missing`, `allowed_root`, `min_class_count` and, without

@@ -37,7 +37,7 @@ def make_dataset(
         records: `Records` from `read_manifest`, `from_arrays`, ...
         split: `"train"`, `"val"`, `"test"` or `None` for all rows.
         image_size: `(height, width)` of the model's images (see
-            `keras_mmtl.models.image_size(model)`); needed when images are yielded.
+            `keras_mmtl.describe(model).image_size`); needed when images are yielded.
         modalities: inputs to yield, e.g. `("text",)`; default what the
             records hold.
         batch_size: samples per batch.
@@ -60,7 +60,7 @@ def make_dataset(
             a missing image is then yielded black. Without it, rows lacking an
             image are an error.
         tasks: for a model with named outputs (several tasks, auxiliary
-            heads), a dict of output name -> task (`output_tasks(model)`):
+            heads), a dict of output name -> task (`describe(model).outputs`):
             labels are then a dict of output name -> that task's labels.
 
     Returns:
@@ -97,7 +97,7 @@ def make_dataset(
                 f"split). A model for samples that miss a modality is built with "
                 "missing_modalities=True; or leave such rows out.")
     if images and image_size is None:
-        raise ValueError("Pass image_size=(height, width) (keras_mmtl.models.image_size(model)).")
+        raise ValueError("Pass image_size=(height, width) (keras_mmtl.describe(model).image_size).")
     augmenters = _augmenters(augment, modalities)
     if shuffle is None:
         shuffle = split == "train"

@@ -9,19 +9,11 @@ from keras_mmtl.models.backbones import (
     unfreeze_top_blocks,
 )
 from keras_mmtl.models.builder import (
-    auxiliary_output,
     build_classifier,
     build_classifier_for,
-    class_names,
     clone_classifier,
-    dataset_arguments,
     embedding_model,
-    image_size,
     learn_text_vocabulary,
-    model_modalities,
-    model_tasks,
-    output_tasks,
-    presence_modalities,
 )
 from keras_mmtl.models.ensemble import EnsembleHead, MirrorImages, ensemble, mirror_averaged
 from keras_mmtl.models.fusion import (
@@ -35,6 +27,7 @@ from keras_mmtl.models.fusion import (
 )
 from keras_mmtl.models.heads import ClassifierHead, GradientReversal
 from keras_mmtl.models.missing import MissingModality, ModalityDropout
+from keras_mmtl.models.spec import ClassifierSpec, auxiliary_output, describe, head_name
 from keras_mmtl.models.text import (
     TEXT_ENCODERS,
     MaskedMeanPooling,

@@ -10,6 +10,7 @@ from keras_mmtl.models.backbones import build_image_backbone, default_image_size
 from keras_mmtl.models.fusion import get_fusion
 from keras_mmtl.models.heads import ClassifierHead
 from keras_mmtl.models.missing import MissingModality, ModalityDropout, presence_input
+from keras_mmtl.models.spec import auxiliary_output, describe, head_name
 from keras_mmtl.models.text import build_text_encoder, needs_vocabulary, vocabulary_learner
 from keras_mmtl.presets import with_preset
 
@@ -211,16 +212,6 @@ def _input_names(modalities, **branches):
     return list(ordered(names))
 
 
-def head_name(output=None):
-    """The name of the head layer of one output (`None`: a one-output classifier's)."""
-    return "head" if output is None else f"head_{output}"
-
-
-def auxiliary_output(task, modality):
-    """The output name of the auxiliary head of one task on one modality alone."""
-    return f"{task}_aux_{modality}"
-
-
 def _check_task_names(tasks):
     if not tasks:
         raise ValueError("class_names is an empty dict; give each task's class names.")
@@ -353,82 +344,5 @@ def embedding_model(model):
     >>> embedding_model(model).output_shape
     (None, 256)
     """
-    head = model.get_layer(head_name(next(iter(model_tasks(model) or [None]))))
+    head = model.get_layer(describe(model).head())
     return keras.Model(model.input, head.input, name=f"{model.name}_embedding")
-
-
-def class_names(model, task=None):
-    """The class names of a classifier (of its first task, or of `task`)."""
-    tasks = model_tasks(model)
-    if tasks is None and task is None:
-        return list(model.get_layer(head_name()).class_names)
-    if tasks is None or (task is not None and task not in tasks):
-        raise ValueError(f"This classifier has no task {task!r}; its tasks: {list(tasks or [])}.")
-    return tasks[task or next(iter(tasks))]
-
-
-def output_tasks(model):
-    """`{output name: task}` of a classifier with named outputs, or `None` for one output.
-
-    A task's main output is named as the task; auxiliary heads
-    (`auxiliary_heads=True`) give outputs of their task on one modality.
-
-    Example:
-
-    >>> model = build_classifier({"type": ["a", "b"], "colour": ["red", "blue"]},
-    ...                          image_backbone=None, text_vocabulary=["x"])
-    >>> output_tasks(model)
-    {'type': 'type', 'colour': 'colour'}
-    """
-    if not isinstance(model.output, dict):
-        return None
-    # Not from the model's inputs: a model on cached features has other ones.
-    def task(name):
-        for other in model.output:
-            prefix = auxiliary_output(other, "")
-            if name.startswith(prefix) and is_input_name(name[len(prefix):]):
-                return other
-        return name
-
-    return {name: task(name) for name in model.output}
-
-
-def model_tasks(model):
-    """`{task: class names}` of a multi-task classifier's main heads, or `None` for one output.
-
-    Pass it as `class_names=` to `read_manifest` to read data for the model.
-    """
-    tasks = output_tasks(model)
-    if tasks is None:
-        return None
-    return {task: list(model.get_layer(head_name(task)).class_names)
-            for name, task in tasks.items() if name == task}
-
-
-def model_modalities(model):
-    """The inputs a classifier takes, e.g. `("image", "text")` or `("image", "text", "text_2")`."""
-    return ordered(name for name in model.input if is_input_name(name))
-
-
-def presence_modalities(model):
-    """The modalities whose presence a classifier takes as an input (`missing_modalities`)."""
-    return tuple(name for name in model_modalities(model) if presence_input(name) in model.input)
-
-
-def dataset_arguments(model):
-    """The `make_dataset` arguments that give a classifier the inputs it takes.
-
-    Example:
-
-    >>> model = build_classifier(["a", "b"], image_backbone=None, text_vocabulary=["x"])
-    >>> dataset_arguments(model)
-    {'image_size': None, 'modalities': ('text',), 'presence': (), 'tasks': None}
-    """
-    return {"image_size": image_size(model), "modalities": model_modalities(model),
-            "presence": presence_modalities(model), "tasks": output_tasks(model)}
-
-
-def image_size(model):
-    """The `(height, width)` of a classifier's image input, or `None`."""
-    image = model.input.get("image")
-    return None if image is None else tuple(image.shape[1:3])

@@ -4,17 +4,9 @@ classifier's over each image and its mirror image (test-time augmentation)."""
 import keras
 
 from keras_mmtl.modalities import modality_kind
-from keras_mmtl.models.builder import (
-    class_names,
-    clone_classifier,
-    embedding_model,
-    head_name,
-    image_size,
-    model_modalities,
-    model_tasks,
-    presence_modalities,
-)
+from keras_mmtl.models.builder import clone_classifier, embedding_model
 from keras_mmtl.models.heads import ClassifierHead, TemperatureVariable
+from keras_mmtl.models.spec import describe, head_name
 
 COMBINES = ("mean", "geometric")
 
@@ -119,20 +111,22 @@ def ensemble(models, name="mmtl_ensemble", combine="mean"):
     models = list(models)
     if len(models) < 2:
         raise ValueError(f"An ensemble needs two or more models. Received: {len(models)}")
-    several = [m.name for m in models if len(model_tasks(m) or [None]) > 1]
+    specs = [describe(m) for m in models]
+    several = [m.name for m, spec in zip(models, specs) if len(spec.tasks) > 1]
     if several:
         raise ValueError(f"The members of an ensemble have one task each; {several} have "
                          "several.")
-    first = models[0]
-    for other in models[1:]:
-        differs = [what for what, get in (
-            ("classes", class_names), ("presence inputs", presence_modalities),
-            ("image size", image_size)) if None not in (get(first), get(other))
-            and get(other) != get(first)]
+    first = specs[0]
+    for other, spec in zip(models[1:], specs[1:]):
+        differs = [what for what, mine, theirs in (
+            ("classes", first.class_names(), spec.class_names()),
+            ("presence inputs", first.presence, spec.presence),
+            ("image size", first.image_size, spec.image_size))
+            if None not in (mine, theirs) and mine != theirs]
         if differs:
             raise ValueError(f"The members of an ensemble must have the same classes, presence "
-                             f"inputs and image size; {other.name} differs from {first.name} in "
-                             f"{differs}.")
+                             f"inputs and image size; {other.name} differs from "
+                             f"{models[0].name} in {differs}.")
     inputs = {}
     for member in models:
         inputs.update({key: keras.Input(tensor.shape[1:], dtype=tensor.dtype, name=key)
@@ -142,7 +136,7 @@ def ensemble(models, name="mmtl_ensemble", combine="mean"):
         trunk = embedding_model(member)
         trunk.name = f"member_{i}"
         embeddings.append(trunk({key: inputs[key] for key in member.input}))
-        heads.append(member.get_layer(head_name(next(iter(model_tasks(member) or [None])))))
+        heads.append(member.get_layer(describe(member).head()))
     return _combined(inputs, embeddings, heads, combine, name)
 
 
@@ -201,13 +195,14 @@ def mirror_averaged(model, combine="mean"):
 
     >>> served = mirror_averaged(model)  # doctest: +SKIP
     """
-    if len(model_tasks(model) or [None]) > 1:
+    spec = describe(model)
+    if len(spec.tasks) > 1:
         raise ValueError(f"mirror_averaged takes a classifier of one task; {model.name} has "
-                         f"several: {list(model_tasks(model))}.")
-    images = [name for name in model_modalities(model) if modality_kind(name) == "image"]
+                         f"several: {list(spec.tasks)}.")
+    images = [name for name in spec.modalities if modality_kind(name) == "image"]
     if not images:
         raise ValueError(f"{model.name} takes no image: there is nothing to mirror. Its inputs: "
-                         f"{list(model_modalities(model))}")
+                         f"{list(spec.modalities)}")
     member = clone_classifier(model)
     inputs = {key: keras.Input(tensor.shape[1:], dtype=tensor.dtype, name=key)
               for key, tensor in member.input.items()}
@@ -215,7 +210,7 @@ def mirror_averaged(model, combine="mean"):
                 for key, tensor in inputs.items()}
     trunk = embedding_model(member)
     trunk.name = "member_0"
-    head = member.get_layer(head_name(next(iter(model_tasks(member) or [None]))))
+    head = member.get_layer(spec.head())
     twin = type(head).from_config(head.get_config())
     twin.build((None, trunk.output_shape[-1]))
     twin.set_weights(head.get_weights())

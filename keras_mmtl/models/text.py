@@ -13,6 +13,8 @@ TEXT_BACKBONE = "text_backbone"
 # is a token by itself.
 _NOT_WORD = r"([^\p{L}\p{N}\p{M}\s])"
 TOKENIZERS = ("core", "unicode_script")
+# The tokenizer layer's name in a classifier: where in-graph preprocessing ends.
+TOKENIZER = "text_tokenizer"
 WORDPIECE = "The WordPiece tokenizer of pretrained text encoders"
 
 
@@ -233,7 +235,7 @@ def scratch_encoder(texts, vocabulary, *, embedding_dim=128, hidden_dim=256,
         symbolic features of shape `(batch, hidden_dim)`, one per input.
     """
     tokenizer = TextTokenizer(vocabulary, sequence_length, tokenizer=tokenizer,
-                              name="text_tokenizer")
+                              name=TOKENIZER)
     embedding = keras.layers.Embedding(
         tokenizer.vocabulary_size, embedding_dim, name="text_embedding")
     pooling = MaskedMeanPooling(name="text_pooling")
@@ -357,7 +359,7 @@ def pretrained_encoder(texts, preset, *, sequence_length=128, hidden_dim=256, dr
         ) from error
     backbone.trainable = False
     backbone.name = TEXT_BACKBONE
-    tokenizer = WordPieceTokenizer(vocabulary, sequence_length, name="text_tokenizer")
+    tokenizer = WordPieceTokenizer(vocabulary, sequence_length, name=TOKENIZER)
     pooling = MaskedMeanPooling(name="text_pooling")
     top = _top_layers(dropout, hidden_dim)
 

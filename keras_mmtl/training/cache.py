@@ -23,14 +23,15 @@ from keras_mmtl.data.pipeline import make_dataset
 from keras_mmtl.keras_internals import history, inbound_nodes
 from keras_mmtl.modalities import modality_kind
 from keras_mmtl.models.backbones import BACKBONE_NAME, split_frozen_bottom
-from keras_mmtl.models.builder import clone_classifier, image_size, model_modalities
+from keras_mmtl.models.builder import clone_classifier
+from keras_mmtl.models.spec import describe, input_image_size
 from keras_mmtl.progress import predict_with_progress
 
-# Per kind of modality, in order of preference: (layer whose output is cached, layer that must be
-# frozen for it, or None when the output never changes in training).
+# Per kind of modality: (layer whose output is cached, layer that must be frozen for it). Where
+# none applies, a text input tokenized in the graph caches its token ids (`describe`'s tokenizers).
 CACHEABLE = {
     "image": [("image_backbone", "image_backbone")],
-    "text": [("text_pooling", "text_backbone"), ("text_tokenizer", None)],
+    "text": [("text_pooling", "text_backbone")],
 }
 
 
@@ -74,16 +75,19 @@ def cacheable_outputs(model, exclude=()):
             training (`"image"` excludes `"image_2"` too).
     """
     names = {layer.name for layer in model.layers}
+    spec = describe(model)
     found = {}
-    for modality in model_modalities(model):
+    for modality in spec.modalities:
         if modality_kind(modality) in exclude:
             continue
         for output, frozen in CACHEABLE.get(modality_kind(modality), ()):
-            # One output tensor only: a WordPiece tokenizer's dict of ids is cheap anyway.
             if output in names and len(branch_outputs(model, output, modality)) == 1 and (
-                    frozen is None or (frozen in names and not model.get_layer(frozen).trainable)):
+                    frozen in names and not model.get_layer(frozen).trainable):
                 found[modality] = output
                 break
+        else:
+            if modality in spec.tokenizers:
+                found[modality] = spec.tokenizers[modality]
     return found
 
 
@@ -115,7 +119,7 @@ def split_model(model, exclude=()):
             layer.name == BACKBONE_NAME for layer in clone.layers):
         split = split_frozen_bottom(clone.get_layer(BACKBONE_NAME))
     if split is not None:  # the image inputs read the feature map below the trained blocks
-        partial = [m for m in model_modalities(clone) if modality_kind(m) == "image"]
+        partial = [m for m in describe(clone).modalities if modality_kind(m) == "image"]
         branches.update({m: BACKBONE_NAME for m in partial})
     features = {m: branch_outputs(clone, layer, m)[0] for m, layer in branches.items()}
     top_inputs = {f"{m}_features": t for m, t in features.items()}
@@ -221,7 +225,7 @@ def _features(extractor, records, split, cache_dir, batch_size):
                 return dict(stored)
     names = tuple(extractor.input)
     # With presence, a missing image comes black (its features are replaced in the model).
-    ds = make_dataset(records, split, image_size=image_size(extractor), modalities=names,
+    ds = make_dataset(records, split, image_size=input_image_size(extractor), modalities=names,
                       presence=names, batch_size=batch_size, shuffle=False)
     features = predict_with_progress(
         extractor, ds.map(lambda x, y: {name: x[name] for name in names}),

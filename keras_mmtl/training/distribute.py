@@ -60,11 +60,11 @@ def distribution_strategy(strategy="auto"):
             _MADE[strategy] = (tf.distribute.MultiWorkerMirroredStrategy()
                                if strategy == "multi_worker" else tf.distribute.MirroredStrategy())
         chosen = _MADE[strategy]
-    logger.info(f"Distribution: {describe(chosen)}.")
+    logger.info(f"Distribution: {describe_strategy(chosen)}.")
     return chosen
 
 
-def describe(strategy):
+def describe_strategy(strategy):
     """A short description of a strategy, e.g. 'MirroredStrategy, 2 replicas'."""
     replicas = strategy.num_replicas_in_sync
     workers = f" on {num_workers()} workers" if is_multi_worker(strategy) else ""

@@ -13,7 +13,7 @@ import numpy as np
 
 from keras_mmtl.data.pipeline import make_dataset
 from keras_mmtl.keras_internals import all_layers
-from keras_mmtl.models.builder import dataset_arguments
+from keras_mmtl.models.spec import describe
 from keras_mmtl.progress import keras_verbose
 from keras_mmtl.training.optimizers import LayerwiseAdam
 from keras_mmtl.training.trainer import compile_classifier
@@ -139,11 +139,10 @@ def prune(model, records, target=0.5, *, epochs=2, learning_rate=1e-4, batch_siz
     trainable = [layer.trainable for layer in layers]
     for layer in layers:  # BatchNorm keeps its statistics and scale, as in phase 2
         layer.trainable = not isinstance(layer, keras.layers.BatchNormalization)
-    train = make_dataset(records, "train", **dataset_arguments(model), batch_size=batch_size,
-                         seed=seed)
+    arguments = describe(model).dataset_arguments()
+    train = make_dataset(records, "train", **arguments, batch_size=batch_size, seed=seed)
     has_val = bool((records.splits == "val").any())
-    val = make_dataset(records, "val", **dataset_arguments(model),
-                       batch_size=batch_size) if has_val else None
+    val = make_dataset(records, "val", **arguments, batch_size=batch_size) if has_val else None
     compile_classifier(model, LayerwiseAdam(learning_rate=learning_rate))
     callback = MagnitudePruning(target, ramp_steps=ramp * epochs * len(train))
     try:

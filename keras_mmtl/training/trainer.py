@@ -16,16 +16,8 @@ from keras_mmtl.files import save_atomic, write_json
 from keras_mmtl.keras_internals import build_from_spec, distribute_strategy
 from keras_mmtl.models import text
 from keras_mmtl.models.backbones import BACKBONE_NAME, backbone_network, unfreeze_top_blocks
-from keras_mmtl.models.builder import (
-    class_names,
-    dataset_arguments,
-    embedding_model,
-    image_size,
-    model_modalities,
-    model_tasks,
-    output_tasks,
-    presence_modalities,
-)
+from keras_mmtl.models.builder import embedding_model
+from keras_mmtl.models.spec import describe, output_tasks
 from keras_mmtl.presets import parse_duration, with_preset
 from keras_mmtl.progress import (
     expected_retracing,
@@ -43,7 +35,7 @@ from keras_mmtl.training.callbacks import (
     write_hparams,
     write_projector,
 )
-from keras_mmtl.training.distribute import describe, is_chief, is_multi_worker, worker_id
+from keras_mmtl.training.distribute import describe_strategy, is_chief, is_multi_worker, worker_id
 from keras_mmtl.training.losses import ClassificationLoss
 from keras_mmtl.training.metrics import MacroF1
 from keras_mmtl.training.optimizers import (
@@ -102,7 +94,7 @@ def compile_classifier(model, optimizer, steps_per_execution=1, loss=None, task_
         steps_per_execution=steps_per_execution,
         jit_compile=jit_compile,
     )
-    # The first task's (`class_names(model)`): the model's first main output.
+    # The first task's (`describe(model).class_names()`): the model's first main output.
     return (metrics if tasks is None else next(m for m in metrics.values() if m))[-1]
 
 
@@ -266,7 +258,7 @@ def train(
         "verbose", "started", "time_limit")}
     budget = None if time_limit is None else parse_duration(time_limit)
     keras.utils.set_random_seed(seed)
-    _loss_weights(output_tasks(model), task_weights, auxiliary_weight)  # checks them early
+    _loss_weights(describe(model).outputs, task_weights, auxiliary_weight)  # checks them early
     strategy = model.distribute_strategy
     if is_multi_worker(strategy):
         if not is_chief():
@@ -275,7 +267,7 @@ def train(
             logger.info("Feature cache off: each worker would compute its own.")
             cache_features = False
     if strategy.num_replicas_in_sync > 1:
-        logger.info(f"Training with {describe(strategy)}; global batch "
+        logger.info(f"Training with {describe_strategy(strategy)}; global batch "
                     f"{batch_size * strategy.num_replicas_in_sync}.")
     augment = make_augmentation(image=augment_images, text=augment_text, seed=seed)
     loss = ClassificationLoss(gamma=focal_gamma, label_smoothing=label_smoothing)
@@ -370,7 +362,7 @@ def train(
                 callbacks=[_RecordEpochs(state, state_path, number),
                            *_callbacks(run_dir, number, monitor, patience, best,
                                        _best(state, monitor, number), macro_f1,
-                                       class_names(model)),
+                                       describe(model).class_names()),
                            *limit, *callbacks],
                 shuffle=False,  # the dataset shuffles itself
                 verbose=verbose,
@@ -420,7 +412,7 @@ def run_fingerprint(model, records, settings):
 
 def _class_weights_by_output(model, records, class_weight):
     """`class_weights` of a one-output model, or `{output: them}`, each of its own task."""
-    tasks = output_tasks(model)
+    tasks = describe(model).outputs
     if class_weight is None or tasks is None:
         return class_weights(records, class_weight)
     return {name: class_weights(records, class_weight, task) for name, task in tasks.items()}
@@ -512,21 +504,22 @@ def _fit_setup(model, records, run_dir, *, cache, cache_dir, has_val, batch_size
     splits = ("train", "val") if has_val else ("train",)
     extractors, top, clone = split_model(model, exclude=augment) if cache else ({}, None, None)
     if not extractors:
-        datasets = [make_dataset(records, split, **dataset_arguments(model),
+        datasets = [make_dataset(records, split, **describe(model).dataset_arguments(),
                                  batch_size=batch_size, seed=seed,
                                  augment=augment if split == "train" else None)
                     for split in splits]
         return model, None, datasets[0], datasets[1] if has_val else None, ()
     cache_dir = cache_dir or os.path.join(run_dir, "cache")
-    raw = tuple(m for m in model_modalities(model) if m not in extractors)
-    datasets = [make_dataset(records, split, image_size=image_size(model), modalities=raw,
-                             presence=presence_modalities(model), tasks=output_tasks(model),
+    spec = describe(model)
+    raw = tuple(m for m in spec.modalities if m not in extractors)
+    datasets = [make_dataset(records, split, image_size=spec.image_size, modalities=raw,
+                             presence=spec.presence, tasks=spec.outputs,
                              batch_size=batch_size, seed=seed,
                              augment=augment if split == "train" else None,
                              features=compute_features(extractors, records, split, cache_dir))
                 for split in splits]
     return (top, clone, datasets[0], datasets[1] if has_val else None,
-            tuple(m for m in model_modalities(model) if m in extractors))
+            tuple(m for m in spec.modalities if m in extractors))
 
 
 def _build_in_scope(model, dataset):
@@ -587,9 +580,10 @@ def _callbacks(run_dir, phase, monitor, patience, best, best_value, macro_f1, na
 def _model_hparams(model):
     """What TensorBoard's HParams dashboard shows of a model besides the training settings."""
     layers = {layer.name: layer for layer in model.layers}
-    described = {"inputs": "+".join(model_modalities(model)), "classes": len(class_names(model))}
-    if model_tasks(model):
-        described["tasks"] = "+".join(model_tasks(model))
+    spec = describe(model)
+    described = {"inputs": "+".join(spec.modalities), "classes": len(spec.class_names())}
+    if spec.multi_output:
+        described["tasks"] = "+".join(spec.tasks)
     if BACKBONE_NAME in layers:
         described["image_backbone"] = backbone_network(model).name
     if "fusion" in layers:
@@ -603,12 +597,13 @@ def _write_embeddings(model, records, log_dir, batch_size):
         keep = np.zeros(len(records), bool)
         keep[np.random.default_rng(0).choice(len(records), PROJECTOR_POINTS, replace=False)] = True
         records = records.select(keep)
-    data = make_dataset(records, **dataset_arguments(model), batch_size=batch_size,
+    spec = describe(model)
+    data = make_dataset(records, **spec.dataset_arguments(), batch_size=batch_size,
                         shuffle=False).map(lambda x, y: x)
     embeddings = predict_with_progress(embedding_model(model), data, "Embeddings for the projector",
                                        len(records), batch_size)
     names = np.asarray(records.class_names)[records.labels]
-    text = {"text": list(records.texts)} if "text" in model_modalities(model) else None
+    text = {"text": list(records.texts)} if "text" in spec.modalities else None
     write_projector(log_dir, embeddings, names, metadata=text)
 
 

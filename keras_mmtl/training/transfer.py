@@ -18,14 +18,9 @@ import tensorflow as tf
 from keras_mmtl.data.pipeline import make_dataset
 from keras_mmtl.files import save_atomic
 from keras_mmtl.models.backbones import BACKBONE_NAME
-from keras_mmtl.models.builder import (
-    class_names,
-    clone_classifier,
-    dataset_arguments,
-    head_name,
-    output_tasks,
-)
+from keras_mmtl.models.builder import clone_classifier
 from keras_mmtl.models.heads import ClassifierHead, GradientReversal
+from keras_mmtl.models.spec import describe, head_name
 from keras_mmtl.progress import keras_verbose, logger
 from keras_mmtl.training.callbacks import AtomicBackupAndRestore, BestWeights, StopOnNonFiniteLoss
 from keras_mmtl.training.optimizers import LayerwiseAdam
@@ -37,7 +32,7 @@ HEAD = head_name()
 
 def _trunk(model):
     """A clone of `model` (same weights and trainable flags) and its fused features."""
-    if output_tasks(model) is not None:
+    if describe(model).multi_output:
         raise ValueError("Domain transfer adapts a classifier with one output; this one has "
                          f"{list(model.output)} (several tasks or auxiliary heads).")
     clone = clone_classifier(model)
@@ -165,7 +160,7 @@ def train_joint(model, source, target, run_dir, *, alpha=0.5, domain_adversarial
     clone, features = _trunk(model)
     # The head the returned classifier keeps is named "head", as in every classifier.
     source_head = "source_head" if target is not None else HEAD
-    outputs = {"source": ClassifierHead(class_names(model), name=source_head)(features)}
+    outputs = {"source": ClassifierHead(describe(model).class_names(), name=source_head)(features)}
     losses = {"source": alpha}
     if target is not None:
         outputs["target"] = ClassifierHead(target.class_names, name=HEAD)(features)
@@ -220,14 +215,14 @@ def _joint_validation(model, records, kept, outputs, batch_size):
                  else tf.zeros_like(labels) for name in outputs},
                 {name: tf.fill([rows], 1.0 if name == kept else 0.0) for name in outputs})
 
-    return make_dataset(records, "val", **dataset_arguments(model), batch_size=batch_size,
-                        shuffle=False).map(weigh)
+    return make_dataset(records, "val", **describe(model).dataset_arguments(),
+                        batch_size=batch_size, shuffle=False).map(weigh)
 
 
 def _joint_dataset(model, parts, outputs, batch_size, seed):
     """Endless batches of `(inputs, labels, sample weights)` over all parts, and steps per epoch."""
-    kwargs = dict(**dataset_arguments(model), batch_size=batch_size, seed=seed, shuffle=True,
-                  drop_remainder=True)
+    kwargs = dict(**describe(model).dataset_arguments(), batch_size=batch_size, seed=seed,
+                  shuffle=True, drop_remainder=True)
     labelled = [len(records.subset("train")) for name, records in parts if name != "unlabeled"]
     steps = max(max(labelled) // batch_size, 1)
     streams = []

@@ -12,13 +12,9 @@ import keras
 
 from keras_mmtl.files import save_atomic, write_json
 from keras_mmtl.models.backbones import BACKBONE_NAME, backbone_blocks, backbone_network
-from keras_mmtl.models.builder import (
-    build_classifier,
-    build_classifier_for,
-    model_modalities,
-    model_tasks,
-)
+from keras_mmtl.models.builder import build_classifier, build_classifier_for
 from keras_mmtl.models.fusion import FUSIONS
+from keras_mmtl.models.spec import describe
 from keras_mmtl.progress import keras_verbose, logger
 from keras_mmtl.training.run_state import MODEL_FILE
 from keras_mmtl.training.trainer import train
@@ -72,7 +68,7 @@ def default_search_space(model, fine_tune=True):
     {'learning_rate': (0.0001, 0.003), 'dropout': (0.0, 0.5, 0.1)}
     """
     space = {"learning_rate": (1e-4, 3e-3)}
-    if len(model_modalities(model)) > 1 and len(FUSIONS) > 1:
+    if len(describe(model).modalities) > 1 and len(FUSIONS) > 1:
         space["fusion"] = sorted(FUSIONS)
     layers = {layer.name: layer for layer in model.layers}
     if fine_tune and BACKBONE_NAME in layers and not layers[BACKBONE_NAME].trainable:
@@ -484,10 +480,10 @@ def _score(history, objective, model):
     A model with several outputs logs each task's accuracy under its name:
     its `val_accuracy` is the first (main) task's.
     """
-    tasks = model_tasks(model)
+    spec = describe(model)
     name = objective.name
-    if tasks is not None and name == "val_accuracy":
-        name = f"val_{next(iter(tasks))}_accuracy"
+    if spec.multi_output and name == "val_accuracy":
+        name = f"val_{next(iter(spec.tasks))}_accuracy"
     values = [value for value in history.get(name, []) if math.isfinite(value)]
     if not values:
         raise ValueError(f"The run recorded no finite {name}: {history!r}")
