@@ -44,7 +44,8 @@ class ExperimentResult:
     model: object
     report: object  # None on workers other than the chief; a dict by task for several tasks
     run_dir: str
-    history: dict = None  # per-epoch metrics of `train` (not of joint transfer)
+    history: dict = None  # per-epoch metrics of `train` (the first member's of an ensemble;
+    # none for joint transfer)
     modalities: object = None  # ModalityReport of a multimodal model
     export_path: str = None
 
@@ -57,7 +58,10 @@ def run_experiment(config, *, overwrite=False, verbose="auto"):
     build the classifier in the strategy's scope, train it (with
     `training.ensemble` > 1, that many with consecutive seeds, in
     `<run_dir>/member<k>` sharing one feature cache, averaged into one model;
-    with `training.time_limit`, each in its share of the budget) or transfer
+    with `training.modality_experts`, also a model on each image and text
+    input alone, in `<run_dir>/member<k>-<input>`, all served as their
+    geometric mean; with `training.time_limit`, each in its share of the
+    budget) or transfer
     it from `transfer.source_manifest`, fit temperature
     scaling on the val split (`training.calibrate`; the saved model is
     updated), evaluate it on the test split (report in `<run_dir>/eval`) and
@@ -124,13 +128,13 @@ def run_experiment(config, *, overwrite=False, verbose="auto"):
     build = build_arguments(config)
     kwargs = train_arguments(config, verbose=verbose)
     budget = fit.time_limit and parse_duration(fit.time_limit)
+    members = _members(config, records, source)
     models, history = [], None
-    for member in range(fit.ensemble):
-        seed = data.seed + member
+    for number, (seed, modalities) in enumerate(members, 1):
         keras.utils.set_random_seed(seed)  # weight initialisation too, not only training
         with strategy.scope():
             if source is None:
-                model = build_classifier_for(records, **build)
+                model = build_classifier_for(records, modalities=modalities, **build)
             else:
                 vocabulary = None
                 if "text" in source.modalities:  # one vocabulary for source and target texts
@@ -139,20 +143,25 @@ def run_experiment(config, *, overwrite=False, verbose="auto"):
                 model = build_classifier_for(source, text_vocabulary=vocabulary, **build)
         if budget and source is None:  # left, shared by the members to train, less evaluation
             left = budget * (1 - EVALUATION_SHARE) - (time.monotonic() - started)
-            kwargs["time_limit"] = max(left / (fit.ensemble - member), 1.0)
-        if source is None and fit.ensemble == 1:
+            kwargs["time_limit"] = max(left / (len(members) - number + 1), 1.0)
+        if source is None and len(members) == 1:
             history = train(model, records, run_dir, **kwargs)
         elif source is None:  # members share the cache of frozen features
-            logger.info(f"Ensemble member {member + 1}/{fit.ensemble} (seed {seed}):")
-            train(model, records, os.path.join(run_dir, f"member{member + 1}"),
-                  cache_dir=os.path.join(run_dir, "cache"), **{**kwargs, "seed": seed})
+            what = f"{modalities[0]} only" if modalities else "all inputs"
+            logger.info(f"Ensemble member {number}/{len(members)} (seed {seed}, {what}):")
+            folder = f"member{seed - data.seed + 1}" + (f"-{modalities[0]}" if modalities else "")
+            trained = train(model, records, os.path.join(run_dir, folder),
+                            cache_dir=os.path.join(run_dir, "cache"), **{**kwargs, "seed": seed})
+            history = history or trained
         else:
             model = transfer(model, source, records, run_dir, joint=moved.joint,
                              alpha=moved.alpha, domain_adversarial=moved.domain_adversarial,
                              freeze=tuple(moved.freeze), **kwargs)
         models.append(model)
     if len(models) > 1:
-        model = ensemble(models, name=f"{models[0].name}_ensemble")
+        # Experts on one modality each: their product with the fused models (a geometric mean).
+        combine = "geometric" if any(modalities for _, modalities in members) else "mean"
+        model = ensemble(models, name=f"{models[0].name}_ensemble", combine=combine)
     if fit.test_time_mirror and _mirrorable(model):
         logger.info("Test-time augmentation: the model averages each image's answer with its "
                     "mirror image's.")
@@ -188,6 +197,29 @@ def run_experiment(config, *, overwrite=False, verbose="auto"):
             model, config.output.export_dir or os.path.join("saved_models", config.name),
             max_megapixels=data.max_megapixels)
     return result
+
+
+def _members(config, records, source):
+    """`(seed, modalities)` of each model a run trains: `None` for all the inputs.
+
+    `training.ensemble` models on all inputs with consecutive seeds; with
+    `training.modality_experts`, also one model per image or text input
+    with each of those seeds (classifiers of one task whose inputs are never
+    missing: the experts could not answer for a missing input).
+    """
+    fit, seeds = config.training, [config.data.seed + k for k in range(config.training.ensemble)]
+    members = [(seed, None) for seed in seeds]
+    if not fit.modality_experts or source is not None:
+        return members
+    inputs = [name for name in records.modalities if modality_kind(name) in ("image", "text")]
+    missing = config.model.missing_modalities or config.data.allow_missing or (
+        config.model.modality_dropout > 0)
+    if len(inputs) < 2 or len(records.tasks) > 1 or missing:
+        if len(inputs) >= 2:
+            logger.info("Modality experts are left out: they serve a model of one task whose "
+                        "inputs are never missing.")
+        return members
+    return members + [(seed, (name,)) for seed in seeds for name in inputs]
 
 
 def _mirrorable(model):
@@ -231,8 +263,9 @@ def resolve_preset(config, rows):
                             preset_arguments(name, section).items()
                             if getattr(values, key) == getattr(defaults, key)}
     changes["training"]["preset"] = name
-    if fit.ensemble == TrainingConfig().ensemble:
-        changes["training"]["ensemble"] = get_preset(name).ensemble
+    for key in ("ensemble", "modality_experts"):  # run-level settings, not train's
+        if getattr(fit, key) == getattr(TrainingConfig(), key):
+            changes["training"][key] = getattr(get_preset(name), key)
     return config.replace(**changes), why
 
 

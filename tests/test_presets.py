@@ -3,11 +3,13 @@
 import os
 
 import keras
+import numpy as np
 import pytest
 
 from keras_mmtl.config import RunConfig
-from keras_mmtl.experiment import resolve_preset, run_experiment
-from keras_mmtl.models import EnsembleHead
+from keras_mmtl.evaluation import predict_records
+from keras_mmtl.experiment import _members, resolve_preset, run_experiment
+from keras_mmtl.models import EnsembleHead, describe
 from keras_mmtl.presets import (
     PRESETS,
     choose_preset,
@@ -23,19 +25,22 @@ def test_the_default_is_the_medium_recipe():
     assert config.model.text_encoder == "ngrams"
     assert config.training.class_weight == "balanced"
     assert config.training.fine_tune_epochs == 5 and config.training.ensemble == 1
+    assert config.training.modality_experts
     # Resolving again changes nothing: a written config runs the same recipe.
     assert resolve_preset(config, rows=10_000)[0] == config
 
 
-@pytest.mark.parametrize("preset, fine_tune_epochs, ensemble", [
-    ("fast", 0, 1), ("medium", 5, 1), ("best", 5, 3)])
-def test_a_preset_sets_what_the_config_leaves_at_its_defaults(preset, fine_tune_epochs, ensemble):
+@pytest.mark.parametrize("preset, fine_tune_epochs, ensemble, experts", [
+    ("fast", 0, 1, False), ("medium", 5, 1, True), ("best", 5, 3, True)])
+def test_a_preset_sets_what_the_config_leaves_at_its_defaults(preset, fine_tune_epochs, ensemble,
+                                                              experts):
     config = RunConfig.from_dict({"model": {"text_encoder": "scratch"},
                                   "training": {"preset": preset, "epochs": 4}})
     config, why = resolve_preset(config, rows=1000)
     assert why == "chosen"
     assert config.training.fine_tune_epochs == fine_tune_epochs
     assert config.training.ensemble == ensemble
+    assert config.training.modality_experts == experts
     # Set explicitly: kept.
     assert config.model.text_encoder == "scratch" and config.training.epochs == 4
 
@@ -64,7 +69,7 @@ def test_an_ensemble_run_shares_the_feature_cache_and_serves_one_model(tmp_path,
         "model": {"image_backbone": "small_cnn", "image_weights": None, "image_size": [16, 16],
                   "text_encoder": "scratch"},
         "training": {"epochs": 2, "fine_tune_epochs": 0, "batch_size": 8, "ensemble": 2,
-                     "projector": False, "class_weight": None},
+                     "modality_experts": False, "projector": False, "class_weight": None},
         "output": {"run_dir": str(tmp_path / "run"), "export_dir": str(tmp_path / "saved")},
     }
     result = run_experiment(config, verbose=0)
@@ -77,3 +82,53 @@ def test_an_ensemble_run_shares_the_feature_cache_and_serves_one_model(tmp_path,
     assert os.listdir(tmp_path / "run" / "cache")  # one cache for both members
     assert os.path.exists(result.export_path)
     assert result.report.accuracy >= 0.5  # 4 balanced classes: chance is 0.25
+
+
+@pytest.mark.parametrize("data, model, training, expected", [
+    ({}, {}, {}, [(0, None), (0, ("image",)), (0, ("text",))]),
+    ({}, {}, {"ensemble": 2}, [(0, None), (1, None), (0, ("image",)), (0, ("text",)),
+                               (1, ("image",)), (1, ("text",))]),
+    ({}, {}, {"modality_experts": False}, [(0, None)]),
+    ({"text_column": None}, {}, {}, [(0, None)]),  # one input: nothing to add
+    ({"label_column": ["label", "split"]}, {}, {}, [(0, None)]),  # two tasks (any 2nd column)
+    ({"allow_missing": True}, {}, {}, [(0, None)]),  # an expert cannot answer without its input
+    ({}, {"modality_dropout": 0.2}, {}, [(0, None)]),
+])
+def test_a_run_plans_a_fused_model_and_an_expert_per_input(products, data, model, training,
+                                                           expected):
+    config = RunConfig.from_dict({"data": {"manifest": products, "split_column": "split",
+                                           "seed": 0, **data},
+                                  "model": model, "training": training})
+    config, _ = resolve_preset(config, rows=24)
+    records = config.data.read(check_images=False)
+    assert _members(config, records, source=None) == expected
+    assert _members(config, records, source=records) == expected[:config.training.ensemble]
+
+
+@pytest.mark.slow
+def test_experts_on_each_input_are_served_with_the_fused_model_as_their_geometric_mean(
+        tmp_path, products):
+    config = {
+        "data": {"manifest": products, "split_column": "split"},
+        "model": {"image_backbone": "small_cnn", "image_weights": None, "image_size": [16, 16],
+                  "text_encoder": "scratch"},
+        "training": {"epochs": 2, "fine_tune_epochs": 0, "batch_size": 8, "projector": False,
+                     "calibrate": False},
+        "output": {"run_dir": str(tmp_path / "run"), "export": False},
+    }
+    result = run_experiment(config, verbose=0)  # the medium preset: experts on
+    members = [keras.models.load_model(tmp_path / "run" / name / "model.keras")
+               for name in ("member1", "member1-image", "member1-text")]
+    assert [describe(m).modalities for m in members] == [("image", "text"), ("image",),
+                                                         ("text",)]
+    records = RunConfig.from_file(str(tmp_path / "run" / "config.yaml")).data.read()
+    logs = sum(np.log(predict_records(m, records, "test")[1]) for m in members)
+    expected = np.exp(logs / 3) / np.exp(logs / 3).sum(axis=1, keepdims=True)
+    served = keras.models.load_model(tmp_path / "run" / "model.keras")
+    np.testing.assert_allclose(predict_records(served, records, "test")[1], expected, atol=1e-5)
+    assert result.history["epoch"]  # the fused member's
+    # One feature cache: the fused model and the text expert read the same token ids (the
+    # random small CNN trains, so images are not cached).
+    assert not any(os.path.exists(tmp_path / "run" / name / "cache") for name in os.listdir(
+        tmp_path / "run") if name.startswith("member"))
+    assert len([f for f in os.listdir(tmp_path / "run" / "cache") if f.startswith("train-")]) == 1
