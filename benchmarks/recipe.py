@@ -244,7 +244,8 @@ def main():
         "keras-mmtl: the README's fashion command with every setting at its default (preset "
         "medium: n-gram text, balanced class weights, MobileNetV2-0.35 ImageNet at its own "
         "224 px reshaped to the photos' 4:3, phase 2 on the top 3 blocks over the cached "
-        "frozen bottom), `--seed` 0, 1, 2; mean ± standard deviation; each run's wall time is the "
+        "frozen bottom; a fused run also trains an image-only and a text-only expert and "
+        "serves the geometric mean of the three), `--seed` 0, 1, 2; mean ± standard deviation; each run's wall time is the "
         "whole command in a fresh process (reading, features, training, calibration, "
         "evaluation, export). Classical rows: scikit-learn logistic regression fitted on "
         "train, C chosen on val, scored on test, in the same run.\n\n" + "\n".join(rows) +
