@@ -21,7 +21,8 @@ def save_atomic(save, path):
     """Calls `save(tmp_path)`, then renames into place: never a half-written file.
 
     Args:
-        save: writes a file at the path it is given (e.g. `model.save_weights`).
+        save: writes a file at the path it is given (e.g. `model.save_weights`);
+            for a path on a TensorFlow filesystem (`gs://...`), through it.
         path: where the file ends up; its folder is created.
 
     Example:
@@ -32,6 +33,13 @@ def save_atomic(save, path):
     >>> open(path).read(), os.listdir(os.path.dirname(path))
     ('done', ['notes.txt'])
     """
+    if is_remote(path):  # TensorFlow filesystems: a rename within the folder
+        base, name = posixpath.split(path)
+        tf.io.gfile.makedirs(base)
+        tmp = posixpath.join(base, f".tmp-{name}")
+        save(tmp)
+        tf.io.gfile.rename(tmp, path, overwrite=True)
+        return
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     base, name = os.path.split(path)
     tmp = os.path.join(base, f".tmp-{name}")
@@ -54,6 +62,22 @@ def write_json(path, value, indent=2):
     def write(tmp):
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(value, f, indent=indent)
+
+    save_atomic(write, path)
+
+
+def write_bytes(path, data):
+    """Writes `data` at `path` on any filesystem, atomically (see `save_atomic`).
+
+    Example:
+
+    >>> write_bytes("ram://notes/a.bin", b"done"); read_bytes("ram://notes/a.bin")
+    b'done'
+    """
+
+    def write(tmp):
+        with (tf.io.gfile.GFile(tmp, "wb") if is_remote(tmp) else open(tmp, "wb")) as f:
+            f.write(data)
 
     save_atomic(write, path)
 

@@ -1,4 +1,6 @@
+import concurrent.futures
 import os
+import uuid
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ from keras_mmtl.models.backbones import (
     split_frozen_bottom,
     unfreeze_top_blocks,
 )
+from keras_mmtl.training import cache as cache_module
 from keras_mmtl.training.cache import cache_key, compute_features, split_model
 
 FROZEN = dict(image_backbone="small_cnn", image_weights=None, image_size=(16, 16),
@@ -106,3 +109,30 @@ def test_augmented_images_are_not_cached_in_fine_tuning(product_records):
     unfreeze_top_blocks(model, 1)
     extractors, _, _ = split_model(model, exclude=("image",))
     assert sorted(extractors) == ["text"]
+
+
+def test_workers_compute_a_shard_each_and_read_the_whole_cache_on_remote_storage(
+        product_records):
+    model = build_classifier_for(product_records, **FROZEN)
+    extractors, _, _ = split_model(model)
+    whole = compute_features(extractors, product_records, "train")
+    cache = f"ram://cache-{uuid.uuid4().hex}"  # TensorFlow's in-memory filesystem
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:  # three workers of a cluster
+        found = list(pool.map(lambda rank: compute_features(
+            extractors, product_records, "train", cache, shard=(rank, 3)), range(3)))
+    for features in found:
+        assert set(features) == set(whole)
+        for name in whole:
+            np.testing.assert_allclose(features[name], whole[name], atol=1e-6)
+    names = tf.io.gfile.listdir(cache)
+    assert len([n for n in names if ".shard" in n]) == 3 * len(whole)  # a shard per branch
+    assert len([n for n in names if n.endswith(".npz") and ".shard" not in n]) == len(whole)
+
+
+def test_a_worker_that_never_sees_the_others_shards_says_the_folder_must_be_shared(
+        tmp_path, product_records, monkeypatch):
+    model = build_classifier_for(product_records, **FROZEN)
+    extractors, _, _ = split_model(model)
+    monkeypatch.setattr(cache_module, "SHARD_WAIT_SECONDS", 0.2)
+    with pytest.raises(TimeoutError, match="shard1of2.*same run folder.*no-cache-features"):
+        compute_features(extractors, product_records, "train", str(tmp_path), shard=(0, 2))

@@ -1,5 +1,6 @@
 """tf.distribute: the strategy choice, and two replicas or two workers training as one."""
 
+import itertools
 import json
 import os
 import socket
@@ -129,8 +130,19 @@ def test_two_workers_train_as_one_process_at_the_same_global_batch(tmp_path):
     assert int(first["replicas"]) == 2 and int(first["epochs"]) == 3
     assert first["shares"].tolist() == second["shares"].tolist() == [4]  # half of each batch
     _assert_same_weights(first, second, rtol=0, atol=0)
-    # Each worker computes its features through the backbone (no cache across workers yet),
-    # the single process trains on cached ones: the same model, up to rounding.
+    # One feature cache for the cluster: each worker computes half the rows of each split
+    # (phase 1: the frozen backbone; phase 2: its frozen bottom), both read both halves and
+    # train on them; worker 0 writes the whole files. The same model as one process.
+    for log, shard in ((logs["worker0"], "shard 1 of 2"), (logs["worker1"], "shard 2 of 2")):
+        assert f"Backbone features of the train split, {shard}: 12 rows" in log
+        assert "on cached image features" in log
+    cache = sorted(os.listdir(tmp_path / "run" / "cache"))
+    for split, phase in itertools.product(("train", "val"), range(2)):
+        keys = sorted({name.split(".")[0] for name in cache if name.startswith(f"{split}-")})
+        assert len(keys) == 2  # phase 1's features and phase 2's bottom
+        assert {f"{keys[phase]}.shard0of2.npz", f"{keys[phase]}.shard1of2.npz",
+                f"{keys[phase]}.npz"} <= set(cache)
+    assert not (tmp_path / "run" / "workers" / "worker1" / "cache").exists()
     _assert_same_weights(first, single)
     # The chief writes the run folder, the other worker its own below it.
     assert (tmp_path / "run" / "model.keras").exists()

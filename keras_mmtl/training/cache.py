@@ -11,21 +11,24 @@ so what it learns is the classifier's.
 """
 
 import hashlib
+import io
 import json
-import os
 import re
+import time
 import warnings
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from keras_mmtl.data.pipeline import make_dataset
+from keras_mmtl.files import is_file, join_path, read_bytes, write_bytes
 from keras_mmtl.keras_internals import history, inbound_nodes
 from keras_mmtl.modalities import modality_kind
 from keras_mmtl.models.backbones import BACKBONE_NAME, split_frozen_bottom
 from keras_mmtl.models.builder import clone_classifier
 from keras_mmtl.models.spec import describe, input_image_size
-from keras_mmtl.progress import predict_with_progress
+from keras_mmtl.progress import Progress, expected_retracing, logger, predict_with_progress
 
 # Per kind of modality: (layer whose output is cached, layer that must be frozen for it). Where
 # none applies, a text input tokenized in the graph caches its token ids (`describe`'s tokenizers).
@@ -37,6 +40,8 @@ CACHEABLE = {
 
 # Bumped when the same inputs give other features: 2, large JPEGs are downscaled while decoding.
 FEATURES_VERSION = 2
+# Least time a worker waits for the other workers' shards of cached features, after its own.
+SHARD_WAIT_SECONDS = 600
 
 
 def branch_outputs(model, layer_name, modality):
@@ -193,12 +198,19 @@ def _without(node, key):
     return node
 
 
-def compute_features(extractors, records, split, cache_dir=None, batch_size=64):
+def compute_features(extractors, records, split, cache_dir=None, batch_size=64, shard=None):
     """The frozen features of one split, read from `cache_dir` when already computed.
 
     Each extractor's features are cached in their own file, keyed by
     `cache_key`, so phase 2 reuses what phase 1 computed for a branch that
-    stays frozen.
+    stays frozen. The folder may be on any TensorFlow filesystem (`gs://...`).
+
+    With `shard=(index, count)` (one of `count` workers of a cluster), this
+    process computes every `count`-th row from `index` only, writes them as
+    `<split>-<key>.shard<index>of<count>.npz`, waits for the other workers'
+    shards in the same folder and returns the whole split; worker 0 also
+    writes the whole file, which later phases and runs read at once. The
+    folder must be one that every worker sees (shared storage).
 
     Args:
         extractors: dict modality -> extractor, as `split_model` returns.
@@ -206,33 +218,91 @@ def compute_features(extractors, records, split, cache_dir=None, batch_size=64):
         split: `"train"`, `"val"` or `"test"`.
         cache_dir: folder of cached features, or `None` to compute without caching.
         batch_size: samples per batch while computing.
+        shard: `(index, count)` of this worker, or `None` for one process.
 
     Returns:
         dict `"<modality>_features"` -> array, in the split's row order.
     """
     features = {}
     for extractor in extractors.values():
-        features.update(_features(extractor, records, split, cache_dir, batch_size))
+        features.update(_features(extractor, records, split, cache_dir, batch_size, shard))
     return features
 
 
-def _features(extractor, records, split, cache_dir, batch_size):
-    path = None
-    if cache_dir is not None:
-        path = os.path.join(cache_dir, f"{split}-{cache_key(extractor, records, split)}.npz")
-        if os.path.exists(path):
-            with np.load(path) as stored:
-                return dict(stored)
+def _features(extractor, records, split, cache_dir, batch_size, shard):
+    index, count = shard if cache_dir is not None and shard else (0, 1)
+    key = None if cache_dir is None else f"{split}-{cache_key(extractor, records, split)}"
+    path = key and join_path(cache_dir, f"{key}.npz")
+    if path and is_file(path):
+        return _load(path)
+    rows, title = records.subset(split), f"Backbone features of the {split} split"
+    if count == 1:
+        features = _compute(extractor, rows, batch_size, title)
+    else:  # this worker's shard, then everyone's
+        shards = [join_path(cache_dir, f"{key}.shard{i}of{count}.npz") for i in range(count)]
+        started = time.monotonic()
+        if not is_file(shards[index]):
+            mine = rows.select(np.arange(len(rows)) % count == index)
+            _save(shards[index], _compute(extractor, mine, batch_size,
+                                          f"{title}, shard {index + 1} of {count}", predict=False))
+        waited = max(SHARD_WAIT_SECONDS, 4 * (time.monotonic() - started))
+        parts = [_load(p) for p in _wait_for(shards, waited)]
+        features = {}
+        for name, first in parts[0].items():
+            features[name] = np.empty((len(rows), *first.shape[1:]), first.dtype)
+            for i, part in enumerate(parts):
+                features[name][i::count] = part[name]
+    if path and index == 0:
+        _save(path, features)
+    return features
+
+
+def _compute(extractor, rows, batch_size, title, predict=True):
+    """The extractor's outputs on rows, in order.
+
+    `predict=False` runs the batches through the extractor in this process: under
+    several workers, `predict` would split them between the workers.
+    """
     names = tuple(extractor.input)
     # With presence, a missing image comes black (its features are replaced in the model).
-    ds = make_dataset(records, split, image_size=input_image_size(extractor), modalities=names,
+    ds = make_dataset(rows, None, image_size=input_image_size(extractor), modalities=names,
                       presence=names, batch_size=batch_size, shuffle=False)
-    features = predict_with_progress(
-        extractor, ds.map(lambda x, y: {name: x[name] for name in names}),
-        f"Backbone features of the {split} split", len(records.subset(split)), batch_size)
-    if path is not None:
-        os.makedirs(cache_dir, exist_ok=True)
-        tmp = f"{path}.tmp.npz"
-        np.savez(tmp, **features)
-        os.replace(tmp, path)
-    return features
+    ds = ds.map(lambda x, y: {name: x[name] for name in names})
+    if predict:
+        return predict_with_progress(extractor, ds, title, len(rows), batch_size)
+    call = tf.function(lambda x: extractor(x, training=False), reduce_retracing=True)
+    batches = []
+    with Progress(title, len(rows)) as progress, expected_retracing():
+        for batch in ds:
+            batches.append({name: value.numpy() for name, value in call(batch).items()})
+            progress.add(len(next(iter(batches[-1].values()))))
+    return {name: np.concatenate([b[name] for b in batches]) for name in batches[0]}
+
+
+def _wait_for(paths, seconds):
+    """`paths` once they all exist; a clear error after `seconds`."""
+    deadline, told = time.monotonic() + seconds, False
+    while True:
+        missing = [p for p in paths if not is_file(p)]
+        if not missing:
+            return paths
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"Waited {seconds:.0f} s for the other workers' cached features; still missing: "
+                f"{missing}. Every worker must see the same run folder (shared storage such as "
+                "gs://...), or turn the cache off (cache_features=False, --no-cache-features).")
+        if not told:
+            logger.info(f"Waiting for the other workers' features ({len(missing)} shards).")
+            told = True
+        time.sleep(0.5)
+
+
+def _load(path):
+    with np.load(io.BytesIO(read_bytes(path))) as stored:
+        return dict(stored)
+
+
+def _save(path, features):
+    buffer = io.BytesIO()
+    np.savez(buffer, **features)
+    write_bytes(path, buffer.getvalue())

@@ -94,6 +94,13 @@ def worker_id():
     return task.get("type", "worker"), int(task.get("index", 0))
 
 
+def worker_rank():
+    """This process's number among the workers, 0 to `num_workers() - 1`; the chief's is 0."""
+    kind, index = worker_id()
+    has_chief = bool(_tf_config().get("cluster", {}).get("chief"))
+    return 0 if kind == "chief" else index + has_chief
+
+
 def is_chief():
     """Whether this process writes the run's shared outputs (the chief, or worker 0 without one)."""
     kind, index = worker_id()

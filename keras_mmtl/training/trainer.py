@@ -35,7 +35,14 @@ from keras_mmtl.training.callbacks import (
     write_hparams,
     write_projector,
 )
-from keras_mmtl.training.distribute import describe_strategy, is_chief, is_multi_worker, worker_id
+from keras_mmtl.training.distribute import (
+    describe_strategy,
+    is_chief,
+    is_multi_worker,
+    num_workers,
+    worker_id,
+    worker_rank,
+)
 from keras_mmtl.training.losses import ClassificationLoss
 from keras_mmtl.training.metrics import MacroF1
 from keras_mmtl.training.optimizers import (
@@ -223,7 +230,10 @@ def train(
             epoch on the weighted validation loss of all tasks.
         auxiliary_weight: loss weight of each auxiliary head
             (`auxiliary_heads=True`), times its task's weight.
-        cache_features: train phase 1 on cached frozen-backbone features.
+        cache_features: train on cached features of the frozen branches (and
+            of a partly fine-tuned backbone's frozen bottom). With several
+            workers, one cache in the chief's run folder: each worker computes
+            every n-th row and reads the others' (the folder must be shared).
         cache_dir: where cached features are kept, keyed by the frozen
             weights and the data (default `run_dir/cache`), so a stale cache
             is never read.
@@ -260,12 +270,13 @@ def train(
     keras.utils.set_random_seed(seed)
     _loss_weights(describe(model).outputs, task_weights, auxiliary_weight)  # checks them early
     strategy = model.distribute_strategy
+    shard = None
     if is_multi_worker(strategy):
+        # One feature cache in the chief's run folder: each worker computes its shard of rows.
+        cache_dir, shard = cache_dir or os.path.join(run_dir, "cache"), (worker_rank(),
+                                                                          num_workers())
         if not is_chief():
             run_dir = os.path.join(run_dir, "workers", "".join(map(str, worker_id())))
-        if cache_features:
-            logger.info("Feature cache off: each worker would compute its own.")
-            cache_features = False
     if strategy.num_replicas_in_sync > 1:
         logger.info(f"Training with {describe_strategy(strategy)}; global batch "
                     f"{batch_size * strategy.num_replicas_in_sync}.")
@@ -317,7 +328,7 @@ def train(
             fit_model, clone, train_ds, val_ds, cached = _fit_setup(
                 model, records, run_dir, cache=cache_features, cache_dir=cache_dir,
                 has_val=has_val, batch_size=batch_size * strategy.num_replicas_in_sync,
-                seed=seed, augment=augment)
+                seed=seed, augment=augment, shard=shard)
             train_ds = _weigh_classes(train_ds, weights)
             if number == 2:
                 steps = phase_epochs * len(train_ds)
@@ -490,7 +501,7 @@ def _unfreeze(model, image_blocks, text_layers):
 
 
 def _fit_setup(model, records, run_dir, *, cache, cache_dir, has_val, batch_size, seed,
-               augment):
+               augment, shard=None):
     """What a phase fits: `(fit model, its clone or None, train/val data, cached modalities)`.
 
     With `cache`, the branches that stay frozen in this phase (and are not
@@ -516,7 +527,8 @@ def _fit_setup(model, records, run_dir, *, cache, cache_dir, has_val, batch_size
                              presence=spec.presence, tasks=spec.outputs,
                              batch_size=batch_size, seed=seed,
                              augment=augment if split == "train" else None,
-                             features=compute_features(extractors, records, split, cache_dir))
+                             features=compute_features(extractors, records, split, cache_dir,
+                                                       shard=shard))
                 for split in splits]
     return (top, clone, datasets[0], datasets[1] if has_val else None,
             tuple(m for m in spec.modalities if m in extractors))
