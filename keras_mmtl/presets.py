@@ -41,10 +41,11 @@ class Preset:
 _RECIPE_MODEL = {"text_encoder": "ngrams"}
 _RECIPE_TRAINING = {"class_weight": "balanced"}
 
-# Minutes for the fashion task (9,976 train + val rows, 2 CPU cores, 2026-12-02): medium as
-# benchmarks/recipe.py measured it (6.9 min, its slowest seed, under load), best from one run
-# of the README's command with --preset best (17 min, before the sparse n-gram encoder: an
-# upper bound); fast from medium's parts (phase 2 and the bottom features take about 2.9 min).
+# Minutes for the fashion task (9,976 train + val rows, 2 CPU cores, 2026-12-03): medium as
+# benchmarks/recipe.py measured it (8.1 min, its slowest seed, with a test run beside it: the
+# fused model and its image and text experts); best as three times medium (an estimate: the
+# experts made the one measured run of best, 17 min, out of date); fast from medium's parts
+# (phase 2 and the bottom features take about 2.9 min of the fused model's time).
 PRESETS = {
     "fast": Preset(
         "the head on frozen pretrained features only (no fine-tuning)",
@@ -53,10 +54,10 @@ PRESETS = {
         "frozen features, then the top 3 image-backbone blocks fine-tuned on their cached "
         "inputs; the fused model and one expert per image or text input, served as their "
         "geometric mean", _RECIPE_MODEL,
-        {**_RECIPE_TRAINING, "fine_tune_epochs": 5}, 1, True, 10.5),
+        {**_RECIPE_TRAINING, "fine_tune_epochs": 5}, 1, True, 8.1),
     "best": Preset(
         "medium, three times with other seeds, all combined into one model",
-        _RECIPE_MODEL, {**_RECIPE_TRAINING, "fine_tune_epochs": 5}, 3, True, 31.0),
+        _RECIPE_MODEL, {**_RECIPE_TRAINING, "fine_tune_epochs": 5}, 3, True, 24.3),
 }
 DEFAULT_PRESET = "medium"
 

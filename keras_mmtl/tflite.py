@@ -51,7 +51,8 @@ def tflite_graph(model):
             for layer in model.layers):
         raise ValueError("TFLite export cuts a classifier after its text tokenizer, and this "
                          "one holds its tokenizer inside members (an ensemble or a "
-                         "mirror-averaged model): export a single trained classifier.")
+                         "mirror-averaged model): export a single trained classifier, "
+                         "such as a run's fused member (RUN_DIR/member1/model.keras).")
     if any(name not in spec.tokenizers for name in texts):
         raise ValueError("TFLite export needs the 'scratch' text encoder (its tokenizer "
                          "gives token ids the app can compute); this model's text "
