@@ -227,7 +227,7 @@ def predict_records(model, records, split=None, batch_size=64, title=None):
     ds = make_dataset(records, split, **arguments, batch_size=batch_size)
     rows = records if split is None else records.subset(split)
     probabilities = predict_with_progress(
-        model, ds.map(lambda x, y: {name: x[name] for name in names}),
+        model, ds.map(lambda x, *_: {name: x[name] for name in names}),
         title or f"Scoring the {split or 'given'} split", len(rows), batch_size)
     if not spec.multi_output:
         return rows.labels, probabilities

@@ -45,7 +45,7 @@ class ExperimentResult:
     report: object  # None on workers other than the chief; a dict by task for several tasks
     run_dir: str
     history: dict = None  # per-epoch metrics of `train` (the first member's of an ensemble;
-    # none for joint transfer)
+    # none for domain transfer)
     modalities: object = None  # ModalityReport of a multimodal model
     export_path: str = None
 
@@ -282,18 +282,14 @@ def build_arguments(config):
 
 
 def train_arguments(config, verbose="auto"):
-    """The `train` arguments a config gives (those `train_joint` takes, for joint transfer)."""
+    """The `train` arguments a config gives."""
     fit = config.training
-    kwargs = dict(epochs=fit.epochs, learning_rate=fit.learning_rate,
-                  batch_size=fit.batch_size, patience=fit.patience, seed=config.data.seed,
-                  verbose=verbose)
-    if not config.transfer.joint:
-        kwargs.update({name: getattr(fit, name) for name in (
-            "fine_tune_epochs", "fine_tune_learning_rate", "unfreeze_blocks",
-            "unfreeze_text_layers", "warmup", "layer_decay", "class_weight",
-            "focal_gamma", "label_smoothing", "weight_decay", "augment_images", "augment_text",
-            "task_weights", "auxiliary_weight", "cache_features", "projector")})
-    return kwargs
+    return dict(seed=config.data.seed, verbose=verbose, **{name: getattr(fit, name) for name in (
+        "epochs", "learning_rate", "batch_size", "patience", "fine_tune_epochs",
+        "fine_tune_learning_rate", "unfreeze_blocks", "unfreeze_text_layers", "warmup",
+        "layer_decay", "class_weight", "focal_gamma", "label_smoothing", "weight_decay",
+        "augment_images", "augment_text", "task_weights", "auxiliary_weight", "cache_features",
+        "projector")})
 
 
 def tune_experiment(config, *, tuner="random", max_trials=None, objective="val_accuracy",

@@ -111,21 +111,24 @@ def test_augmented_images_are_not_cached_in_fine_tuning(product_records):
     assert sorted(extractors) == ["text"]
 
 
+@pytest.mark.parametrize("split,more_workers_than_rows", [("train", False), ("test", True)])
 def test_workers_compute_a_shard_each_and_read_the_whole_cache_on_remote_storage(
-        product_records):
+        product_records, split, more_workers_than_rows):
     model = build_classifier_for(product_records, **FROZEN)
     extractors, _, _ = split_model(model)
-    whole = compute_features(extractors, product_records, "train")
+    whole = compute_features(extractors, product_records, split)
+    # Three workers of a cluster, or so many that the last one's shard is empty.
+    workers = len(product_records.subset(split)) + 1 if more_workers_than_rows else 3
     cache = f"ram://cache-{uuid.uuid4().hex}"  # TensorFlow's in-memory filesystem
-    with concurrent.futures.ThreadPoolExecutor(3) as pool:  # three workers of a cluster
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         found = list(pool.map(lambda rank: compute_features(
-            extractors, product_records, "train", cache, shard=(rank, 3)), range(3)))
+            extractors, product_records, split, cache, shard=(rank, workers)), range(workers)))
     for features in found:
         assert set(features) == set(whole)
         for name in whole:
             np.testing.assert_allclose(features[name], whole[name], atol=1e-6)
     names = tf.io.gfile.listdir(cache)
-    assert len([n for n in names if ".shard" in n]) == 3 * len(whole)  # a shard per branch
+    assert len([n for n in names if ".shard" in n]) == workers * len(whole)  # a shard per branch
     assert len([n for n in names if n.endswith(".npz") and ".shard" not in n]) == len(whole)
 
 

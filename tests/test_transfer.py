@@ -1,4 +1,5 @@
 import dataclasses
+import json
 import math
 import os
 
@@ -17,7 +18,14 @@ from keras_mmtl.models import (
     learn_vocabulary,
 )
 from keras_mmtl.models.heads import GradientReversal
-from keras_mmtl.training import train, transfer, with_new_head
+from keras_mmtl.training import (
+    ClassificationLoss,
+    class_weights,
+    joint_records,
+    train,
+    transfer,
+    with_new_head,
+)
 
 COLOURS = {"red": (200, 60, 60), "green": (60, 170, 60), "blue": (60, 60, 200)}
 MATERIALS = ("cotton", "wool", "leather")
@@ -96,6 +104,8 @@ def test_joint_training_adapts_to_the_target(tmp_path, domains, domain_adversari
                        epochs=6, batch_size=9, verbose=0)
     assert describe(adapted).class_names() == target.class_names
     assert _accuracy(adapted, target) > 0.8
+    # Training accuracy of each head counts the rows labelled for it (half of each batch).
+    assert _logged(tmp_path, "epoch_target_accuracy")[-1] > 0.9
     losses = _domain_losses(tmp_path)
     if domain_adversarial:
         assert len(losses) == 6 and min(losses) > 0.6 * CHANCE, losses
@@ -126,8 +136,60 @@ def test_joint_training_keeps_the_epoch_best_on_the_target_val_split(tmp_path, d
     # 1 - alpha), and the model returned is the epoch where it was lowest.
     val = target.subset("val")
     (inputs, labels), = make_dataset(val, image_size=SMALL["image_size"], batch_size=len(val))
-    loss = keras.losses.SparseCategoricalCrossentropy()(labels, adapted(inputs))
+    loss = ClassificationLoss()(labels, adapted(inputs))  # the loss train minimises
     assert 0.5 * float(loss) == pytest.approx(min(val_losses), rel=1e-3)
+
+
+@pytest.mark.slow
+def test_joint_training_runs_both_phases_of_train_on_cached_features_and_resumes(tmp_path,
+                                                                                 domains):
+    source, target, vocabulary = domains
+    model = build_classifier(source.class_names, text_vocabulary=vocabulary,
+                             freeze_backbone=True, **SMALL)
+    settings = dict(joint=True, domain_adversarial=True, unlabeled=target.subset("test"),
+                    epochs=3, fine_tune_epochs=1, unfreeze_blocks=1, batch_size=9, verbose=0)
+    adapted = transfer(model, source, target, str(tmp_path), **settings)
+    state = json.loads((tmp_path / "state.json").read_text())
+    assert state["phases_done"] == 2 and state["history"]["phase"][-1] == 2
+    # Phase 1: image features and token ids; phase 2: the maps below the fine-tuned block.
+    assert len(os.listdir(tmp_path / "cache")) == 3
+    assert _accuracy(adapted, target) > 0.8
+    # A second call finds the run finished: it trains nothing and gives the same model.
+    epochs = len(_logged(tmp_path, "epoch_loss"))
+    again = transfer(model, source, target, str(tmp_path), **settings)
+    assert len(_logged(tmp_path, "epoch_loss")) == epochs
+    for first, second in zip(adapted.get_weights(), again.get_weights()):
+        np.testing.assert_array_equal(first, second)
+
+
+def test_joint_records_label_each_row_for_its_own_domain_and_balance_them(domains):
+    source, target, _ = domains
+    unlabeled = target.subset("test")
+    joint = joint_records(source, target, unlabeled, domain=True)
+    assert list(joint.tasks) == ["target", "source", "domain"]
+    train = joint.subset("train")
+    domain = train.task_labels("domain")
+    # As many target (repeated) and unlabeled (drawn) rows as source rows.
+    assert np.bincount(domain).tolist() == [270, 2 * 270]
+    assert (train.task_labels("source")[domain == 1] == -1).all()
+    assert (train.task_labels("source")[domain == 0] >= 0).all()
+    assert (train.labels >= 0).sum() == 270 and sorted(set(train.labels) - {-1}) == list(
+        range(len(target.class_names)))
+    assert (joint.subset("test").task_labels("domain") == -1).all()
+    # Balanced class weights count each task's labelled rows only.
+    assert class_weights(joint, "balanced", "source") == class_weights(source, "balanced")
+    # Batches weigh each output's unlabelled rows 0; labelled ones 1.
+    outputs = {task: task for task in joint.tasks}
+    _, labels, weights = next(iter(make_dataset(joint, "train", image_size=(16, 16),
+                                                tasks=outputs, batch_size=64)))
+    for task in outputs:
+        np.testing.assert_array_equal(weights[task], labels[task].numpy() >= 0)
+
+
+def test_joint_records_refuse_a_target_with_other_inputs(domains):
+    source, target, _ = domains
+    with pytest.raises(ValueError, match=r"target rows have inputs \('text',\).*same inputs"):
+        joint_records(source, dataclasses.replace(target, images=None))
 
 
 @pytest.mark.slow

@@ -124,7 +124,10 @@ class Records:
             or a uint8 array `(n, h, w, c)` (`"array"`).
         texts: `None`, or an object array of `str`, one per sample (of the
             first text column).
-        labels: int32 array of indices into `class_names`.
+        labels: int32 array of indices into `class_names`; -1 marks a row
+            without a label of this task, which training leaves out of the
+            task's loss and metrics (joint domain transfer labels each row
+            for its own domain's task only).
         splits: array of `"train"`, `"val"` or `"test"`.
         class_names: the label vocabulary, sorted; index `i` is class `i`.
         image_kind: how `images` is stored.

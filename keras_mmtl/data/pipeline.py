@@ -62,6 +62,9 @@ def make_dataset(
         tasks: for a model with named outputs (several tasks, auxiliary
             heads), a dict of output name -> task (`describe(model).outputs`):
             labels are then a dict of output name -> that task's labels.
+            Where a task's labels hold -1 (rows without a label of that task,
+            as in joint domain transfer), batches are `(inputs, labels,
+            weights)`: each output weighs those rows 0, the others 1.
 
     Returns:
         a batched, prefetched `tf.data.Dataset`.
@@ -144,6 +147,9 @@ def make_dataset(
 
         # Sequential: parallel calls would draw from the layers' seed state in any order.
         ds = ds.map(augment_batch)
+    if isinstance(labels, dict) and any((values < 0).any() for values in labels.values()):
+        ds = ds.map(lambda row, label: (row, label, {
+            output: tf.cast(values >= 0, tf.float32) for output, values in label.items()}))
     return ds.prefetch(AUTOTUNE)
 
 

@@ -276,6 +276,9 @@ def _compute(extractor, rows, batch_size, title, predict=True):
         for batch in ds:
             batches.append({name: value.numpy() for name, value in call(batch).items()})
             progress.add(len(next(iter(batches[-1].values()))))
+    if not batches:  # a worker's shard of a split smaller than the number of workers
+        return {name: np.zeros((0, *output.shape[1:]), output.dtype)
+                for name, output in extractor.output.items()}
     return {name: np.concatenate([b[name] for b in batches]) for name in batches[0]}
 
 

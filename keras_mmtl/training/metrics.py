@@ -1,8 +1,36 @@
-"""Training metrics beyond Keras' own: macro-F1 over an accumulated confusion matrix."""
+"""Training metrics beyond Keras' own: macro-F1 over an accumulated confusion matrix, and
+accuracy over the rows that hold a label."""
 
 import keras
 import numpy as np
 import tensorflow as tf
+
+
+@keras.saving.register_keras_serializable(package="keras_mmtl")
+class LabelledAccuracy(keras.metrics.SparseCategoricalAccuracy):
+    """Sparse categorical accuracy over the rows that hold a label; label -1 marks one without.
+
+    A row of a multi-task dataset may lack a label for one task (in joint
+    domain transfer, each row is labelled for its own domain's classes
+    only): it counts for neither right nor wrong, as `MacroF1` leaves it out.
+
+    Example:
+
+    >>> metric = LabelledAccuracy()
+    >>> metric.update_state([1, -1, 0], [[0.2, 0.8], [0.9, 0.1], [0.3, 0.7]])
+    >>> float(metric.result())  # 1 right of 2 labelled rows
+    0.5
+    """
+
+    def __init__(self, name="accuracy", dtype=None):
+        super().__init__(name=name, dtype=dtype)
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        y_true = tf.reshape(tf.cast(y_true, "int32"), (-1,))
+        labelled = tf.cast(y_true >= 0, "float32")
+        if sample_weight is not None:
+            labelled *= tf.reshape(tf.cast(sample_weight, "float32"), (-1,))
+        return super().update_state(tf.maximum(y_true, 0), y_pred, sample_weight=labelled)
 
 
 @keras.saving.register_keras_serializable(package="keras_mmtl")
@@ -25,7 +53,8 @@ class MacroF1(keras.metrics.Metric):
 
     Args:
         num_classes: number of classes; labels are integers in
-            `[0, num_classes)` (others are left out).
+            `[0, num_classes)` (others, such as -1 for a row without a
+            label, are left out).
         name: metric name; Keras logs it as `macro_f1` and `val_macro_f1`.
         dtype: dtype of the confusion matrix and of the result.
 

@@ -44,7 +44,7 @@ from keras_mmtl.training.distribute import (
     worker_rank,
 )
 from keras_mmtl.training.losses import ClassificationLoss
-from keras_mmtl.training.metrics import MacroF1
+from keras_mmtl.training.metrics import LabelledAccuracy, MacroF1
 from keras_mmtl.training.optimizers import (
     LayerwiseAdam,
     decoupled_weight_decay,
@@ -88,8 +88,7 @@ def compile_classifier(model, optimizer, steps_per_execution=1, loss=None, task_
     weights = _loss_weights(tasks, task_weights, auxiliary_weight)
 
     def metrics(output):
-        return [keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
-                MacroF1(output.shape[-1])]
+        return [LabelledAccuracy(), MacroF1(output.shape[-1])]
 
     metrics = metrics(model.output) if tasks is None else {
         name: metrics(model.output[name]) if name == task else [] for name, task in tasks.items()}
@@ -435,16 +434,22 @@ def _weigh_classes(dataset, weights):
     As Keras' `fit(class_weight=)` does, but for every output of a model
     with several (each by its own task's classes); validation stays
     unweighted, so early stopping and the best epoch follow the plain loss.
+    Batches that already weigh their rows (0 for a row without a label of a
+    task, `make_dataset`) keep those weights, times the class weights.
     """
     if weights is None:
         return dataset
 
     def weigh(labels, by_class):
-        return tf.gather(tf.constant(by_class, tf.float32), tf.cast(labels, tf.int32))
+        labels = tf.maximum(tf.cast(labels, tf.int32), 0)  # -1: no label, weighed 0 already
+        return tf.gather(tf.constant(by_class, tf.float32), labels)
 
-    def add(inputs, labels):
+    def add(inputs, labels, labelled=None):
         if isinstance(labels, dict):
-            return inputs, labels, {name: weigh(labels[name], weights[name]) for name in labels}
+            weighed = {name: weigh(labels[name], weights[name]) for name in labels}
+            if labelled is not None:
+                weighed = {name: weighed[name] * labelled[name] for name in labels}
+            return inputs, labels, weighed
         return inputs, labels, weigh(labels, weights)
 
     return dataset.map(add, num_parallel_calls=tf.data.AUTOTUNE)
@@ -477,7 +482,8 @@ def class_weights(records, class_weight, task=None):
         if class_weight != "balanced":
             raise ValueError(f"class_weight must be None, 'balanced' or a dict of class name -> "
                              f"weight. Received: class_weight={class_weight!r}")
-        counts = np.bincount(records.subset("train").task_labels(task), minlength=len(names))
+        labels = records.subset("train").task_labels(task)
+        counts = np.bincount(labels[labels >= 0], minlength=len(names))  # -1: no label
         return [float(counts.sum() / (len(names) * max(count, 1))) for count in counts]
     if task != records.label_name:
         raise ValueError(f"A dict of class weights is for the main task ({records.label_name!r}) "
@@ -611,7 +617,7 @@ def _write_embeddings(model, records, log_dir, batch_size):
         records = records.select(keep)
     spec = describe(model)
     data = make_dataset(records, **spec.dataset_arguments(), batch_size=batch_size,
-                        shuffle=False).map(lambda x, y: x)
+                        shuffle=False).map(lambda x, *_: x)
     embeddings = predict_with_progress(embedding_model(model), data, "Embeddings for the projector",
                                        len(records), batch_size)
     names = np.asarray(records.class_names)[records.labels]

@@ -1,33 +1,35 @@
-"""Domain transfer: from a source dataset to a target one, in turn or jointly, optionally adversarial.
+"""Domain transfer: from a source dataset to a target one, in turn or jointly, or adversarial.
 
 * In turn (`transfer(..., joint=False)`): train the classifier on the source, give it a new
   head for the target classes (`with_new_head`, optionally freezing shared layers), then
   train that on the target. The usual choice when the target has few labels.
 * Jointly (`joint=True`): one shared network with a source head and a target head, trained
-  on batches holding both, with loss `alpha * source_loss + (1 - alpha) * target_loss`.
+  on batches holding both, with loss `alpha * source_loss + (1 - alpha) * target_loss`: a
+  run of `train` on a dataset of both domains (`joint_records`), with all it gives.
 * Domain-adversarial (`domain_adversarial=True`, joint only): a domain classifier behind a
   gradient-reversal layer pushes the shared features to look alike on both domains, so
   the source labels teach the target too; target rows without labels (`unlabeled`) help.
 """
 
+import dataclasses
 import os
 
 import keras
-import tensorflow as tf
+import numpy as np
 
-from keras_mmtl.data.pipeline import make_dataset
+from keras_mmtl.data.manifest import DataReport
 from keras_mmtl.files import save_atomic
 from keras_mmtl.models.backbones import BACKBONE_NAME
 from keras_mmtl.models.builder import clone_classifier
 from keras_mmtl.models.heads import ClassifierHead, GradientReversal
 from keras_mmtl.models.spec import describe, head_name
-from keras_mmtl.progress import keras_verbose, logger
-from keras_mmtl.training.callbacks import AtomicBackupAndRestore, BestWeights, StopOnNonFiniteLoss
-from keras_mmtl.training.optimizers import LayerwiseAdam
+from keras_mmtl.progress import logger
 from keras_mmtl.training.run_state import MODEL_FILE
 from keras_mmtl.training.trainer import train
 
 HEAD = head_name()
+# The tasks of joint training's dataset (`joint_records`) and its unlabeled part.
+SOURCE, TARGET, DOMAIN, UNLABELED = "source", "target", "domain", "unlabeled"
 
 
 def _trunk(model):
@@ -127,132 +129,127 @@ def transfer(model, source, target, run_dir, *, joint=False, alpha=0.5,
 
 
 def train_joint(model, source, target, run_dir, *, alpha=0.5, domain_adversarial=False,
-                adversarial_weight=0.3, unlabeled=None, epochs=10, learning_rate=1e-3,
-                batch_size=32, patience=3, seed=0, verbose="auto"):
-    """Trains one shared network on source and target batches together.
+                adversarial_weight=0.3, unlabeled=None, seed=0, **train_kwargs):
+    """Trains one shared network on source and target rows together, with `train`.
 
-    Each step sees `batch_size` source rows, `batch_size` target rows (the
-    smaller set repeats) and, with `unlabeled`, `batch_size` unlabeled
-    target rows. The loss is `alpha * source + (1 - alpha) * target` (each
-    over its own rows), plus `adversarial_weight * domain` with
-    `domain_adversarial`. An epoch is one pass over the larger labelled set.
+    The network gets a head per domain (and, with `domain_adversarial`, a
+    domain classifier behind gradient reversal) and `train` fits it on one
+    dataset of both domains (`joint_records`) as a model of several tasks:
+    each row is labelled for its own domain's classes only. So joint
+    training has everything `train` gives: two phases on a pretrained
+    backbone, the feature cache, atomic resume, early stopping on the val
+    split and the best epoch's weights, TensorBoard logs.
 
-    As in a phase of `train`: the loss of the classifier kept (the target's,
-    or the source's without target labels) on its val split is the
-    validation loss; training stops early when it stops improving
-    (`patience`) and ends with the best epoch's weights
-    (`checkpoints/joint.weights.h5`); an interrupted run resumes from its
-    last epoch, from a backup written atomically. Without a val split, the
-    kept classifier's training loss is monitored.
+    Each domain's training rows repeat (or, for `unlabeled`, are drawn) to
+    as many as the larger labelled set has, so in expectation a batch holds
+    as many source rows as target rows (and unlabeled ones), and the loss
+    is `alpha * source + (1 - alpha) * target`, plus `adversarial_weight *
+    domain`. The validation loss is the kept classifier's on its val rows,
+    times its weight (the target's, or the source's without target labels):
+    neither the other head nor the domain classifier sees val rows.
 
-    Arguments are those of `transfer`, plus `epochs`, `learning_rate`,
-    `batch_size`, `patience`, `seed` and `verbose` as in `train`.
+    Arguments are those of `transfer`; `seed` and `**train_kwargs` go to
+    `train` (`task_weights` comes from `alpha` and `adversarial_weight`).
 
     Returns:
-        the target classifier (the source head when `target` is None).
+        the target classifier (the source head when `target` is None), also
+        saved as `model.keras` in `run_dir`.
     """
     if not 0 <= alpha <= 1:
         raise ValueError(f"alpha must be in [0, 1]. Received: alpha={alpha}")
     if target is None and not (domain_adversarial and unlabeled is not None):
         raise ValueError("Without target labels, pass domain_adversarial=True and the target "
                          "rows as `unlabeled`.")
+    if train_kwargs.pop("task_weights", None):
+        raise ValueError("Joint training weighs its heads by alpha and adversarial_weight; "
+                         "task_weights is not taken.")
     keras.utils.set_random_seed(seed)
+    records = joint_records(source, target, unlabeled, domain=domain_adversarial, seed=seed)
     clone, features = _trunk(model)
-    # The head the returned classifier keeps is named "head", as in every classifier.
-    source_head = "source_head" if target is not None else HEAD
-    outputs = {"source": ClassifierHead(describe(model).class_names(), name=source_head)(features)}
-    losses = {"source": alpha}
-    if target is not None:
-        outputs["target"] = ClassifierHead(target.class_names, name=HEAD)(features)
-        losses["target"] = 1 - alpha
+    heads = {task: ClassifierHead(names, name=head_name(task))
+             for task, names in records.tasks.items() if task != DOMAIN}
+    outputs = {task: head(features) for task, head in heads.items()}
+    weights = {SOURCE: alpha, TARGET: 1 - alpha}
     if domain_adversarial:
         hidden = GradientReversal(adversarial_weight, name="gradient_reversal")(features)
         hidden = keras.layers.Dense(128, activation="relu", name="domain_hidden")(hidden)
-        outputs["domain"] = keras.layers.Dense(
-            1, activation="sigmoid", dtype="float32", name="domain")(hidden)
-        losses["domain"] = adversarial_weight
+        outputs[DOMAIN] = ClassifierHead(records.tasks[DOMAIN], name=head_name(DOMAIN))(hidden)
+        weights[DOMAIN] = adversarial_weight
     joint_model = keras.Model(clone.input, outputs, name="joint_transfer")
-    joint_model.compile(
-        optimizer=LayerwiseAdam(learning_rate=learning_rate),
-        loss={name: ("binary_crossentropy" if name == "domain"
-                     else "sparse_categorical_crossentropy") for name in outputs},
-        loss_weights=losses,
-        weighted_metrics={name: ["accuracy"] for name in outputs if name != "domain"},
-    )
-    parts = [("source", source)] + ([("target", target)] if target is not None else [])
-    parts += [("unlabeled", unlabeled)] if unlabeled is not None else []
-    data, steps = _joint_dataset(model, parts, tuple(outputs), batch_size, seed)
-    kept = "target" if target is not None else "source"
-    val = _joint_validation(model, dict(parts)[kept], kept, tuple(outputs), batch_size)
-    # Without val rows, the kept classifier's own training loss (the domain loss may rise).
-    monitor = "val_loss" if val is not None else f"{kept}_loss"
-    best = os.path.join(run_dir, "checkpoints", "joint.weights.h5")
-    os.makedirs(run_dir, exist_ok=True)
-    joint_model.fit(
-        data, epochs=epochs, steps_per_epoch=steps, validation_data=val,
-        verbose=keras_verbose(verbose),
-        callbacks=[AtomicBackupAndRestore(os.path.join(run_dir, "backup")),
-                   keras.callbacks.TensorBoard(os.path.join(run_dir, "logs")),
-                   BestWeights(best, monitor),
-                   keras.callbacks.EarlyStopping(monitor=monitor, patience=patience, mode="min"),
-                   StopOnNonFiniteLoss(run_dir)])
-    if os.path.exists(best):
-        joint_model.load_weights(best)
-    adapted = keras.Model(clone.input, outputs[kept], name=model.name)
+    train(joint_model, records, run_dir, seed=seed,
+          task_weights={task: weights[task] for task in outputs}, **train_kwargs)
+    kept = heads[records.label_name]
+    head = ClassifierHead(kept.class_names, dropout=kept.dropout_rate, name=HEAD)
+    adapted = keras.Model(clone.input, head(features), name=model.name)
+    head.set_weights(kept.get_weights())
     save_atomic(adapted.save, os.path.join(run_dir, MODEL_FILE))
     return adapted
 
 
-def _joint_validation(model, records, kept, outputs, batch_size):
-    """The val rows of the kept classifier's data, weighing its output only; `None` without."""
-    if not (records.splits == "val").any():
-        return None
+def joint_records(source, target, unlabeled=None, *, domain=False, seed=0):
+    """One dataset of both domains for joint training, each row labelled in its own task.
 
-    def weigh(inputs, labels):
-        rows = tf.shape(labels)[0]
-        return (inputs,
-                {name: labels if name == kept else tf.zeros([rows, 1]) if name == "domain"
-                 else tf.zeros_like(labels) for name in outputs},
-                {name: tf.fill([rows], 1.0 if name == kept else 0.0) for name in outputs})
+    Tasks: `"target"` (the main one; `"source"` without a target), `"source"`,
+    and with `domain` a `"domain"` task (`source`/`target`) on the training
+    rows. Labels a row does not have are -1. The training rows of each part
+    (source, target, unlabeled) are repeated in a shuffled order (or drawn)
+    to as many as the larger labelled part has; the source's val and test
+    rows are left out, so the val split is the kept classifier's.
 
-    return make_dataset(records, "val", **describe(model).dataset_arguments(),
-                        batch_size=batch_size, shuffle=False).map(weigh)
+    Example:
 
+    >>> from keras_mmtl.data import from_arrays
+    >>> source = from_arrays(["a", "b", "a", "b"], texts=["w"] * 4, splits=["train"] * 4)
+    >>> target = from_arrays(["x", "y", "x"], texts=["v"] * 3, splits=["train", "train", "val"])
+    >>> joint = joint_records(source, target, domain=True)
+    >>> joint.tasks
+    {'target': ['x', 'y'], 'source': ['a', 'b'], 'domain': ['source', 'target']}
+    >>> len(joint), joint.task_labels("domain").tolist()
+    (9, [0, 0, 0, 0, 1, 1, 1, 1, -1])
+    """
+    parts = {SOURCE: source.subset("train")}
+    if target is not None:
+        parts[TARGET] = target
+    if unlabeled is not None:
+        parts[UNLABELED] = dataclasses.replace(unlabeled, splits=np.full(len(unlabeled), "train"))
+    first = parts[SOURCE]
+    for name, records in parts.items():
+        if records.modalities != first.modalities or records.image_kind != first.image_kind:
+            raise ValueError(
+                f"The {name} rows have inputs {records.modalities} ({records.image_kind} "
+                f"images); the source rows have {first.modalities} ({first.image_kind}): joint "
+                "training needs the same inputs, held alike.")
+    rows = max(int((records.splits == "train").sum()) for name, records in parts.items()
+               if name != UNLABELED)
+    rng = np.random.default_rng(seed)
+    for name, records in parts.items():
+        train_rows = np.flatnonzero(records.splits == "train")
+        others = np.flatnonzero(records.splits != "train")
+        parts[name] = records.select(np.concatenate([np.resize(rng.permutation(train_rows), rows),
+                                                     others]))
+    kept = TARGET if target is not None else SOURCE
+    names = {kept: parts[kept].class_names}
+    names.update({SOURCE: source.class_names} if kept != SOURCE else {})
+    names.update({DOMAIN: [SOURCE, TARGET]} if domain else {})
 
-def _joint_dataset(model, parts, outputs, batch_size, seed):
-    """Endless batches of `(inputs, labels, sample weights)` over all parts, and steps per epoch."""
-    kwargs = dict(**describe(model).dataset_arguments(), batch_size=batch_size, seed=seed,
-                  shuffle=True, drop_remainder=True)
-    labelled = [len(records.subset("train")) for name, records in parts if name != "unlabeled"]
-    steps = max(max(labelled) // batch_size, 1)
-    streams = []
-    for name, records in parts:
-        # Unlabelled rows are all used, whatever their split.
-        split = "train" if name != "unlabeled" else None
-        rows = len(records.subset(split)) if split else len(records)
-        if rows < batch_size:
-            raise ValueError(f"The {name} data has {rows} training rows, fewer than "
-                             f"batch_size={batch_size}: lower batch_size.")
-        streams.append(make_dataset(records, split, **kwargs).repeat())
-    names = [name for name, _ in parts]
+    def labels(task, name, records):
+        if task == DOMAIN:
+            own = np.full(len(records), 0 if name == SOURCE else 1, np.int32)
+            return np.where(records.splits == "train", own, -1)
+        return records.labels if name == task else np.full(len(records), -1, np.int32)
 
-    def merge(*batches):
-        inputs = {key: tf.concat([x[key] for x, _ in batches], 0) for key in batches[0][0]}
-        labels, weights = {}, {}
-        for output in outputs:
-            if output == "domain":
-                labels[output] = tf.concat(
-                    [tf.fill([batch_size, 1], 0.0 if name == "source" else 1.0)
-                     for name in names], 0)
-                weights[output] = tf.ones([batch_size * len(names)])
-                continue
-            labels[output] = tf.concat(
-                [y if name == output else tf.zeros_like(y) for name, (_, y) in zip(names, batches)],
-                0)
-            weights[output] = tf.concat(
-                [tf.fill([batch_size], 1.0 if name == output else 0.0) for name in names], 0)
-        return inputs, labels, weights
+    def joined(values):
+        return None if values[0] is None else np.concatenate(values)
 
-    data = tf.data.Dataset.zip(tuple(streams)).map(merge, num_parallel_calls=tf.data.AUTOTUNE)
-    return data.prefetch(tf.data.AUTOTUNE), steps
-
+    every = {task: np.concatenate([labels(task, name, records) for name, records in parts.items()])
+             for task in names}
+    records = list(parts.values())
+    return dataclasses.replace(
+        first, images=joined([r.images for r in records]), texts=joined([r.texts for r in records]),
+        tabular=joined([r.tabular for r in records]),
+        extra_inputs={key: joined([r.extra_inputs[key] for r in records])
+                      for key in first.extra_inputs},
+        splits=joined([r.splits for r in records]), labels=every[kept], class_names=names[kept],
+        label_name=kept, extra_tasks={task: (every[task], names[task]) for task in names
+                                      if task != kept},
+        report=DataReport())
