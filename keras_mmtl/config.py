@@ -8,6 +8,7 @@ from typing import Optional, Union
 
 import yaml
 
+from keras_mmtl.checks import check_known
 from keras_mmtl.data.images import MAX_MEGAPIXELS
 from keras_mmtl.files import write_text
 from keras_mmtl.models.backbones import BACKBONES
@@ -304,18 +305,16 @@ class RunConfig:
         if not isinstance(values, dict):
             raise ConfigError(f"{source} must be a mapping of sections {list(SECTIONS)}; "
                               f"got {type(values).__name__}.")
-        unknown = sorted(set(values) - set(SECTIONS))
-        if unknown:
-            raise ConfigError(f"{source} has unknown sections {unknown}. Expected some of "
-                              f"{list(SECTIONS)}.")
+        check_known(values, SECTIONS, lambda unknown: (
+            f"{source} has unknown sections {unknown}. Expected some of {list(SECTIONS)}."),
+            ConfigError)
         sections = {}
         for name, section in SECTIONS.items():
             given = values.get(name) or {}
             known = {f.name for f in dataclasses.fields(section)}
-            unknown = sorted(set(given) - known)
-            if unknown:
-                raise ConfigError(f"{source} has unknown keys {unknown} in section {name!r}. "
-                                  f"Expected some of {sorted(known)}.")
+            check_known(given, known, lambda unknown: (
+                f"{source} has unknown keys {unknown} in section {name!r}. Expected some of "
+                f"{sorted(known)}."), ConfigError)
             for field in dataclasses.fields(section):
                 if field.name in given:
                     _check_value(field, given[field.name], f"{source}, {name}.{field.name}")

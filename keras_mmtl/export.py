@@ -12,6 +12,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
 
+from keras_mmtl.checks import check_known
 from keras_mmtl.data.images import MAX_MEGAPIXELS, decode_image, decode_optional_image
 from keras_mmtl.modalities import modality_kind, ordered
 from keras_mmtl.models.builder import embedding_model
@@ -381,9 +382,8 @@ def predict(model, images=None, texts=None, top_k=5, tabular=None, **inputs):
     modalities = tuple(runner.inputs)
     given = {name: None for name in modalities}
     given.update({"image": images, "text": texts, "tabular": tabular}, **inputs)
-    unknown = sorted(set(given) - set(modalities) - {"image", "text", "tabular"})
-    if unknown:
-        raise ValueError(f"This model has no inputs {unknown}; it takes {list(modalities)}.")
+    check_known(given, {*modalities, "image", "text", "tabular"}, lambda unknown: (
+        f"This model has no inputs {unknown}; it takes {list(modalities)}."))
     # A modality not given is missing for every sample: models built with
     # missing_modalities=True take that (an export cannot tell, and is sent empties).
     missing = [name for name in modalities if given[name] is None and name not in runner.optional]

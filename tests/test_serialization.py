@@ -36,7 +36,7 @@ from keras_mmtl.models.text import (
     WordPieceTokenizer,
 )
 from keras_mmtl.training.losses import ClassificationLoss
-from keras_mmtl.training.metrics import MacroF1
+from keras_mmtl.training.metrics import LabelledAccuracy, MacroF1
 from keras_mmtl.training.optimizers import LayerwiseAdam
 from keras_mmtl.training.pruning import MagnitudePruning
 
@@ -185,6 +185,7 @@ COMPILED = {
     "ClassificationLoss": lambda model: dict(
         loss=ClassificationLoss(gamma=2.0, label_smoothing=0.1)),
     "MacroF1": lambda model: dict(metrics=[MacroF1(3, name="f1")]),
+    "LabelledAccuracy": lambda model: dict(metrics=[LabelledAccuracy(name="acc")]),
     # The multipliers are keyed by variable path: they must still match after loading.
     "LayerwiseAdam": lambda model: dict(optimizer=LayerwiseAdam(
         {model.layers[-1].kernel.path: 0.1}, learning_rate=0.01)),

@@ -11,6 +11,8 @@ import numbers
 import keras
 import tensorflow as tf
 
+from keras_mmtl.checks import check_known
+
 FLIPS = (None, "horizontal", "vertical", "horizontal_and_vertical")
 MODALITIES = ("image", "text")
 
@@ -289,9 +291,8 @@ def make_augmentation(image=False, text=False, seed=0):
                              f"Received: {modality}={value!r}")
         allowed = [name for name in inspect.signature(layer_class).parameters
                    if name != "kwargs"]
-        unknown = sorted(set(value) - set(allowed))
-        if unknown:
-            raise ValueError(f"Unknown {layer_class.__name__} arguments {unknown}. Expected "
-                             f"some of {allowed}. Received: {modality}={value!r}")
+        check_known(value, allowed, lambda unknown: (
+            f"Unknown {layer_class.__name__} arguments {unknown}. Expected some of "
+            f"{allowed}. Received: {modality}={value!r}"))
         augment[modality] = layer_class(**{"seed": _seed(seed, offset), **value})
     return augment

@@ -12,6 +12,7 @@ import warnings
 
 import numpy as np
 
+from keras_mmtl.checks import check_known
 from keras_mmtl.data.images import MAX_MEGAPIXELS, find_undecodable
 from keras_mmtl.files import (
     file_size,
@@ -379,10 +380,9 @@ class ReadOptions:
 def read_options(options):
     """`ReadOptions` from a reader's keyword arguments; a `TypeError` names unknown ones."""
     known = [field.name for field in dataclasses.fields(ReadOptions)]
-    unknown = sorted(set(options) - set(known))
-    if unknown:
-        raise TypeError(f"Unknown reading option(s) {unknown}. Expected some of {known}. "
-                        f"Received: {', '.join(f'{k}={options[k]!r}' for k in unknown)}")
+    check_known(options, known, lambda unknown: (
+        f"Unknown reading option(s) {unknown}. Expected some of {known}. "
+        f"Received: {', '.join(f'{k}={options[k]!r}' for k in unknown)}"), TypeError)
     return ReadOptions(**options)
 
 
@@ -966,10 +966,9 @@ def _per_task(class_names, tasks):
     tasks = list(tasks)
     if not isinstance(class_names, dict):
         return {task: class_names if i == 0 else None for i, task in enumerate(tasks)}
-    unknown = sorted(set(class_names) - set(tasks))
-    if unknown:
-        raise ValueError(f"class_names names tasks {unknown} that are not label columns; "
-                         f"the label columns are {tasks}.")
+    check_known(class_names, tasks, lambda unknown: (
+        f"class_names names tasks {unknown} that are not label columns; "
+        f"the label columns are {tasks}."))
     return {task: class_names.get(task) for task in tasks}
 
 

@@ -3,6 +3,7 @@
 import numpy as np
 import tensorflow as tf
 
+from keras_mmtl.checks import check_known
 from keras_mmtl.data.augmentation import MODALITIES as AUGMENTED_MODALITIES
 from keras_mmtl.data.images import decode_optional_image, resize_image
 from keras_mmtl.modalities import modality_kind
@@ -160,10 +161,9 @@ def _augmenters(augment, modalities):
     if not isinstance(augment, dict):
         raise ValueError(f"augment must be None or a dict of modality -> layer "
                          f"(see keras_mmtl.data.make_augmentation). Received: augment={augment!r}")
-    unknown = sorted(set(augment) - set(AUGMENTED_MODALITIES))
-    if unknown:
-        raise ValueError(f"Unknown augment keys {unknown}. Expected some of "
-                         f"{list(AUGMENTED_MODALITIES)}. Received: augment={augment!r}")
+    check_known(augment, AUGMENTED_MODALITIES, lambda unknown: (
+        f"Unknown augment keys {unknown}. Expected some of {list(AUGMENTED_MODALITIES)}. "
+        f"Received: augment={augment!r}"))
     for name, layer in augment.items():
         if layer is not None and not callable(layer):
             raise ValueError(f"augment[{name!r}] must be a layer (such as ImageAugmentation) "

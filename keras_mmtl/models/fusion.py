@@ -62,8 +62,24 @@ def _check_inputs(layer, input_shapes):
                          f"(batch, features). Received: input shapes {input_shapes}")
 
 
+class Fusion(keras.layers.Layer):
+    """What every fusion holds: `units`, the width of its per-modality projections.
+
+    Subclasses build `self.projections` (or layers of their own) in `build`
+    and fuse in `call(inputs, presence=None, training=None)`; see the module.
+    """
+
+    def __init__(self, units=256, **kwargs):
+        super().__init__(**kwargs)
+        self.units = units
+        self.projections = []
+
+    def get_config(self):
+        return {**super().get_config(), "units": self.units}
+
+
 @keras.saving.register_keras_serializable(package="keras_mmtl")
-class ConcatFusion(keras.layers.Layer):
+class ConcatFusion(Fusion):
     """Concatenates the modality features, each first projected to `units`.
 
     The projection keeps one modality from dominating the fused vector just
@@ -83,11 +99,6 @@ class ConcatFusion(keras.layers.Layer):
     (2, 16)
     """
 
-    def __init__(self, units=256, **kwargs):
-        super().__init__(**kwargs)
-        self.units = units
-        self.projections = []
-
     def build(self, input_shapes):
         if self.units is not None:
             self.projections = _projections(self, input_shapes, activation="relu")
@@ -102,12 +113,9 @@ class ConcatFusion(keras.layers.Layer):
                  else sum(shape[-1] for shape in input_shapes))
         return (input_shapes[0][0], width)
 
-    def get_config(self):
-        return {**super().get_config(), "units": self.units}
-
 
 @keras.saving.register_keras_serializable(package="keras_mmtl")
-class GatedFusion(keras.layers.Layer):
+class GatedFusion(Fusion):
     """Weighs each modality by a learned, per-sample gate (a gated multimodal unit).
 
     Each modality becomes `h_i = tanh(Dense_i(x_i))`; a dense layer on the
@@ -138,9 +146,7 @@ class GatedFusion(keras.layers.Layer):
     """
 
     def __init__(self, units=256, **kwargs):
-        super().__init__(**kwargs)
-        self.units = units
-        self.projections = []
+        super().__init__(units, **kwargs)
         self.gate = None
 
     def build(self, input_shapes):
@@ -173,12 +179,9 @@ class GatedFusion(keras.layers.Layer):
         return fused, keras.KerasTensor((inputs[0].shape[0], len(inputs)),
                                         dtype=self.compute_dtype)
 
-    def get_config(self):
-        return {**super().get_config(), "units": self.units}
-
 
 @keras.saving.register_keras_serializable(package="keras_mmtl")
-class AttentionFusion(keras.layers.Layer):
+class AttentionFusion(Fusion):
     """A small transformer over one token per modality; a [CLS] token reads them out.
 
     Each modality becomes a token `Dense_i(x_i) + e_i`, where `e_i` is a
@@ -212,13 +215,11 @@ class AttentionFusion(keras.layers.Layer):
     """
 
     def __init__(self, units=256, num_heads=4, num_layers=1, dropout=0.1, **kwargs):
-        super().__init__(**kwargs)
+        super().__init__(units, **kwargs)
         if units % num_heads:
             raise ValueError(f"units must be a multiple of num_heads. "
                              f"Received: units={units}, num_heads={num_heads}")
-        self.units, self.num_heads = units, num_heads
-        self.num_layers, self.dropout_rate = num_layers, float(dropout)
-        self.projections = []
+        self.num_heads, self.num_layers, self.dropout_rate = num_heads, num_layers, float(dropout)
         self.dropout = keras.layers.Dropout(self.dropout_rate, dtype=self.dtype_policy)
 
     def build(self, input_shapes):
@@ -288,12 +289,12 @@ class AttentionFusion(keras.layers.Layer):
         return (input_shapes[0][0], self.units)
 
     def get_config(self):
-        return {**super().get_config(), "units": self.units, "num_heads": self.num_heads,
+        return {**super().get_config(), "num_heads": self.num_heads,
                 "num_layers": self.num_layers, "dropout": self.dropout_rate}
 
 
 @keras.saving.register_keras_serializable(package="keras_mmtl")
-class HierarchicalFusion(keras.layers.Layer):
+class HierarchicalFusion(Fusion):
     """Fuses every pair of modalities, then fuses the pairs.
 
     Each modality is projected to `units` (dense, relu); each pair `i < j`
@@ -316,9 +317,8 @@ class HierarchicalFusion(keras.layers.Layer):
     """
 
     def __init__(self, units=256, **kwargs):
-        super().__init__(**kwargs)
-        self.units = units
-        self.projections, self.pairs, self.top = [], [], None
+        super().__init__(units, **kwargs)
+        self.pairs, self.top = [], None
 
     def build(self, input_shapes):
         _check_inputs(self, input_shapes)
@@ -345,12 +345,9 @@ class HierarchicalFusion(keras.layers.Layer):
     def compute_output_shape(self, input_shapes):
         return (input_shapes[0][0], self.units)
 
-    def get_config(self):
-        return {**super().get_config(), "units": self.units}
-
 
 @keras.saving.register_keras_serializable(package="keras_mmtl")
-class LateFusion(keras.layers.Layer):
+class LateFusion(Fusion):
     """Averages a linear projection of each modality over the modalities a sample has.
 
     `outputs = sum_i(presence_i * Dense_i(x_i)) / max(sum_i presence_i, 1)`,
@@ -373,11 +370,6 @@ class LateFusion(keras.layers.Layer):
     (2, 8)
     """
 
-    def __init__(self, units=256, **kwargs):
-        super().__init__(**kwargs)
-        self.units = units
-        self.projections = []
-
     def build(self, input_shapes):
         _check_inputs(self, input_shapes)
         self.projections = _projections(self, input_shapes)
@@ -388,12 +380,9 @@ class LateFusion(keras.layers.Layer):
     def compute_output_shape(self, input_shapes):
         return (input_shapes[0][0], self.units)
 
-    def get_config(self):
-        return {**super().get_config(), "units": self.units}
-
 
 @keras.saving.register_keras_serializable(package="keras_mmtl")
-class SharedSpaceFusion(keras.layers.Layer):
+class SharedSpaceFusion(Fusion):
     """Maps every modality into one space with shared layers; averages them there.
 
     Each modality first gets its own linear adapter to `units` (backbones
@@ -420,8 +409,7 @@ class SharedSpaceFusion(keras.layers.Layer):
     """
 
     def __init__(self, units=256, **kwargs):
-        super().__init__(**kwargs)
-        self.units = units
+        super().__init__(units, **kwargs)
         self.adapters = []
         self.shared = keras.layers.Dense(units, activation="relu", name="shared",
                                          dtype=self.dtype_policy)
@@ -439,9 +427,6 @@ class SharedSpaceFusion(keras.layers.Layer):
 
     def compute_output_shape(self, input_shapes):
         return (input_shapes[0][0], self.units)
-
-    def get_config(self):
-        return {**super().get_config(), "units": self.units}
 
 
 FUSIONS = {

@@ -10,6 +10,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_mmtl.checks import check_known
 from keras_mmtl.data.augmentation import make_augmentation
 from keras_mmtl.data.pipeline import make_dataset
 from keras_mmtl.files import save_atomic, write_json
@@ -112,10 +113,9 @@ def _loss_weights(tasks, task_weights, auxiliary_weight):
                              f"this model has one output. Received: task_weights={task_weights}")
         return None
     task_weights = dict(task_weights or {})
-    unknown = sorted(set(task_weights) - set(tasks.values()))
-    if unknown:
-        raise ValueError(f"task_weights names tasks {unknown} that the model does not have; "
-                         f"its tasks: {sorted(set(tasks.values()))}.")
+    check_known(task_weights, tasks.values(), lambda unknown: (
+        f"task_weights names tasks {unknown} that the model does not have; "
+        f"its tasks: {sorted(set(tasks.values()))}."))
     return {name: float(task_weights.get(task, 1.0)) * (1.0 if name == task else auxiliary_weight)
             for name, task in tasks.items()}
 
@@ -488,10 +488,8 @@ def class_weights(records, class_weight, task=None):
     if task != records.label_name:
         raise ValueError(f"A dict of class weights is for the main task ({records.label_name!r}) "
                          f"only; task {task!r} takes class_weight='balanced' or None.")
-    unknown = sorted(set(class_weight) - set(names))
-    if unknown:
-        raise ValueError(f"class_weight names classes {unknown} that the data does not have; "
-                         f"its classes: {names}")
+    check_known(class_weight, names, lambda unknown: (
+        f"class_weight names classes {unknown} that the data does not have; its classes: {names}"))
     return [float(class_weight.get(name, 1.0)) for name in names]
 
 

@@ -10,6 +10,7 @@ import shutil
 
 import keras
 
+from keras_mmtl.checks import check_known
 from keras_mmtl.files import save_atomic, write_json
 from keras_mmtl.models.backbones import BACKBONE_NAME, backbone_blocks, backbone_network
 from keras_mmtl.models.builder import build_classifier, build_classifier_for
@@ -452,19 +453,18 @@ def _split_arguments(values):
 
 
 def _check_names(kwargs, allowed, what, function):
-    unknown = sorted(set(kwargs) - set(allowed))
-    if unknown:
-        raise TypeError(f"Unknown {what} {unknown}: {function}() takes {sorted(allowed)}.")
+    check_known(kwargs, allowed, lambda unknown: (
+        f"Unknown {what} {unknown}: {function}() takes {sorted(allowed)}."), TypeError)
 
 
 def _check_searched(names, build_kwargs, train_kwargs, hyperband):
     if not isinstance(names, dict) or not names:
         raise ValueError("The search space is empty (or its function returned no dict of "
                          f"argument name -> value): nothing to search. Received: {names!r}")
-    unknown = sorted(set(names) - {*_BUILD_ARGUMENTS, *_TRAIN_ARGUMENTS})
-    if unknown:
-        raise ValueError(f"Cannot search {unknown}: neither build_classifier nor train takes "
-                         f"them. Searchable: {sorted({*_BUILD_ARGUMENTS, *_TRAIN_ARGUMENTS})}")
+    searchable = sorted({*_BUILD_ARGUMENTS, *_TRAIN_ARGUMENTS})
+    check_known(names, searchable, lambda unknown: (
+        f"Cannot search {unknown}: neither build_classifier nor train takes them. "
+        f"Searchable: {searchable}"))
     fixed = sorted(set(names) & {*build_kwargs, *train_kwargs})
     if fixed:
         raise ValueError(f"{fixed} are both searched and fixed (passed as arguments): "
