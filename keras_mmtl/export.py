@@ -3,7 +3,9 @@
 import dataclasses
 import functools
 import os
+import posixpath
 import shutil
+import tempfile
 import time
 import uuid
 
@@ -14,6 +16,7 @@ from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
 
 from keras_mmtl.checks import check_known
 from keras_mmtl.data.images import MAX_MEGAPIXELS, decode_image, decode_optional_image
+from keras_mmtl.files import is_remote, join_path
 from keras_mmtl.modalities import modality_kind, ordered
 from keras_mmtl.models.builder import embedding_model
 from keras_mmtl.models.missing import presence_input
@@ -209,7 +212,10 @@ def export_saved_model(model, base_dir, version=None, custom_ops="warn",
     and an `embed` signature with the same inputs that returns the fused
     `embedding` (`embedding_function`). The version is written
     under a temporary name and renamed into place, so a crash never leaves a
-    half-written version, and an existing version is never overwritten.
+    half-written version, and an existing version is never overwritten. On
+    remote storage (`gs://...`, any TensorFlow filesystem), where a folder
+    cannot be renamed whole, it is written locally and copied into place with
+    `saved_model.pb` last, so a server that polls the folder loads it whole.
 
     The version carries warm-up requests (`write_warmup_requests`): TF
     Serving runs them when it loads the version, so the first clients do not
@@ -240,13 +246,14 @@ def export_saved_model(model, base_dir, version=None, custom_ops="warn",
     >>> path = export_saved_model(model, "saved_models/products")  # doctest: +SKIP
     >>> # saved_model_cli show --dir saved_models/products/1 --all
     """
-    os.makedirs(base_dir, exist_ok=True)
-    _remove_stale_staging(base_dir)
+    remote = is_remote(base_dir)
+    tf.io.gfile.makedirs(base_dir)
+    if not remote:
+        _remove_stale_staging(base_dir)
     if version is None:
-        present = [int(name) for name in os.listdir(base_dir) if name.isdigit()]
-        version = max(present, default=0) + 1
-    target = os.path.join(base_dir, str(int(version)))
-    if os.path.exists(target):
+        version = max(_versions(base_dir), default=0) + 1
+    target = join_path(base_dir, str(int(version)))
+    if tf.io.gfile.exists(target):
         raise FileExistsError(
             f"{target} exists; versions are never overwritten. Pass another version "
             "or leave version=None to take the next one."
@@ -256,16 +263,50 @@ def export_saved_model(model, base_dir, version=None, custom_ops="warn",
     for name, function in ((SIGNATURE, serving_function), (EMBED_SIGNATURE, embedding_function)):
         fn, signature = function(model, max_megapixels=max_megapixels)
         archive.add_endpoint(name, tf.function(fn), input_signature=signature)
-    staging = os.path.join(base_dir, f".tmp-{version}-{uuid.uuid4().hex}")
+    # Written beside the versions and renamed into place; for remote storage, where a
+    # folder cannot be renamed whole, written locally and copied, saved_model.pb last.
+    staging = (tempfile.mkdtemp(prefix=".tmp-export-") if remote
+               else os.path.join(base_dir, f".tmp-{version}-{uuid.uuid4().hex}"))
     try:
         archive.write_out(staging, verbose=False)
         audit_ops(staging, custom_ops)
-        write_warmup_requests(model, staging, os.path.basename(os.path.abspath(base_dir)),
-                              warmup_batch_sizes)
-        os.rename(staging, target)
+        write_warmup_requests(model, staging, posixpath.basename(
+            base_dir.rstrip("/") if remote else os.path.abspath(base_dir)), warmup_batch_sizes)
+        if remote:
+            _copy_tree(staging, target, last=SAVED_MODEL_FILE)
+        else:
+            os.rename(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+# The file whose presence makes a folder a SavedModel (what TF Serving loads).
+SAVED_MODEL_FILE = "saved_model.pb"
+
+
+def _versions(path):
+    """The version numbers of a TF Serving model folder, on any filesystem."""
+    if not tf.io.gfile.isdir(path):
+        return []
+    names = [name.rstrip("/") for name in tf.io.gfile.listdir(path)]  # gs:// marks folders
+    return [int(name) for name in names if name.isdigit()]
+
+
+def _copy_tree(source, target, last):
+    """Copies a local folder to any filesystem, the file `last` after all others.
+
+    A reader that waits for `last` (TF Serving for `saved_model.pb`) never
+    sees the folder half-copied.
+    """
+    files = []
+    for folder, _, names in os.walk(source):
+        relative = os.path.relpath(folder, source)
+        tf.io.gfile.makedirs(target if relative == "." else join_path(target, relative))
+        files += [os.path.normpath(os.path.join(relative, name)) for name in names]
+    for name in sorted(files, key=lambda name: name == last):
+        tf.io.gfile.copy(os.path.join(source, name),
+                         join_path(target, name.replace(os.sep, "/")), overwrite=False)
 
 
 # Where TF Serving looks for a version's warm-up requests (at most 1000 of them).
@@ -343,13 +384,13 @@ def _remove_stale_staging(base_dir):
 
 def latest_version(path):
     """The newest version folder of a TF Serving model folder (or `path` itself)."""
-    if os.path.exists(os.path.join(path, "saved_model.pb")):
+    if tf.io.gfile.exists(join_path(path, SAVED_MODEL_FILE)):
         return path
-    versions = [int(n) for n in os.listdir(path) if n.isdigit()] if os.path.isdir(path) else []
+    versions = _versions(path)
     if not versions:
         raise FileNotFoundError(
             f"No SavedModel at {path}: expected saved_model.pb or numbered version folders.")
-    return os.path.join(path, str(max(versions)))
+    return join_path(path, str(max(versions)))
 
 
 def predict(model, images=None, texts=None, top_k=5, tabular=None, **inputs):

@@ -10,6 +10,7 @@ import tensorflow as tf
 
 from conftest import product_rows, write_manifest
 from keras_mmtl.data import DataValidationError, make_dataset, read_manifest
+from keras_mmtl.export import WARMUP_FILE, export_saved_model, latest_version, predict
 from keras_mmtl.files import file_size, file_stamp, folder_of, is_file, join_path, read_bytes
 from keras_mmtl.models import build_classifier_for
 from keras_mmtl.predictions import predict_manifest
@@ -77,3 +78,33 @@ def test_batch_prediction_reads_a_remote_manifest(remote, tmp_path):
     near = predict_manifest(model, local, str(tmp_path / "near.csv"))
     assert far.rows == near.rows == 24 and far.failed == 0
     assert open(tmp_path / "far.csv").read() == open(tmp_path / "near.csv").read()
+
+
+def test_exports_to_remote_storage_land_whole_as_numbered_versions(remote, tmp_path,
+                                                                   monkeypatch):
+    path, local = remote
+    records = read_manifest(local, split_column="split")
+    model = build_classifier_for(records, image_backbone="small_cnn", image_weights=None,
+                                 image_size=(16, 16))
+    base = f"{folder_of(path)}/saved_models/products"
+    copied, copy = [], tf.io.gfile.copy
+    monkeypatch.setattr(tf.io.gfile, "copy", lambda source, target, overwrite=False: (
+        copied.append(target), copy(source, target, overwrite)))
+    first, second = export_saved_model(model, base), export_saved_model(model, base)
+    # saved_model.pb, what makes a folder a SavedModel to a server polling it, comes last.
+    assert copied[-1] == f"{second}/saved_model.pb" and len(copied) > 4
+    assert (first, second) == (f"{base}/1", f"{base}/2") and latest_version(base) == second
+    local_export = export_saved_model(model, str(tmp_path / "products"))
+    def files(folder):  # (ram:// lists "assets/.extra" beside "assets.extra/": not a file)
+        return sorted(os.path.relpath(os.path.join(parent, name), folder).replace(os.sep, "/")
+                      for parent, _, names in tf.io.gfile.walk(folder) for name in names
+                      if is_file(join_path(parent, name)))
+
+    assert files(second) == files(local_export) and WARMUP_FILE in files(second)
+    image = read_bytes(records.images[0])
+    far, near = (predict(where, images=[image], texts=["red cotton"], top_k=3)[0]
+                 for where in (base, local_export))
+    assert [label for label, _ in far] == [label for label, _ in near]
+    np.testing.assert_allclose([p for _, p in far], [p for _, p in near], atol=1e-6)
+    with pytest.raises(FileExistsError, match="never overwritten"):
+        export_saved_model(model, base, version=2)
