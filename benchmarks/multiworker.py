@@ -20,10 +20,8 @@ the cache. Appends a section to benchmarks/RESULTS.md. Run from the repository r
 
 import argparse
 import csv
-import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,6 +32,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from results import append_section  # noqa: E402
 from transfer import FASHION, WEIGHTS  # noqa: E402
+
+from keras_mmtl.training.distribute import local_cluster  # noqa: E402
 
 FEATURES = re.compile(r"Backbone features of the (\w+) split(?:, shard (\d) of 2)?: (\d+) rows")
 
@@ -55,19 +55,8 @@ def slice_manifest(rows, folder):
     return path
 
 
-def free_ports(count):
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 def run_cluster(manifest, run_dir, logs, extra=()):
     """The two workers of one run; `{worker: log text}` and the wall seconds."""
-    workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
     command = [sys.executable, "-m", "keras_mmtl", "train", "--manifest", manifest,
                "--image-column", "image", "--text-column", "title_masked", "--label-column",
                "article_type", "--split-column", "split", "--min-class-count", "5",
@@ -75,12 +64,11 @@ def run_cluster(manifest, run_dir, logs, extra=()):
                "--epochs", "2", "--fine-tune-epochs", "1", "--no-modality-experts",
                "--batch-size", "16", "--run-dir", run_dir, "--no-export", *extra]
     start, processes = time.perf_counter(), {}
-    for index in range(2):
-        config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
+    for index, config in enumerate(local_cluster(2)):
         log = open(os.path.join(logs, f"worker{index}.log"), "w")
         processes[f"worker{index}"] = subprocess.Popen(
             command, stdout=log, stderr=subprocess.STDOUT,
-            env={**os.environ, "TF_CONFIG": json.dumps(config), "CUDA_VISIBLE_DEVICES": ""})
+            env={**os.environ, "TF_CONFIG": config, "CUDA_VISIBLE_DEVICES": ""})
     codes = {name: process.wait(timeout=1800) for name, process in processes.items()}
     texts = {name: open(os.path.join(logs, f"{name}.log")).read() for name in processes}
     if set(codes.values()) != {0}:

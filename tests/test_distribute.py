@@ -3,7 +3,6 @@
 import itertools
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -103,26 +102,11 @@ def test_two_replicas_train_as_one_device_at_the_same_global_batch(tmp_path):
     _assert_same_weights(single, mirrored)
 
 
-def _free_ports(count):
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
-def _tf_config(workers, index):
-    return json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})
-
-
 @pytest.mark.slow
 def test_two_workers_train_as_one_process_at_the_same_global_batch(tmp_path):
-    workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
     processes = {f"worker{index}": _start(tmp_path, "worker", f"worker{index}",
-                                          {"TF_CONFIG": _tf_config(workers, index)})
-                 for index in range(2)}
+                                          {"TF_CONFIG": config})
+                 for index, config in enumerate(distribute.local_cluster(2))}
     processes["single"] = _start(tmp_path, "single", "single")
     runs, logs = _finish(tmp_path, processes)
     assert "MultiWorkerMirroredStrategy, 2 replicas on 2 workers" in logs["worker0"]

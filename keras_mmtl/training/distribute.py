@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 
 import tensorflow as tf
 
@@ -118,3 +119,26 @@ def _tf_config():
         raise ValueError(f"TF_CONFIG is not valid JSON ({error}). Expected for example "
                          '{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
                          '"task": {"type": "worker", "index": 0}}') from None
+
+
+def local_cluster(workers):
+    """`TF_CONFIG` values of a cluster of `workers` processes on this machine, one per worker.
+
+    For trying multi-worker training on one machine: start one process per
+    value, with the environment variable `TF_CONFIG` set to it (ports are
+    free ones of 127.0.0.1 when called).
+
+    Example:
+
+    >>> configs = local_cluster(2)
+    >>> [json.loads(config)["task"] for config in configs]
+    [{'type': 'worker', 'index': 0}, {'type': 'worker', 'index': 1}]
+    """
+    sockets = [socket.socket() for _ in range(workers)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    addresses = [f"127.0.0.1:{s.getsockname()[1]}" for s in sockets]
+    for s in sockets:
+        s.close()
+    return [json.dumps({"cluster": {"worker": addresses}, "task": {"type": "worker", "index": i}})
+            for i in range(workers)]
