@@ -113,7 +113,8 @@ def test_augmented_images_are_not_cached_in_fine_tuning(product_records):
 
 @pytest.mark.parametrize("split,more_workers_than_rows", [("train", False), ("test", True)])
 def test_workers_compute_a_shard_each_and_read_the_whole_cache_on_remote_storage(
-        product_records, split, more_workers_than_rows):
+        product_records, split, more_workers_than_rows, monkeypatch):
+    monkeypatch.setattr(cache_module, "SHARD_WAIT_SECONDS", 30)  # a missing shard fails soon
     model = build_classifier_for(product_records, **FROZEN)
     extractors, _, _ = split_model(model)
     whole = compute_features(extractors, product_records, split)

@@ -263,6 +263,9 @@ def _compute(extractor, rows, batch_size, title, predict=True):
     `predict=False` runs the batches through the extractor in this process: under
     several workers, `predict` would split them between the workers.
     """
+    if not len(rows):  # a worker's shard of a split smaller than the number of workers
+        return {name: np.zeros((0, *output.shape[1:]), output.dtype)
+                for name, output in extractor.output.items()}
     names = tuple(extractor.input)
     # With presence, a missing image comes black (its features are replaced in the model).
     ds = make_dataset(rows, None, image_size=input_image_size(extractor), modalities=names,
@@ -276,9 +279,6 @@ def _compute(extractor, rows, batch_size, title, predict=True):
         for batch in ds:
             batches.append({name: value.numpy() for name, value in call(batch).items()})
             progress.add(len(next(iter(batches[-1].values()))))
-    if not batches:  # a worker's shard of a split smaller than the number of workers
-        return {name: np.zeros((0, *output.shape[1:]), output.dtype)
-                for name, output in extractor.output.items()}
     return {name: np.concatenate([b[name] for b in batches]) for name in batches[0]}
 
 
