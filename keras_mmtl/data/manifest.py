@@ -457,32 +457,31 @@ def read_manifest(
     if split_column is not None:
         columns["split"] = split_column
     if path.lower().endswith(".csv"):
-        rows, unreadable = _read_csv(path)
         expected = "a header row, then one row per sample"
     elif path.lower().endswith((".jsonl", ".json", ".ndjson")):
-        rows, unreadable = _read_jsonl(path)
         expected = "one JSON object per line"
     else:
         raise ValueError(
             f"Unknown manifest format: {path}. Expected a .csv or .jsonl file."
         )
     source = os.path.basename(path)
-    if not rows:
-        listed = "".join(f"\n  {row}" for row in unreadable[:MAX_LISTED_ROWS])
-        raise DataValidationError(f"{source}: no data rows. Expected {expected}.{listed}")
-    header = rows[0][1] if rows else {}
     tabular_columns = tuple(tabular_columns or ())
-    missing = [name for name in (*columns.values(), *label_columns, *tabular_columns)
-               if name not in header]
-    if missing:
-        raise DataValidationError(
-            f"{source}: missing column(s) {missing}. Columns found: {sorted(header)}. "
-            "Name the right columns (image_column=, text_column=, label_column=, "
-            "split_column=; CLI: --image-column ...), or None for a modality you lack."
-        )
     folder = folder_of(path)
-    table = []
-    for line, row in rows:
+    # Streamed: each row keeps only the columns used, so a row read is never held whole.
+    table, unreadable = [], []
+    for line, row, problem in _manifest_rows(path):
+        if problem:
+            unreadable.append(BadRow(source, line, "", problem))
+            continue
+        if not table:  # the first row read: does it have the columns named?
+            missing = [name for name in (*columns.values(), *label_columns, *tabular_columns)
+                       if name not in row]
+            if missing:
+                raise DataValidationError(
+                    f"{source}: missing column(s) {missing}. Columns found: {sorted(row)}. "
+                    "Name the right columns (image_column=, text_column=, label_column=, "
+                    "split_column=; CLI: --image-column ...), or None for a modality you lack."
+                )
         entry = {"line": line, "labels": {name: _as_field(row.get(name)) for name in label_columns}}
         for field, name in columns.items():
             entry[field] = value = _as_field(row.get(name))
@@ -492,6 +491,9 @@ def read_manifest(
         if tabular_columns:
             entry["tabular"] = [row.get(name) for name in tabular_columns]
         table.append(entry)
+    if not table:
+        listed = "".join(f"\n  {row}" for row in unreadable[:MAX_LISTED_ROWS])
+        raise DataValidationError(f"{source}: no data rows. Expected {expected}.{listed}")
     return _build_records(table, source, options, class_names=class_names, image_kind="path",
                           tabular_columns=tabular_columns, columns=columns,
                           unreadable=unreadable)
@@ -700,13 +702,16 @@ def _fill_splits(split_names, labels, options):
     return split_names.tolist()
 
 
-def _read_csv(path):
-    """Rows of a CSV file as (line number, dict), and `BadRow`s of the rows it cannot read.
+def _manifest_rows(path):
+    """`(line, row dict, "")` per row of a CSV or JSON Lines manifest, or `(line, None, problem)`.
 
-    Undecodable bytes are kept as surrogates (the text check names them); a
-    cell may hold `MAX_CSV_CELL` characters.
+    Streamed, one row at a time. Undecodable bytes are kept as surrogates
+    (the text check names them); a CSV cell may hold `MAX_CSV_CELL` characters.
     """
-    source, rows, bad = os.path.basename(path), [], []
+    if not path.lower().endswith(".csv"):
+        with open_text(path) as f:
+            yield from jsonl_rows(f)
+        return
     limit = csv.field_size_limit(MAX_CSV_CELL)
     try:
         with open_text(path) as f:
@@ -714,15 +719,11 @@ def _read_csv(path):
             try:
                 reader.fieldnames  # the header: without it no row can be read
             except csv.Error as error:
-                raise DataValidationError(f"{source}:1: {_unreadable_csv(error)}") from None
-            for line, row, problem in csv_rows(reader):
-                if problem:
-                    bad.append(BadRow(source, line, "", problem))
-                else:
-                    rows.append((line, row))
+                raise DataValidationError(
+                    f"{os.path.basename(path)}:1: {_unreadable_csv(error)}") from None
+            yield from csv_rows(reader)
     finally:
         csv.field_size_limit(limit)
-    return rows, bad
 
 
 def csv_rows(reader):
@@ -759,18 +760,6 @@ def jsonl_rows(f):
 def _unreadable_csv(error):
     return (f"not a readable CSV row ({error}); check its quotes, and that no cell is over "
             f"{MAX_CSV_CELL:,} characters (a longer text fits in a JSON Lines manifest)")
-
-
-def _read_jsonl(path):
-    """Rows of a JSON Lines file as (line number, dict), and `BadRow`s of the other lines."""
-    source, rows, bad = os.path.basename(path), [], []
-    with open_text(path) as f:
-        for line, row, problem in jsonl_rows(f):
-            if problem:
-                bad.append(BadRow(source, line, "", problem))
-            else:
-                rows.append((line, row))
-    return rows, bad
 
 
 def _check_text(value):
