@@ -270,8 +270,9 @@ def export_saved_model(model, base_dir, version=None, custom_ops="warn",
     try:
         archive.write_out(staging, verbose=False)
         audit_ops(staging, custom_ops)
-        write_warmup_requests(model, staging, posixpath.basename(
-            base_dir.rstrip("/") if remote else os.path.abspath(base_dir)), warmup_batch_sizes)
+        name = (posixpath.basename(base_dir.rstrip("/")) if remote
+                else os.path.basename(os.path.abspath(base_dir)))
+        write_warmup_requests(model, staging, name, warmup_batch_sizes)
         if remote:
             _copy_tree(staging, target, last=SAVED_MODEL_FILE)
         else:
