@@ -104,6 +104,21 @@ def test_checking_images_reports_its_progress(tmp_path, capsys, non_interactive)
     assert capsys.readouterr().out.startswith("Checking images: 3 images in ")
 
 
+def test_each_distinct_image_is_checked_once_in_chunks_and_a_bad_one_named_on_every_row(
+        tmp_path, capsys, non_interactive, monkeypatch):
+    monkeypatch.setattr("keras_mmtl.data.images.CHECK_CHUNK", 2)
+    good = [str(tmp_path / f"{i}.jpg") for i in range(3)]
+    for path in good:
+        write_image(path, (0, 200, 0))
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    paths = [good[0], str(bad), good[1], good[0], good[2], str(bad), good[1], str(bad)]
+    failures = find_undecodable(paths)
+    assert sorted(failures) == [1, 5, 7]
+    assert all("cannot decode image" in failures[i] and str(bad) in failures[i] for i in failures)
+    assert capsys.readouterr().out.startswith("Checking images: 4 images in ")
+
+
 @pytest.mark.parametrize("argv, expected", [
     (["/venv/bin/keras-mmtl", "train"], True),
     (["python3", "-m", "keras_mmtl", "demo"], True),

@@ -12,6 +12,7 @@ CHANNELS = 3
 # far below what one request may cost a server (a 12000x12000 JPEG decoded whole is 2 GB).
 MAX_MEGAPIXELS = 50
 LIMIT_HINT = "max_megapixels=, CLI: --max-megapixels"
+CHECK_CHUNK = 16_384  # sources per dataset while checking images: bounds their tensor
 REFUSALS = ("image too large", "JPEG XL image refused")  # how the budget's errors start
 _FORMATS = ("unknown", "jpeg", "png", "gif", "bmp", "webp_vp8x", "webp_vp8", "webp_vp8l", "jxl")
 _MAGIC = ((b"\xff\xd8\xff", "jpeg"), (b"\x89PNG\r\n\x1a\n", "png"), (b"GIF8", "gif"),
@@ -215,9 +216,10 @@ def resize_image(image, image_size):
 def find_undecodable(sources, read_files=True, max_megapixels=MAX_MEGAPIXELS):
     """Returns the indices of images that cannot be decoded, and why.
 
-    Every image is decoded once, in parallel, by the same function as
-    training (`decode_pixels`): an image over `max_megapixels` is refused
-    from its header, before it is decoded.
+    Every distinct image is decoded once, in parallel, by the same function
+    as training (`decode_pixels`): an image over `max_megapixels` is refused
+    from its header, before it is decoded. Sources are checked in chunks,
+    so memory stays bounded however many there are.
 
     Args:
         sources: sequence of file paths (`read_files=True`) or encoded bytes.
@@ -244,16 +246,22 @@ downscale it, or raise the limit (max_megapixels=, CLI: --max-megapixels)'
         tf.debugging.assert_positive(tf.size(image), "empty image")
         return index
 
-    ds = tf.data.Dataset.from_tensor_slices((np.arange(len(sources)), list(sources)))
-    ds = ds.map(probe, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
-    ds = ds.ignore_errors().batch(4096)
-    decoded = set()
-    with Progress("Checking images", len(sources), unit="images") as progress:
-        for batch in ds:
-            decoded.update(batch.numpy().tolist())
-            progress.add(len(batch))
-    failures = {}
-    for index in sorted(set(range(len(sources))) - decoded):
+    first = {}  # each distinct image is decoded once, for all the rows that name it
+    for index, source in enumerate(sources):
+        first.setdefault(source, index)
+    distinct = np.fromiter(first.values(), np.int64, len(first))
+    decoded = np.zeros(len(sources), bool)
+    with Progress("Checking images", len(distinct), unit="images") as progress:
+        for start in range(0, len(distinct), CHECK_CHUNK):  # a bounded tensor of sources
+            chunk = distinct[start:start + CHECK_CHUNK]
+            ds = tf.data.Dataset.from_tensor_slices((chunk, [sources[i] for i in chunk]))
+            ds = ds.map(probe, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+            for batch in ds.ignore_errors().batch(4096):
+                decoded[batch.numpy()] = True
+                progress.add(len(batch))
+            progress.add(int(np.sum(~decoded[chunk])))  # the ones that failed, checked too
+    problems = {}
+    for index in distinct[~decoded[distinct]].tolist():
         problem = "cannot decode image"
         advice = "replace the file with a JPEG/PNG/GIF/BMP/WebP image"
         try:
@@ -265,8 +273,11 @@ downscale it, or raise the limit (max_megapixels=, CLI: --max-megapixels)'
             else:
                 problem += f" ({reason})"
         where = f": {sources[index]}" if read_files else ""
-        failures[index] = f"{problem}{where}; {advice}"
-    return failures
+        problems[index] = f"{problem}{where}; {advice}"
+    if not problems:
+        return {}
+    return {index: problems[first[source]] for index, source in enumerate(sources)
+            if first[source] in problems}
 
 
 def median_aspect_ratio(images, image_kind="path", sample=256, seed=0):

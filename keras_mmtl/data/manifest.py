@@ -467,8 +467,9 @@ def read_manifest(
     source = os.path.basename(path)
     tabular_columns = tuple(tabular_columns or ())
     folder = folder_of(path)
-    # Streamed: each row keeps only the columns used, so a row read is never held whole.
-    table, unreadable = [], []
+    # Streamed: each row keeps only the columns used, so a row read is never held whole; the
+    # labels and splits, few distinct values over many rows, are held once each.
+    table, unreadable, shared = [], [], {}
     for line, row, problem in _manifest_rows(path):
         if problem:
             unreadable.append(BadRow(source, line, "", problem))
@@ -482,9 +483,12 @@ def read_manifest(
                     "Name the right columns (image_column=, text_column=, label_column=, "
                     "split_column=; CLI: --image-column ...), or None for a modality you lack."
                 )
-        entry = {"line": line, "labels": {name: _as_field(row.get(name)) for name in label_columns}}
+        entry = {"line": line, "labels": tuple(_shared(_as_field(row.get(name)), shared)
+                                               for name in label_columns)}
         for field, name in columns.items():
             entry[field] = value = _as_field(row.get(name))
+            if field == "split":
+                entry[field] = _shared(value, shared)
             if (field != "split" and modality_kind(field) == "image" and isinstance(value, str)
                     and value.strip()):
                 entry[field] = join_path(folder, value.strip())
@@ -494,7 +498,8 @@ def read_manifest(
     if not table:
         listed = "".join(f"\n  {row}" for row in unreadable[:MAX_LISTED_ROWS])
         raise DataValidationError(f"{source}: no data rows. Expected {expected}.{listed}")
-    return _build_records(table, source, options, class_names=class_names, image_kind="path",
+    return _build_records(table, source, options, tasks=label_columns, class_names=class_names,
+                          image_kind="path",
                           tabular_columns=tabular_columns, columns=columns,
                           unreadable=unreadable)
 
@@ -566,7 +571,7 @@ def from_arrays(
                              f"task's). Received: {len(values)}")
     table = []
     for i in range(n):
-        entry = {"line": i, "labels": {task: values[i] for task, values in tasks.items()}}
+        entry = {"line": i, "labels": tuple(values[i] for values in tasks.values())}
         if images is not None and image_kind != "array":
             entry["image"] = images[i] if image_kind == "bytes" else os.fspath(images[i])
         if texts is not None:
@@ -577,7 +582,8 @@ def from_arrays(
             entry["tabular"] = list(tabular[i])
         table.append(entry)
     return _build_records(
-        table, ARRAYS_SOURCE, options, class_names=class_names, image_kind=image_kind or "path",
+        table, ARRAYS_SOURCE, options, tasks=list(tasks), class_names=class_names,
+        image_kind=image_kind or "path",
         image_array=np.asarray(images) if image_kind == "array" else None,
         tabular_columns=tabular_columns or ())
 
@@ -786,14 +792,21 @@ def _not_utf8(error):
             "save the file as UTF-8")
 
 
+def _shared(value, shared):
+    """The one copy of a text in `shared` equal to `value` (`value` itself the first time)."""
+    return shared.setdefault(value, value) if isinstance(value, str) else value
+
+
 def _normalize_split(value):
     value = str(value).strip().lower()
     return SPLIT_ALIASES.get(value, value)
 
 
-def _build_records(table, source, options, *, class_names, image_kind, image_array=None,
+def _build_records(table, source, options, *, tasks, class_names, image_kind, image_array=None,
                    tabular_columns=(), columns=None, unreadable=()):
-    """Validates rows (dicts with line, labels by task, inputs by name and optional split).
+    """Validates rows (dicts with line, labels, inputs by name and optional split).
+
+    Each row's `"labels"` is a tuple: its label of each of `tasks`, in order.
 
     `columns` maps input names to the column names that bad rows name
     (by default the input names); `unreadable` are `BadRow`s of rows the
@@ -805,20 +818,20 @@ def _build_records(table, source, options, *, class_names, image_kind, image_arr
     inputs = ordered(f for f in fields if is_input_name(f) and f != "tabular")
     images = [f for f in inputs if modality_kind(f) == "image"]
     column = {name: (columns or {}).get(name, name) for name in inputs}
-    tasks = list(table[0]["labels"]) if table else ["label"]
+    tasks = list(tasks)
     class_names = _per_task(class_names, tasks)
     known = {task: None if names is None else set(names) for task, names in class_names.items()}
     learned = [task for task in tasks if class_names[task] is None]  # classes the data names
     # Given the classes (a model's), rows of a rare class it does not know were left out of its
     # training by min_class_count: leave them out here too, as dropped classes, not bad rows.
-    rare = _rare_unknown_labels(table, tasks[0], known[tasks[0]], options.min_class_count)
-    table = [entry for entry in table if _odd_value(_label_of(entry, tasks[0]))
-             or _label_of(entry, tasks[0]) not in rare]
+    rare = _rare_unknown_labels(table, known[tasks[0]], options.min_class_count)
+    table = [entry for entry in table if _odd_value(_label_of(entry))
+             or _label_of(entry) not in rare]
+    splits_seen = {}
     for entry in table:
         line = entry["line"]
-        for task, label in entry["labels"].items():
-            label = label.strip() if isinstance(label, str) else label
-            entry["labels"][task] = label
+        entry["labels"] = tuple(_label_of(entry, i) for i in range(len(tasks)))
+        for task, label in zip(tasks, entry["labels"]):
             problem = _check_label(label, known[task])
             if problem:
                 bad.append(BadRow(source, line, task, problem))
@@ -836,7 +849,7 @@ def _build_records(table, source, options, *, class_names, image_kind, image_arr
                 bad.append(BadRow(source, line, name, f"{value!r} is not a number; give every "
                                   "row a number in the tabular columns"))
         if "split" in fields:
-            entry["split"] = _normalize_split(entry["split"])
+            entry["split"] = _shared(_normalize_split(entry["split"]), splits_seen)
             if entry["split"] not in SPLITS:
                 bad.append(BadRow(source, line, "split", (
                     f"unknown split {entry['split']!r}; expected one of {list(SPLITS)}")))
@@ -851,7 +864,7 @@ def _build_records(table, source, options, *, class_names, image_kind, image_arr
                 bad.append(BadRow(source, line, column[name], "empty image bytes"))
     flagged = {(row.source, row.line) for row in bad}
     bad_labels = {(row.line, row.field) for row in bad}
-    _check_classes(source, {task: {entry["labels"][task] for entry in table
+    _check_classes(source, {task: {entry["labels"][tasks.index(task)] for entry in table
                                    if (entry["line"], task) not in bad_labels}
                             for task in learned})
     for name in images if options.check_images else ():
@@ -877,10 +890,10 @@ def _build_records(table, source, options, *, class_names, image_kind, image_arr
     if not table:
         raise DataValidationError(f"No valid rows left in {source}.\n{report.summary()}")
     by_task = {}
-    for task in tasks:
-        names = class_names[task] or sorted({entry["labels"][task] for entry in table})
+    for position, task in enumerate(tasks):
+        names = class_names[task] or sorted({entry["labels"][position] for entry in table})
         index = {name: i for i, name in enumerate(names)}
-        by_task[task] = (np.array([index[entry["labels"][task]] for entry in table], np.int32),
+        by_task[task] = (np.array([index[entry["labels"][position]] for entry in table], np.int32),
                          list(names))
     main, *extra = tasks
     (labels, class_names), extra_tasks = by_task[main], {task: by_task[task] for task in extra}
@@ -1058,19 +1071,20 @@ def _under(path, root):
     return os.path.commonpath([root, os.path.realpath(path)]) == root
 
 
-def _label_of(entry, task):
-    label = entry["labels"][task]
+def _label_of(entry, position=0):
+    """A row's label of the task at `position` (0: the main task), stripped."""
+    label = entry["labels"][position]
     return label.strip() if isinstance(label, str) else label
 
 
-def _rare_unknown_labels(table, task, known, min_class_count):
-    """`{label: training rows}` of the labels outside `known` with under `min_class_count`."""
+def _rare_unknown_labels(table, known, min_class_count):
+    """`{label: training rows}` of the main task's labels not in `known`, under `min_class_count`."""
     if known is None or min_class_count <= 1:
         return {}
-    table = [entry for entry in table if not _odd_value(_label_of(entry, task))]  # bad rows
-    counts = collections.Counter(_label_of(entry, task) for entry in table
+    table = [entry for entry in table if not _odd_value(_label_of(entry))]  # bad rows
+    counts = collections.Counter(_label_of(entry) for entry in table
                                  if _normalize_split(entry.get("split", "train")) == "train")
-    labels = {_label_of(entry, task) for entry in table}
+    labels = {_label_of(entry) for entry in table}
     return {label: counts[label] for label in sorted(labels, key=str)
             if label not in known and counts[label] < min_class_count}
 
@@ -1125,13 +1139,15 @@ def _repeated_training_rows(records):
 
     if not names:
         return {}
-    train = {}  # cheap key -> training rows
-    for i in np.flatnonzero(records.splits == "train"):
-        train.setdefault(key(i), []).append(i)
+    # One number per row (the cheap key's hash), so memory stays a few bytes a row; rows whose
+    # numbers match a training row's are compared by their exact keys.
+    cheap = np.fromiter((hash(key(i)) for i in range(len(records))), np.int64, len(records))
+    train = np.flatnonzero(records.splits == "train")
     repeated = {}
     for split in ("val", "test"):
-        rows = [i for i in np.flatnonzero(records.splits == split) if key(i) in train]
-        exact = {key(j, read=True) for j in {j for i in rows for j in train[key(i)]}}
+        rows = np.flatnonzero(records.splits == split)
+        rows = rows[np.isin(cheap[rows], cheap[train])]
+        exact = {key(j, read=True) for j in train[np.isin(cheap[train], cheap[rows])]}
         count = sum(key(i, read=True) in exact for i in rows)
         if count:
             repeated[split] = count
