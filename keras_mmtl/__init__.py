@@ -31,7 +31,10 @@ from keras_mmtl.data import (
     from_tfds,
     make_dataset,
     make_demo_dataset,
+    prepare,
+    prepared_dataset,
     read_manifest,
+    read_prepared,
 )
 from keras_mmtl.demo import run_demo
 from keras_mmtl.evaluation import (

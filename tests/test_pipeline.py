@@ -12,9 +12,23 @@ from keras_mmtl.data.images import decode_pixels, header_size
 def test_batches_have_model_input_shapes(product_records):
     features, labels = next(iter(make_dataset(product_records, "train", image_size=(20, 12),
                                               batch_size=5)))
-    assert features["image"].shape == (5, 20, 12, 3) and features["image"].dtype == tf.float32
+    assert features["image"].shape == (5, 20, 12, 3) and features["image"].dtype == tf.uint8
     assert features["text"].dtype == tf.string and labels.dtype == tf.int32
     assert 0 <= float(tf.reduce_min(features["image"])) <= float(tf.reduce_max(features["image"])) <= 255
+
+
+@pytest.mark.parametrize("optional", [False, True])
+def test_pipeline_uint8_images_are_the_pixels_a_serving_signature_decodes(tmp_path, optional):
+    path = tmp_path / "photo.jpg"
+    image = np.random.default_rng(0).integers(0, 255, (23, 17, 3), np.uint8)
+    path.write_bytes(tf.io.encode_jpeg(image).numpy())
+    records = from_arrays(["a", "b"], images=[str(path)] * 2, splits=["train"] * 2)
+    batch, _ = next(iter(make_dataset(records, image_size=(20, 12), batch_size=2, shuffle=False,
+                                      presence=("image",) if optional else ())))
+    served = decode_image(path.read_bytes(), (20, 12))
+    assert batch["image"].dtype == tf.uint8 and served.dtype == tf.float32
+    assert np.any(served.numpy() != image[:20, :12])  # resized: not the file's own pixels
+    np.testing.assert_array_equal(batch["image"][0].numpy().astype(np.float32), served)
 
 
 def test_decoded_pixels_match_the_file(product_records):
@@ -73,7 +87,16 @@ HEADERS = {"jpeg": lambda image: tf.io.encode_jpeg(image).numpy(),
            "gif": lambda image: _pil(image, "GIF"), "bmp": lambda image: _pil(image, "BMP"),
            "webp": lambda image: _pil(image, "WEBP"),
            "webp lossless": lambda image: _pil(image, "WEBP", lossless=True),
-           "webp extended": lambda image: _pil(np.dstack([image, image[..., :1]]), "WEBP")}
+           "webp extended": lambda image: _pil(np.dstack([image, image[..., :1]]), "WEBP"),
+           "bmp top-down": lambda image: _top_down(_pil(image[::-1], "BMP"))}
+
+
+def _top_down(bmp):
+    """A bottom-up BMP as top-down: its height field negated (rows must come reversed)."""
+    data = bytearray(bmp)
+    height = int.from_bytes(data[22:26], "little", signed=True)
+    data[22:26] = (-height).to_bytes(4, "little", signed=True)
+    return bytes(data)
 
 
 @pytest.mark.parametrize("fmt", HEADERS)
@@ -122,4 +145,4 @@ def test_large_jpegs_are_downscaled_while_decoding_never_below_the_size():
     np.testing.assert_allclose(decode_image(data, (16, 12)), whole, atol=12)
     # Less than twice the size on a side: decoded whole, as before the pixel budget.
     whole = tf.image.resize(tf.cast(tf.io.decode_jpeg(data), tf.float32), (33, 30))
-    np.testing.assert_array_equal(decode_image(data, (33, 30)), whole)
+    np.testing.assert_array_equal(decode_image(data, (33, 30)), np.floor(whole + 0.5))

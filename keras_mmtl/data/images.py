@@ -15,14 +15,15 @@ LIMIT_HINT = "max_megapixels=, CLI: --max-megapixels"
 CHECK_CHUNK = 16_384  # sources per dataset while checking images: bounds their tensor
 REFUSALS = ("image too large", "JPEG XL image refused")  # how the budget's errors start
 _FORMATS = ("unknown", "jpeg", "png", "gif", "bmp", "webp_vp8x", "webp_vp8", "webp_vp8l", "jxl")
-_MAGIC = ((b"\xff\xd8\xff", "jpeg"), (b"\x89PNG\r\n\x1a\n", "png"), (b"GIF8", "gif"),
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_MAGIC = ((_JPEG_MAGIC, "jpeg"), (b"\x89PNG\r\n\x1a\n", "png"), (b"GIF8", "gif"),
           (b"BM", "bmp"), (b"\xff\x0a", "jxl"), (b"\x00\x00\x00\x0cJXL ", "jxl"))
 _WEBP_CHUNKS = ((b"VP8X", "webp_vp8x"), (b"VP8 ", "webp_vp8"), (b"VP8L", "webp_vp8l"))
 _HEADER_BYTES = 32
 _JPEG_RATIOS = (1, 2, 4, 8)  # what decode_jpeg can scale by while decoding
 
 
-def decode_image(data, image_size, max_megapixels=MAX_MEGAPIXELS):
+def decode_image(data, image_size, max_megapixels=MAX_MEGAPIXELS, dtype="float32"):
     """Decodes one JPEG/PNG/GIF/BMP/WebP image and resizes it for a model.
 
     The training pipeline, the image check of `read_manifest` and the
@@ -39,9 +40,10 @@ def decode_image(data, image_size, max_megapixels=MAX_MEGAPIXELS):
         image_size: `(height, width)` of the output.
         max_megapixels: the largest image accepted, in millions of pixels
             (width x height as the header gives them).
+        dtype: `"float32"` or `"uint8"` (see `resize_image`).
 
     Returns:
-        float32 tensor of shape `(height, width, 3)` with values in [0, 255].
+        tensor of shape `(height, width, 3)` with whole values in [0, 255].
 
     Example:
 
@@ -50,7 +52,7 @@ def decode_image(data, image_size, max_megapixels=MAX_MEGAPIXELS):
     >>> decode_image(png, (4, 4)).shape
     TensorShape([4, 4, 3])
     """
-    return resize_image(decode_pixels(data, image_size, max_megapixels), image_size)
+    return resize_image(decode_pixels(data, image_size, max_megapixels), image_size, dtype)
 
 
 def decode_pixels(data, min_size=None, max_megapixels=MAX_MEGAPIXELS):
@@ -75,14 +77,20 @@ def decode_pixels(data, min_size=None, max_megapixels=MAX_MEGAPIXELS):
     (TensorShape([16, 12, 3]), TensorShape([64, 48, 3]))
     """
     data = tf.convert_to_tensor(data, tf.string)
-    kind, height, width = _header(data)
-    with tf.control_dependencies(_budget_checks(kind, height, width, max_megapixels)):
-        ratio = tf.constant(0) if min_size is None else _jpeg_ratio(height, width, min_size)
-        return tf.cond(
-            tf.equal(kind, _FORMATS.index("jpeg")),
-            lambda: tf.switch_case(ratio, [functools.partial(
-                tf.io.decode_jpeg, data, channels=CHANNELS, ratio=r) for r in _JPEG_RATIOS]),
-            lambda: tf.io.decode_image(data, channels=CHANNELS, expand_animations=False))
+
+    def jpeg():  # the common case, on its own path: its header is read by one op
+        height, width = tf.unstack(tf.io.extract_jpeg_shape(data, tf.int64)[:2])
+        with tf.control_dependencies(_budget_checks(None, height, width, max_megapixels)):
+            ratio = tf.constant(0) if min_size is None else _jpeg_ratio(height, width, min_size)
+            return tf.switch_case(ratio, [functools.partial(
+                tf.io.decode_jpeg, data, channels=CHANNELS, ratio=r) for r in _JPEG_RATIOS])
+
+    def other():
+        kind, height, width = _non_jpeg_header(data)
+        with tf.control_dependencies(_budget_checks(kind, height, width, max_megapixels)):
+            return tf.io.decode_image(data, channels=CHANNELS, expand_animations=False)
+
+    return tf.cond(tf.equal(tf.strings.substr(data, 0, len(_JPEG_MAGIC)), _JPEG_MAGIC), jpeg, other)
 
 
 def header_size(data):
@@ -103,33 +111,17 @@ def header_size(data):
 
 def _header(data):
     """`(index in _FORMATS, height, width)` of an encoded image, from its first bytes."""
-    head = _head(data)
-    kind = _format_index(head)
-    raw = tf.cast(tf.io.decode_raw(head, tf.uint8), tf.int64)
+    kind, height, width = _non_jpeg_header(data)
+    return (kind, *tf.cond(tf.equal(kind, _FORMATS.index("jpeg")),
+                           lambda: tuple(tf.unstack(tf.io.extract_jpeg_shape(data, tf.int64)[:2])),
+                           lambda: (height, width)))
 
-    def number(start, length, big_endian=False):
-        return tf.add_n([raw[start + i] * 256 ** (length - 1 - i if big_endian else i)
-                         for i in range(length)])
 
-    def signed(value):  # int32 fields of BMP: a negative height is a top-down bitmap
-        return tf.abs(tf.where(value >= 2**31, value - 2**32, value))
-
-    def vp8l():
-        bits = number(21, 4)
-        return bits // 2**14 % 2**14 + 1, bits % 2**14 + 1
-
-    unknown = (tf.constant(-1, tf.int64), tf.constant(-1, tf.int64))
-    readers = {
-        "jpeg": lambda: tuple(tf.unstack(tf.io.extract_jpeg_shape(data, tf.int64)[:2])),
-        "png": lambda: (number(20, 4, True), number(16, 4, True)),
-        "gif": lambda: (number(8, 2), number(6, 2)),
-        "bmp": lambda: (signed(number(22, 4)), signed(number(18, 4))),
-        "webp_vp8x": lambda: (number(27, 3) + 1, number(24, 3) + 1),
-        "webp_vp8": lambda: (number(28, 2) % 2**14, number(26, 2) % 2**14),
-        "webp_vp8l": vp8l,
-    }
-    return (kind, *tf.switch_case(kind, [readers.get(name, lambda: unknown)
-                                         for name in _FORMATS]))
+def _non_jpeg_header(data):
+    """`_header`, but -1 for a JPEG's height and width (its header needs a decoder's parser)."""
+    raw = tf.cast(tf.io.decode_raw(_head(data), tf.uint8), tf.int64)
+    kind = _format_index(raw)
+    return (kind, *_other_size(kind, raw))
 
 
 def _head(data):
@@ -138,42 +130,117 @@ def _head(data):
                                               b"\0" * _HEADER_BYTES]), 0, _HEADER_BYTES)
 
 
-def _format_index(head):
-    """The index in `_FORMATS` of the format an image's first bytes (`_head`) say."""
-    def starts(start, magic):
-        return tf.equal(tf.strings.substr(head, start, len(magic)), magic)
+def _magic_table():
+    """Per magic (in `_MAGIC`, then the WebP chunks): its format, byte positions and values.
 
-    index = tf.constant(0)
-    for magic, name in _MAGIC:
-        index = tf.where(starts(0, magic), _FORMATS.index(name), index)
-    for chunk, name in _WEBP_CHUNKS:
-        webp = starts(0, b"RIFF") & starts(8, b"WEBP") & starts(12, chunk)
-        index = tf.where(webp, _FORMATS.index(name), index)
-    return index
+    Positions are padded to one length with position 0 and value -1, which no byte equals.
+    """
+    magics = [(name, [(0, magic)]) for magic, name in _MAGIC]
+    magics += [(name, [(0, b"RIFF"), (8, b"WEBP"), (12, chunk)]) for chunk, name in _WEBP_CHUNKS]
+    rows = [[(start + i, byte) for start, magic in parts for i, byte in enumerate(magic)]
+            for _, parts in magics]
+    width = max(len(row) for row in rows)
+    positions = [[p for p, _ in row] + [0] * (width - len(row)) for row in rows]
+    values = [[v for _, v in row] + [-1] * (width - len(row)) for row in rows]
+    lengths = [len(row) for row in rows]
+    return [_FORMATS.index(name) for name, _ in magics], positions, values, lengths
+
+
+_MAGIC_FORMATS, _MAGIC_POSITIONS, _MAGIC_VALUES, _MAGIC_LENGTHS = _magic_table()
+
+
+def _format_index(raw):
+    """The index in `_FORMATS` of the format an image's first bytes (int64, `_head`) say.
+
+    A few vectorized ops over every magic at once (this runs for every image
+    decoded); no two magics match the same bytes.
+    """
+    equal = tf.cast(tf.equal(tf.gather(raw, _MAGIC_POSITIONS), _MAGIC_VALUES), tf.int32)
+    matches = tf.equal(tf.reduce_sum(equal, axis=1), _MAGIC_LENGTHS)
+    last = tf.reduce_max(tf.where(matches, tf.range(len(_MAGIC_FORMATS)), -1))
+    return tf.gather([0, *_MAGIC_FORMATS], last + 1)  # none matched: 0, "unknown"
+
+
+# Per format of `_FORMATS` but JPEG: where its height and width lie in the first bytes (the
+# positions of their bytes, least significant first), and `(divisor, modulus, offset)`: the
+# size is `number // divisor % modulus + offset`. A field of BMP is a signed int32 whose sign
+# says the row order: its absolute value is the size. Other formats (JPEG XL...) read -1.
+_SIZE_FIELDS = {
+    "png": (((23, 22, 21, 20), (1, 2**32, 0)), ((19, 18, 17, 16), (1, 2**32, 0))),
+    "gif": (((8, 9), (1, 2**16, 0)), ((6, 7), (1, 2**16, 0))),
+    "bmp": (((22, 23, 24, 25), (1, 2**32, 0)), ((18, 19, 20, 21), (1, 2**32, 0))),
+    "webp_vp8x": (((27, 28, 29), (1, 2**24, 1)), ((24, 25, 26), (1, 2**24, 1))),
+    "webp_vp8": (((28, 29), (1, 2**14, 0)), ((26, 27), (1, 2**14, 0))),
+    "webp_vp8l": (((21, 22, 23, 24), (2**14, 2**14, 1)), ((21, 22, 23, 24), (1, 2**14, 1))),
+}
+
+
+def _size_table():
+    """`_SIZE_FIELDS` as arrays indexed by format: byte positions, their weights, arithmetic."""
+    positions, weights, arithmetic = [], [], []
+    for name in _FORMATS:
+        fields = _SIZE_FIELDS.get(name, (((), (1, 1, -1)),) * 2)
+        positions.append([list(where) + [0] * (4 - len(where)) for where, _ in fields])
+        weights.append([[256**i for i in range(len(where))] + [0] * (4 - len(where))
+                        for where, _ in fields])
+        arithmetic.append([list(numbers) for _, numbers in fields])
+    return positions, weights, arithmetic
+
+
+_SIZE_POSITIONS, _SIZE_WEIGHTS, _SIZE_ARITHMETIC = _size_table()
+
+
+def _other_size(kind, raw):
+    """`(height, width)` of an image of format `kind`, from its first bytes (int64, `_head`)."""
+    positions, weights = (tf.gather(tf.constant(table, tf.int64), kind)
+                          for table in (_SIZE_POSITIONS, _SIZE_WEIGHTS))
+    number = tf.reduce_sum(tf.gather(raw, positions) * weights, axis=-1)
+    signed = tf.equal(kind, _FORMATS.index("bmp")) & (number >= 2**31)  # a negative int32
+    number = tf.where(signed, 2**32 - number, number)
+    divisor, modulus, offset = tf.unstack(
+        tf.gather(tf.constant(_SIZE_ARITHMETIC, tf.int64), kind), axis=-1)
+    size = number // divisor % modulus + offset
+    return size[0], size[1]
 
 
 def _budget_checks(kind, height, width, max_megapixels):
-    """Checks that an image is within `max_megapixels` and of a format whose size is read."""
+    """Checks that an image is within `max_megapixels` and of a format whose size is read.
+
+    `kind` is the index in `_FORMATS`, or `None` for a JPEG.
+    """
     pixels = height * width
-    megapixels = tf.cast(pixels, tf.float64) / 1e6
-    megapixels = tf.where(megapixels < 0.1, megapixels, tf.round(megapixels * 100) / 100)
-    too_large = tf.strings.join([
-        "image too large: ", tf.strings.as_string(width), " x ", tf.strings.as_string(height),
-        " pixels = ", tf.strings.as_string(megapixels, shortest=True), " megapixels, over the "
-        f"limit of {max_megapixels:g} megapixels; downscale it, or raise the limit "
-        f"({LIMIT_HINT})"])
-    return [_require(pixels <= int(max_megapixels * 1e6), too_large),
-            _require(tf.not_equal(kind, _FORMATS.index("jxl")), tf.constant(
-                "JPEG XL image refused (its size is not read before decoding); convert it to "
-                "JPEG, PNG or WebP"))]
+
+    def too_large():
+        megapixels = tf.cast(pixels, tf.float64) / 1e6
+        megapixels = tf.where(megapixels < 0.1, megapixels, tf.round(megapixels * 100) / 100)
+        return tf.strings.join([
+            "image too large: ", tf.strings.as_string(width), " x ",
+            tf.strings.as_string(height), " pixels = ",
+            tf.strings.as_string(megapixels, shortest=True), " megapixels, over the limit of "
+            f"{max_megapixels:g} megapixels; downscale it, or raise the limit ({LIMIT_HINT})"])
+
+    checks = [_require(pixels <= int(max_megapixels * 1e6), too_large)]
+    if kind is not None:  # `None`: a JPEG
+        checks.append(_require(tf.not_equal(kind, _FORMATS.index("jxl")), lambda: tf.constant(
+            "JPEG XL image refused (its size is not read before decoding); convert it to "
+            "JPEG, PNG or WebP")))
+    return checks
 
 
 def _require(condition, message):
-    """An assertion op (graph) or check (eager) raising `InvalidArgumentError(message)`."""
+    """An assertion (graph) or check (eager) raising `InvalidArgumentError(message())`.
+
+    `message` makes the message: in a graph, only when the condition fails.
+    """
     if not tf.executing_eagerly():
-        return tf.debugging.Assert(condition, [message], summarize=1)
+        def fail():
+            with tf.control_dependencies([tf.debugging.Assert(condition, [message()],
+                                                              summarize=1)]):
+                return tf.identity(condition)
+
+        return tf.cond(condition, lambda: tf.identity(condition), fail)
     if not bool(condition):
-        raise tf.errors.InvalidArgumentError(None, None, message.numpy().decode("utf-8"))
+        raise tf.errors.InvalidArgumentError(None, None, message().numpy().decode("utf-8"))
     return tf.no_op()
 
 
@@ -184,7 +251,8 @@ def _jpeg_ratio(height, width, min_size):
     return tf.add_n([tf.cast(fit, tf.int32) for fit in fits])
 
 
-def decode_optional_image(data, image_size, max_megapixels=MAX_MEGAPIXELS):
+def decode_optional_image(data, image_size, max_megapixels=MAX_MEGAPIXELS,
+                          dtype="float32"):
     """`decode_image`, or a black image for empty `data` (a sample without its image).
 
     A model built with `missing_modalities=True` ignores that image: its
@@ -196,21 +264,30 @@ def decode_optional_image(data, image_size, max_megapixels=MAX_MEGAPIXELS):
     0.0
     """
     return tf.cond(tf.strings.length(data) > 0,
-                   lambda: decode_image(data, image_size, max_megapixels),
-                   lambda: tf.zeros((*image_size, CHANNELS), tf.float32))
+                   lambda: decode_image(data, image_size, max_megapixels, dtype),
+                   lambda: tf.zeros((*image_size, CHANNELS), dtype))
 
 
-def resize_image(image, image_size):
-    """Resizes a decoded `(h, w, c)` image to `image_size` as float32 RGB.
+def resize_image(image, image_size, dtype="float32"):
+    """Resizes a decoded `(h, w, c)` image to `image_size` as RGB pixels rounded to 8 bits.
 
     The resize reads the pixels in their own type (uint8 from a decoder):
-    only the small resized image is float32.
+    only the small resized image is float. Its values are rounded to whole
+    levels in [0, 255], so the uint8 images of the input pipeline and the
+    float32 ones of a serving signature are the same pixels.
+
+    Args:
+        image: `(h, w, 1 or 3)` pixels.
+        image_size: `(height, width)`.
+        dtype: of the output: `"float32"` or `"uint8"` (a quarter of the bytes,
+            what the input pipeline yields; the model casts it).
     """
     image = tf.convert_to_tensor(image)
     if image.shape[-1] == 1:
         image = tf.image.grayscale_to_rgb(image)
-    image = tf.cast(tf.image.resize(image, image_size), tf.float32)
-    return tf.ensure_shape(image, (*image_size, CHANNELS))
+    # Bilinear resizing stays within the pixels' range: adding 0.5 and truncating rounds.
+    pixels = tf.cast(tf.image.resize(image, image_size) + 0.5, tf.uint8)
+    return tf.ensure_shape(tf.cast(pixels, dtype), (*image_size, CHANNELS))
 
 
 def find_undecodable(sources, read_files=True, max_megapixels=MAX_MEGAPIXELS):

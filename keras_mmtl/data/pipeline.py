@@ -5,7 +5,7 @@ import tensorflow as tf
 
 from keras_mmtl.checks import check_known
 from keras_mmtl.data.augmentation import MODALITIES as AUGMENTED_MODALITIES
-from keras_mmtl.data.images import decode_optional_image, resize_image
+from keras_mmtl.data.images import decode_image, decode_optional_image, resize_image
 from keras_mmtl.modalities import modality_kind
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -30,9 +30,9 @@ def make_dataset(
 
     Images are read and decoded in parallel inside tf.data (no Python runs per
     sample) within the records' pixel budget (`records.max_megapixels`, see
-    `decode_image`), resized to `image_size` as float32 in [0, 255]; the model holds
-    its backbone's own preprocessing. Texts stay raw strings: the model
-    tokenizes them in its graph.
+    `decode_image`), resized to `image_size` as uint8 (a quarter of float32's
+    bytes; the model casts them and holds its backbone's own preprocessing).
+    Texts stay raw strings: the model tokenizes them in its graph.
 
     Args:
         records: `Records` from `read_manifest`, `from_arrays`, ...
@@ -121,16 +121,19 @@ def make_dataset(
     for name in presence:
         inputs[f"{name}_present"] = records.present(name).astype(np.float32)
 
-    def load_image(data):
+    def load_image(data, optional):
         if records.image_kind == "array":
-            return resize_image(data, image_size)
-        if records.image_kind == "path":  # an empty path is a missing image
+            return resize_image(data, image_size, tf.uint8)
+        if records.image_kind == "path" and optional:  # an empty path is a missing image
             data = tf.cond(tf.strings.length(data) > 0, lambda: tf.io.read_file(data),
                            lambda: tf.constant(b""))
-        return decode_optional_image(data, image_size, records.max_megapixels)
+        elif records.image_kind == "path":
+            data = tf.io.read_file(data)
+        decode = decode_optional_image if optional else decode_image
+        return decode(data, image_size, records.max_megapixels, tf.uint8)
 
-    def load_images(row, label):
-        return {**row, **{name: load_image(row[name]) for name in images}}, label
+    def load_images(row, label):  # per image: only rows that may lack it check for that
+        return {**row, **{name: load_image(row[name], name in presence) for name in images}}, label
 
     labels = records.labels if tasks is None else {
         output: records.task_labels(task) for output, task in tasks.items()}

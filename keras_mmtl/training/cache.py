@@ -38,8 +38,9 @@ CACHEABLE = {
 }
 
 
-# Bumped when the same inputs give other features: 2, large JPEGs are downscaled while decoding.
-FEATURES_VERSION = 2
+# Bumped when the same inputs give other features: 2, large JPEGs are downscaled while decoding;
+# 3, resized images are rounded to whole levels.
+FEATURES_VERSION = 3
 # Least time a worker waits for the other workers' shards of cached features, after its own.
 SHARD_WAIT_SECONDS = 600
 
