@@ -110,6 +110,17 @@ def cmd_evaluate(args):
         print(modality_report(model, records, args.split, out_dir=out_dir).table())
 
 
+def cmd_prepare(args):
+    from keras_mmtl.config import from_arguments
+    from keras_mmtl.data.prepared import prepare
+
+    records = from_arguments(args).data.read()
+    info = prepare(records, args.output, args.image_size, shards=args.shards)
+    rows = ", ".join(f"{split} {part['rows']:,}" for split, part in info["splits"].items())
+    print(f"Prepared {rows} rows in {args.output}: read them with "
+          f"keras_mmtl.prepared_dataset({args.output!r}, split)")
+
+
 def cmd_export(args):
     from keras_mmtl.export import export_saved_model
 
@@ -191,7 +202,7 @@ def _report(report, out_dir):
 def build_parser():
     """The argument parser of `keras-mmtl`."""
     from keras_mmtl import __version__
-    from keras_mmtl.config import SECTIONS, DataConfig, add_arguments
+    from keras_mmtl.config import SECTIONS, DataConfig, add_arguments, parse_image_size
     from keras_mmtl.data.images import MAX_MEGAPIXELS
 
     parser = argparse.ArgumentParser(
@@ -274,6 +285,21 @@ def build_parser():
     evaluate.add_argument("--split", default="test", help="train, val or test (default: test)")
     evaluate.add_argument("--out-dir", help="where to write (default: eval/ beside the model)")
     evaluate.set_defaults(func=cmd_evaluate)
+
+    prepare = commands.add_parser(
+        "prepare", help="write a manifest's checked rows as TFRecord shards of resized images",
+        description="Reads and checks a manifest, decodes and resizes every image once (in "
+                    "parallel) and writes each split as --shards TFRecord files of uint8 "
+                    "images, texts and labels, with prepared.json describing them. Reading "
+                    "them back (keras_mmtl.prepared_dataset) decodes no JPEG and holds only "
+                    "a shuffle buffer in memory. --output may be on gs:// or any TensorFlow "
+                    "filesystem.")
+    add_arguments(prepare, DataConfig)
+    prepare.add_argument("--output", required=True, help="the folder to write")
+    prepare.add_argument("--image-size", type=parse_image_size, default=[128, 96],
+                         help="HEIGHTxWIDTH of the model that will read them (default: 128x96)")
+    prepare.add_argument("--shards", type=int, default=8, help="files per split (default: 8)")
+    prepare.set_defaults(func=cmd_prepare)
 
     export = commands.add_parser(
         "export", help="export a model.keras as a versioned SavedModel",

@@ -30,7 +30,8 @@ def _none_or(value):
     return None if value.lower() == "none" else value
 
 
-def _size(value):
+def parse_image_size(value):
+    """`"128x96"` -> `[128, 96]` (an argparse type)."""
     try:
         height, width = (int(x) for x in value.lower().split("x"))
     except ValueError:
@@ -127,7 +128,7 @@ class ModelConfig:
         "imagenet", "'imagenet' (downloaded once), a local weights file, or 'none'",
         type=_none_or)
     image_size: Optional[list] = _field(
-        None, "HEIGHTxWIDTH of model images (default: the backbone's own)", type=_size)
+        None, "HEIGHTxWIDTH of model images (default: the backbone's own)", type=parse_image_size)
     text_encoder: str = _field(
         _DEFAULT.model["text_encoder"], "'ngrams' (TF-IDF of word 1-2 grams and character 3-5 grams), 'scratch' (word "
                   "embeddings learned from your texts), 'tfidf' (a TF-IDF bag of words), or a "

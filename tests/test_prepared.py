@@ -55,3 +55,14 @@ def test_an_interrupted_prepare_is_not_read(product_records, tmp_path):
     os.remove(folder / PREPARED_FILE)
     with pytest.raises(FileNotFoundError, match="prepared.json is missing.*prepare"):
         prepared_dataset(str(folder), "train")
+
+
+def test_the_prepare_command_writes_what_prepared_dataset_reads(products, tmp_path, capsys):
+    from keras_mmtl.cli import main
+
+    folder = str(tmp_path / "prepared")
+    assert main(["prepare", "--manifest", products, "--split-column", "split", "--output",
+                 folder, "--image-size", "10x6", "--shards", "2"]) == 0
+    assert "Prepared train 16, val 4, test 4 rows" in capsys.readouterr().out
+    images, texts, _ = _rows(prepared_dataset(folder, "val", batch_size=8))
+    assert images.shape == (4, 10, 6, 3) and len(texts) == 4
