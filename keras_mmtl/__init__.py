@@ -33,8 +33,8 @@ from keras_mmtl.data import (
     make_demo_dataset,
     prepare,
     prepared_dataset,
+    prepared_records,
     read_manifest,
-    read_prepared,
 )
 from keras_mmtl.demo import run_demo
 from keras_mmtl.evaluation import (

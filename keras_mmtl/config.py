@@ -61,7 +61,8 @@ class DataConfig:
     """Where the samples are and how to read them (see `keras_mmtl.read_manifest`)."""
 
     manifest: Optional[str] = _field(
-        None, "CSV or JSON Lines file, one row per sample")
+        None, "CSV or JSON Lines file, one row per sample; or a folder that keras-mmtl prepare "
+              "wrote (its images decoded once; the column options were prepare's)")
     image_column: Union[str, list, None] = _field(
         "image", "column of image paths, relative to the manifest ('none' for text-only data); "
                  "several columns for several photos per sample", type=_none_or, nargs="+")
@@ -103,11 +104,16 @@ class DataConfig:
     def read(self, manifest=None, **kwargs):
         """The `Records` of `manifest` (default `self.manifest`) read with these settings.
 
+        A folder of prepared data (`keras_mmtl.prepare`) is read as it was prepared.
+
         `**kwargs` are more `read_manifest` arguments, or ones to override
         (`class_names` of a model, `check_images`...).
         """
-        from keras_mmtl.data import read_manifest
+        from keras_mmtl.data import prepared_records, read_manifest
+        from keras_mmtl.data.prepared import is_prepared
 
+        if is_prepared(manifest or self.manifest):  # checked by `prepare`: the columns were
+            return prepared_records(manifest or self.manifest, kwargs.get("class_names"))
         kwargs = {"skip_bad_rows": self.skip_bad_rows, **kwargs}
         return read_manifest(
             manifest or self.manifest, self.image_column, self.text_column, self.label_column,

@@ -110,6 +110,9 @@ def run_experiment(config, *, overwrite=False, verbose="auto"):
     if moved.source_manifest:
         datasets["transfer.source_manifest"] = _read_quickly(config, moved.source_manifest)
     config, why = resolve_preset(config, int((datasets["data.manifest"].splits != "test").sum()))
+    prepared = datasets["data.manifest"].prepared
+    if prepared and not config.model.image_size:  # the size its images were prepared at
+        config = config.replace(model={"image_size": prepared["image_size"]})
     options, fit = config.model, config.training
     if fit.ensemble > 1 and moved.source_manifest:
         raise ConfigError("training.ensemble (--ensemble) trains several models on one "

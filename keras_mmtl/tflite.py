@@ -200,6 +200,8 @@ def tflite_predict(flatbuffer, model, records, split="test", batch_size=32):
         for name in model.input:
             if is_input_name(name) and modality_kind(name) == "text":
                 inputs[ids_input(name)] = tokenizer(features[name]).numpy()
+            elif is_input_name(name) and modality_kind(name) == "image":  # the pipeline's uint8
+                inputs[name] = features[name].numpy().astype(np.float32)
             else:
                 inputs[name] = features[name].numpy()
         probabilities.append(runner(**inputs)["probabilities"])

@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 
 from keras_mmtl.data import from_arrays, make_dataset
-from keras_mmtl.data.prepared import PREPARED_FILE, prepare, prepared_dataset
+from keras_mmtl.data.prepared import PREPARED_FILE, prepare, prepared_dataset, prepared_records
 
 
 def _rows(dataset):
@@ -40,7 +40,7 @@ def test_shuffled_prepared_rows_are_the_split_in_a_new_order_each_epoch(tmp_path
     records = from_arrays(["a", "b"] * 20, texts=texts, images=np.zeros((40, 4, 4, 3), "uint8"),
                           splits=["train"] * 40)
     prepare(records, str(tmp_path), (4, 4), shards=4)
-    dataset = prepared_dataset(str(tmp_path), "train", batch_size=8, shuffle_buffer=16)
+    dataset = prepared_dataset(str(tmp_path), "train", batch_size=8)
     epochs = [_rows(dataset)[1].tolist() for _ in range(2)]
     assert sorted(epochs[0]) == sorted(epochs[1]) == sorted(t.encode() for t in texts)
     assert epochs[0] != epochs[1] and epochs[0] != [t.encode() for t in texts]
@@ -66,3 +66,83 @@ def test_the_prepare_command_writes_what_prepared_dataset_reads(products, tmp_pa
     assert "Prepared train 16, val 4, test 4 rows" in capsys.readouterr().out
     images, texts, _ = _rows(prepared_dataset(folder, "val", batch_size=8))
     assert images.shape == (4, 10, 6, 3) and len(texts) == 4
+
+
+@pytest.mark.slow
+def test_train_reads_a_prepared_folder_as_a_manifest(products, tmp_path, capsys, recwarn):
+    import json
+
+    from keras_mmtl.cli import main
+
+    folder, run_dir = str(tmp_path / "prepared"), tmp_path / "run"
+    assert main(["prepare", "--manifest", products, "--split-column", "split", "--output",
+                 folder, "--image-size", "16x16", "--shards", "2"]) == 0
+    assert main(["train", "--manifest", folder, "--image-backbone", "small_cnn",
+                 "--image-weights", "none", "--batch-size", "8", "--epochs", "2",
+                 "--fine-tune-epochs", "1", "--no-projector", "--run-dir", str(run_dir),
+                 "--export-dir", str(tmp_path / "saved")]) == 0
+    assert "Modality report, without image: 4 rows" in capsys.readouterr().out
+    assert not [w for w in recwarn if "ran out of data" in str(w.message)]  # batches counted
+    assert "image_size:\n  - 16\n  - 16" in (run_dir / "config.yaml").read_text()
+    report = json.loads((run_dir / "eval" / "report.json").read_text())
+    assert report["num_samples"] == 4 and os.listdir(tmp_path / "saved") == ["1"]
+
+
+@pytest.mark.parametrize("shard", [None, (1, 3)])
+def test_cached_features_of_prepared_rows_are_those_of_the_manifests(product_records, tmp_path,
+                                                                    shard):
+    from keras_mmtl.models import build_classifier_for
+    from keras_mmtl.training.cache import compute_features, split_model
+
+    folder = str(tmp_path / "prepared")
+    prepare(product_records, folder, (16, 16), shards=2)
+    model = build_classifier_for(product_records, image_backbone="small_cnn",
+                                 image_weights=None, image_size=(16, 16), freeze_backbone=True)
+    extractors = {"image": split_model(model)[0]["image"]}
+    records = {"manifest": product_records, "prepared": prepared_records(folder)}
+    if shard:  # a worker's rows: every third from the second
+        records = {name: rows.subset("train").select(np.arange(16) % 3 == 1)
+                   for name, rows in records.items()}
+    features = {name: compute_features(extractors, rows, "train")["image_features"]
+                for name, rows in records.items()}
+    assert len(features["prepared"]) == (5 if shard else 16)
+    np.testing.assert_allclose(features["prepared"], features["manifest"], atol=1e-6)
+
+
+def test_a_model_of_another_image_size_is_told_to_prepare_again(product_records, tmp_path):
+    folder = str(tmp_path / "prepared")
+    prepare(product_records, folder, (16, 16), shards=2)
+    with pytest.raises(ValueError, match="prepared at 16x16; the model takes 32x32.*"
+                                         "--image-size 32x32"):
+        make_dataset(prepared_records(folder), "train", image_size=(32, 32))
+
+
+def test_prepared_rows_made_to_lack_their_image_come_black_and_absent(product_records, tmp_path):
+    folder = str(tmp_path / "prepared")
+    prepare(product_records, folder, (8, 8), shards=2)
+    val = prepared_records(folder).subset("val")
+    lacking = val.without("image", np.array([True, False, True, False]))
+    batch, _ = next(iter(make_dataset(lacking, image_size=(8, 8), batch_size=4, shuffle=False,
+                                      presence=("image",))))
+    whole, _ = next(iter(make_dataset(val, image_size=(8, 8), batch_size=4, shuffle=False)))
+    assert batch["image_present"].numpy().tolist() == [0, 1, 0, 1]
+    assert not batch["image"].numpy()[[0, 2]].any()
+    np.testing.assert_array_equal(batch["image"].numpy()[[1, 3]], whole["image"].numpy()[[1, 3]])
+    assert whole["image"].numpy()[[0, 2]].any()
+
+
+@pytest.mark.bad_input
+def test_prepared_data_refuses_a_models_other_classes(product_records, tmp_path):
+    folder = str(tmp_path / "prepared")
+    prepare(product_records, folder, (8, 8), shards=1)
+    with pytest.raises(ValueError, match="model's classes differ.*Prepare the data again"):
+        prepared_records(folder, class_names=["blue cotton", "red wool"])
+
+
+def test_the_input_digest_of_prepared_rows_sees_a_replaced_shard(product_records, tmp_path):
+    folder = tmp_path / "prepared"
+    info = prepare(product_records, str(folder), (8, 8), shards=2)
+    before = prepared_records(str(folder)).input_digest()
+    assert prepared_records(str(folder)).input_digest() == before
+    os.utime(folder / info["splits"]["val"]["files"][0], ns=(1, 1))
+    assert prepared_records(str(folder)).input_digest() != before

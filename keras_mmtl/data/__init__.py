@@ -17,4 +17,4 @@ from keras_mmtl.data.manifest import (
     stratified_split,
 )
 from keras_mmtl.data.pipeline import make_dataset
-from keras_mmtl.data.prepared import prepare, prepared_dataset, read_prepared
+from keras_mmtl.data.prepared import prepare, prepared_dataset, prepared_records

@@ -121,8 +121,10 @@ class Records:
 
     Attributes:
         images: `None`, or one image per sample (of the first image column):
-            file paths (`image_kind="path"`), encoded file bytes (`"bytes"`)
-            or a uint8 array `(n, h, w, c)` (`"array"`).
+            file paths (`image_kind="path"`), encoded file bytes (`"bytes"`),
+            a uint8 array `(n, h, w, c)` (`"array"`), or the row's position in
+            its split of prepared shards (`"prepared"`, see `prepared`; `-1 -
+            position` for a row made to lack it, `without`).
         texts: `None`, or an object array of `str`, one per sample (of the
             first text column).
         labels: int32 array of indices into `class_names`; -1 marks a row
@@ -143,6 +145,9 @@ class Records:
             values, stored like `images` (paths or bytes) or `texts`.
         max_megapixels: the largest image the rows were checked against;
             `make_dataset` decodes with the same limit.
+        prepared: for records read from `keras_mmtl.prepare`'s shards
+            (`keras_mmtl.prepared_records`), their description (`prepared.json`
+            and the folder); `make_dataset` reads the images from the shards.
     """
 
     images: object
@@ -158,6 +163,7 @@ class Records:
     extra_tasks: dict = dataclasses.field(default_factory=dict)
     extra_inputs: dict = dataclasses.field(default_factory=dict)
     max_megapixels: float = MAX_MEGAPIXELS
+    prepared: dict = None
 
     def __len__(self):
         return len(self.labels)
@@ -231,6 +237,8 @@ class Records:
         kind = modality_kind(modality)
         if kind == "tabular" or kind == "image" and self.image_kind == "array":
             return np.ones(len(self), bool)
+        if kind == "image" and self.image_kind == "prepared":
+            return np.asarray(values) >= 0
         return np.array([_has_value(value) for value in values], bool)
 
     def without(self, modality, rows):
@@ -249,7 +257,10 @@ class Records:
         if kind == "image" and self.image_kind == "array":
             raise ValueError("Images held as an array cannot be missing; use paths or bytes.")
         values = self.inputs(modality).copy()
-        values[rows] = "" if kind == "text" or self.image_kind == "path" else b""
+        if kind == "image" and self.image_kind == "prepared":  # the row's position stays known
+            values[rows] = np.where(values[rows] >= 0, -1 - values[rows], values[rows])
+        else:
+            values[rows] = "" if kind == "text" or self.image_kind == "path" else b""
         if modality in ("image", "text"):
             return dataclasses.replace(self, **{f"{modality}s": values})
         return dataclasses.replace(self, extra_inputs={**self.extra_inputs, modality: values})
@@ -258,7 +269,8 @@ class Records:
         """A digest (hex) of the inputs `names` (default all) of every row, in order.
 
         Image files count by path, size and modification time, so a
-        replaced image changes the digest without being read. The feature
+        replaced image changes the digest without being read; prepared
+        images by their row and their shards' sizes and times. The feature
         cache and the run fingerprint both key on it.
         """
         digest = hashlib.sha256()
@@ -266,8 +278,10 @@ class Records:
         for name in self.modalities if names is None else names:
             values, kind = self.inputs(name), modality_kind(name)
             digest.update(f"\0{name}:".encode())
-            if kind == "tabular" or kind == "image" and self.image_kind == "array":
+            if kind == "tabular" or kind == "image" and self.image_kind in ("array", "prepared"):
                 digest.update(np.ascontiguousarray(values).tobytes())
+                if kind == "image" and self.image_kind == "prepared":  # and the shards' own
+                    digest.update(self.prepared["stamp"].encode())
             elif kind == "image" and self.image_kind == "path":
                 for path in values:
                     size, time = file_stamp(path) if path else (None, None)  # "": missing

@@ -6,6 +6,7 @@ import tensorflow as tf
 from keras_mmtl.checks import check_known
 from keras_mmtl.data.augmentation import MODALITIES as AUGMENTED_MODALITIES
 from keras_mmtl.data.images import decode_image, decode_optional_image, resize_image
+from keras_mmtl.data.shards import prepared_batches
 from keras_mmtl.modalities import modality_kind
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -137,12 +138,17 @@ def make_dataset(
 
     labels = records.labels if tasks is None else {
         output: records.task_labels(task) for output, task in tasks.items()}
-    ds = tf.data.Dataset.from_tensor_slices((inputs, labels))
-    if shuffle:
-        ds = ds.shuffle(len(records), seed=seed, reshuffle_each_iteration=True)
-    if images:  # nothing else needs work per sample
-        ds = ds.map(load_images, num_parallel_calls=AUTOTUNE)
-    ds = ds.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=AUTOTUNE)
+    if records.image_kind == "prepared" and images:  # decoded already: read from the shards
+        memory = {name: values for name, values in inputs.items() if name not in images}
+        ds = prepared_batches(records, images, memory, labels, image_size, batch_size, shuffle,
+                              seed, drop_remainder)
+    else:
+        ds = tf.data.Dataset.from_tensor_slices((inputs, labels))
+        if shuffle:
+            ds = ds.shuffle(len(records), seed=seed, reshuffle_each_iteration=True)
+        if images:  # nothing else needs work per sample
+            ds = ds.map(load_images, num_parallel_calls=AUTOTUNE)
+        ds = ds.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=AUTOTUNE)
     if augmenters:
 
         def augment_batch(row, label):
