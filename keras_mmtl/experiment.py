@@ -110,9 +110,7 @@ def run_experiment(config, *, overwrite=False, verbose="auto"):
     if moved.source_manifest:
         datasets["transfer.source_manifest"] = _read_quickly(config, moved.source_manifest)
     config, why = resolve_preset(config, int((datasets["data.manifest"].splits != "test").sum()))
-    prepared = datasets["data.manifest"].prepared
-    if prepared and not config.model.image_size:  # the size its images were prepared at
-        config = config.replace(model={"image_size": prepared["image_size"]})
+    config = _prepared_image_size(config, datasets["data.manifest"])
     options, fit = config.model, config.training
     if fit.ensemble > 1 and moved.source_manifest:
         raise ConfigError("training.ensemble (--ensemble) trains several models on one "
@@ -327,6 +325,7 @@ def tune_experiment(config, *, tuner="random", max_trials=None, objective="val_a
     config = _as_config(config)
     setup_precision(config.training.precision)
     records = config.data.read()
+    config = _prepared_image_size(config, records)
     build, kwargs = build_arguments(config), train_arguments(config, verbose=verbose)
     for name in search:
         build.pop(name, None)
@@ -341,6 +340,13 @@ def tune_experiment(config, *, tuner="random", max_trials=None, objective="val_a
     best["output"] = {"run_dir": os.path.join(config.output_dir, "best")}
     path = config.replace(**best).save(os.path.join(config.output_dir, "best_config.yaml"))
     return result, path
+
+
+def _prepared_image_size(config, records):
+    """The config, its model's image size that of prepared data when it names none."""
+    if records.prepared and not config.model.image_size:
+        return config.replace(model={"image_size": records.prepared["image_size"]})
+    return config
 
 
 def _as_config(config):
