@@ -10,7 +10,7 @@ import yaml
 
 from keras_mmtl.checks import check_known
 from keras_mmtl.data.images import MAX_MEGAPIXELS
-from keras_mmtl.files import write_text
+from keras_mmtl.files import read_bytes, write_text
 from keras_mmtl.models.backbones import BACKBONES
 from keras_mmtl.models.fusion import FUSIONS
 from keras_mmtl.models.text import check_text_encoder
@@ -331,11 +331,11 @@ class RunConfig:
     @classmethod
     def from_file(cls, path):
         """Reads a YAML (`.yaml`, `.yml`) or JSON (`.json`) config file."""
-        with open(path, encoding="utf-8") as f:
-            try:
-                values = json.load(f) if path.endswith(".json") else yaml.safe_load(f)
-            except (json.JSONDecodeError, yaml.YAMLError) as error:
-                raise ConfigError(f"Cannot parse the config file {path}: {error}") from None
+        text = read_bytes(path).decode("utf-8")  # any filesystem (a run folder on gs://)
+        try:
+            values = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+        except (json.JSONDecodeError, yaml.YAMLError) as error:
+            raise ConfigError(f"Cannot parse the config file {path}: {error}") from None
         return cls.from_dict(values, source=f"The config file {path}")
 
     def to_dict(self):

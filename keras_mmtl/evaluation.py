@@ -3,12 +3,12 @@
 import contextlib
 import csv
 import dataclasses
-import os
+import io
 
 import numpy as np
 
 from keras_mmtl.data.pipeline import make_dataset
-from keras_mmtl.files import write_json
+from keras_mmtl.files import join_path, make_folder, write_bytes, write_json, write_text
 from keras_mmtl.modalities import modality_kind
 from keras_mmtl.models.spec import describe
 from keras_mmtl.plots import plot_confusion_matrix, plot_curves, plot_reliability
@@ -73,15 +73,16 @@ class EvaluationReport:
         Returns:
             dict of what was written -> path.
         """
-        os.makedirs(out_dir, exist_ok=True)
-        paths = {name: os.path.join(out_dir, name) for name in (
+        make_folder(out_dir)
+        paths = {name: join_path(out_dir, name) for name in (
             "report.json", "per_class.csv", "confusion_matrix.png", "roc_curves.png",
             "pr_curves.png", "reliability.png")}
         write_json(paths["report.json"], self.to_dict())
-        with open(paths["per_class.csv"], "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=list(self.per_class[0]))
-            writer.writeheader()
-            writer.writerows(self.per_class)
+        table = io.StringIO(newline="")
+        writer = csv.DictWriter(table, fieldnames=list(self.per_class[0]))
+        writer.writeheader()
+        writer.writerows(self.per_class)
+        write_text(paths["per_class.csv"], table.getvalue())
         figures = {
             "confusion_matrix.png": plot_confusion_matrix(
                 self.confusion, self.class_names,
@@ -90,8 +91,10 @@ class EvaluationReport:
             "pr_curves.png": plot_curves(self, "pr"),
             "reliability.png": plot_reliability(self),
         }
-        for name, figure in figures.items():
-            figure.savefig(paths[name], dpi=110)
+        for name, figure in figures.items():  # through a buffer: any filesystem
+            png = io.BytesIO()
+            figure.savefig(png, format="png", dpi=110)
+            write_bytes(paths[name], png.getvalue())
         return paths
 
 
@@ -273,7 +276,7 @@ def evaluate(model, records, split="test", *, out_dir=None, batch_size=64):
         if report.temperature != 1:
             report.ece_uncalibrated = expected_calibration_error(labels[task], raw[task])
         if out_dir is not None:
-            report.save(out_dir if task is None else os.path.join(out_dir, task))
+            report.save(out_dir if task is None else join_path(out_dir, task))
     return reports if spec.multi_output else reports[None]
 
 
@@ -385,7 +388,7 @@ def modality_report(model, records, split="test", *, task=None, out_dir=None, ba
         scores = classification_report(labels, probabilities, spec.class_names(task))
         report.rows[condition] = {"accuracy": scores.accuracy, "macro_f1": scores.macro_f1}
     if out_dir is not None:
-        write_json(os.path.join(out_dir, "modalities.json"), report.to_dict())
+        write_json(join_path(out_dir, "modalities.json"), report.to_dict())
     return report
 
 

@@ -4,15 +4,18 @@ A run killed mid-write (Ctrl-C, an out-of-memory kill, a preempted machine) must
 previous file, never half of a new one: every file the library writes for later reading goes
 through `save_atomic` (write a temporary file beside it, then rename it into place).
 
-Data may live on any filesystem TensorFlow has (`gs://`, `s3://`, `hdfs://`, `ram://`...):
-manifests and images are read through `is_file`, `open_text`, `read_bytes`... here, and
-decoded by `tf.io.read_file`, which reads the same paths.
+Data and runs may live on any filesystem TensorFlow has (`gs://`, `s3://`, `hdfs://`,
+`ram://`...): manifests, images, run folders, caches and exports are read and written
+through `is_file`, `open_text`, `read_bytes`, `write_bytes`, `make_folder`... here, and
+images decoded by `tf.io.read_file`, which reads the same paths.
 """
 
+import glob
 import io
 import json
 import os
 import posixpath
+import shutil
 
 import tensorflow as tf
 
@@ -59,11 +62,7 @@ def write_json(path, value, indent=2):
     {'epoch': 3}
     """
 
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(value, f, indent=indent)
-
-    save_atomic(write, path)
+    write_text(path, json.dumps(value, indent=indent))
 
 
 def write_bytes(path, data):
@@ -83,13 +82,8 @@ def write_bytes(path, data):
 
 
 def write_text(path, text):
-    """Writes `text` (UTF-8) at `path`, atomically (see `save_atomic`)."""
-
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    save_atomic(write, path)
+    """Writes `text` (UTF-8) at `path` on any filesystem, atomically (see `save_atomic`)."""
+    write_bytes(path, text.encode("utf-8"))
 
 
 # Paths with a scheme (`gs://`, `s3://`, `hdfs://`, `ram://`...) go through TensorFlow's
@@ -126,6 +120,44 @@ def file_stamp(path):
         return stat.length, stat.mtime_nsec
     stat = os.stat(path)
     return stat.st_size, stat.st_mtime_ns
+
+
+def exists(path):
+    """Whether a file or folder is at `path`, on any filesystem."""
+    return tf.io.gfile.exists(path) if is_remote(path) else os.path.exists(path)
+
+
+def make_folder(path):
+    """Creates a folder and its parents (nothing if it exists), on any filesystem."""
+    if is_remote(path):
+        tf.io.gfile.makedirs(path)
+    else:
+        os.makedirs(path, exist_ok=True)
+
+
+def remove(path):
+    """Removes a file or a whole folder, if there is one, on any filesystem.
+
+    Example:
+
+    >>> write_bytes("ram://old/run/a.bin", b"x"); remove("ram://old/run"); exists("ram://old/run")
+    False
+    """
+    if not exists(path):
+        return
+    if is_remote(path):
+        (tf.io.gfile.rmtree if tf.io.gfile.isdir(path) else tf.io.gfile.remove)(path)
+    elif os.path.isdir(path):
+        shutil.rmtree(path)
+    else:
+        os.remove(path)
+
+
+def find(folder, pattern):
+    """The paths in `folder` whose names match a glob `pattern` (`"phase*.h5"`), sorted."""
+    if is_remote(folder):
+        return sorted(tf.io.gfile.glob(posixpath.join(folder, pattern)))
+    return sorted(glob.glob(os.path.join(glob.escape(folder), pattern)))
 
 
 def read_bytes(path):

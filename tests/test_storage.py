@@ -1,19 +1,34 @@
 """Data on TensorFlow's filesystems: a manifest and its images on `ram://`, the in-memory
 filesystem standing in for `gs://`, `s3://` or `hdfs://`."""
 
+import json
 import os
 import uuid
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-
 from conftest import product_rows, write_manifest
-from keras_mmtl.data import DataValidationError, make_dataset, read_manifest
+
+from keras_mmtl.data import (
+    DataValidationError,
+    from_arrays,
+    make_dataset,
+    read_manifest,
+)
 from keras_mmtl.export import WARMUP_FILE, export_saved_model, latest_version, predict
-from keras_mmtl.files import file_size, file_stamp, folder_of, is_file, join_path, read_bytes
+from keras_mmtl.files import (
+    file_size,
+    file_stamp,
+    folder_of,
+    is_file,
+    join_path,
+    read_bytes,
+)
 from keras_mmtl.models import build_classifier_for
 from keras_mmtl.predictions import predict_manifest
+from keras_mmtl.training import train
 
 
 @pytest.fixture
@@ -108,3 +123,75 @@ def test_exports_to_remote_storage_land_whole_as_numbered_versions(remote, tmp_p
     np.testing.assert_allclose([p for _, p in far], [p for _, p in near], atol=1e-6)
     with pytest.raises(FileExistsError, match="never overwritten"):
         export_saved_model(model, base, version=2)
+
+
+class _Stop(Exception):
+    """A run interrupted on purpose."""
+
+
+class _Epochs(keras.callbacks.Callback):
+    """Records the epochs begun; with `stop_after`, interrupts the run at that epoch's end."""
+
+    def __init__(self, stop_after=None):
+        super().__init__()
+        self.begun, self.stop_after = [], stop_after
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.begun.append(epoch)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.stop_after:
+            raise _Stop()
+
+
+def test_a_run_folder_on_remote_storage_resumes_then_is_reused():
+    rng = np.random.default_rng(0)
+    records = from_arrays(["a", "b"] * 16, images=rng.integers(0, 255, (32, 16, 16, 3), "uint8"),
+                          texts=["red", "blue"] * 16, splits=["train"] * 24 + ["val"] * 8)
+    run_dir = f"ram://run-{uuid.uuid4().hex}"
+
+    def run(epochs):
+        keras.utils.set_random_seed(0)
+        model = build_classifier_for(records, image_backbone="small_cnn", image_weights=None,
+                                     image_size=(16, 16), freeze_backbone=True)
+        train(model, records, run_dir, epochs=3, fine_tune_epochs=1, batch_size=8, patience=10,
+              callbacks=[epochs], verbose=0)
+        return model
+
+    with pytest.raises(_Stop):
+        run(_Epochs(stop_after=1))
+    assert not is_file(join_path(run_dir, "model.keras"))
+    resumed = _Epochs()
+    model = run(resumed)
+    assert resumed.begun == [2, 3]  # epochs 1 and 2 kept; then the fine-tuning epoch
+    state = json.loads(read_bytes(join_path(run_dir, "state.json")))
+    assert state["phases_done"] == 2 and state["history"]["epoch"] == [0, 1, 2, 3]
+    assert tf.io.gfile.listdir(join_path(run_dir, "cache"))  # the feature cache, there too
+    reused = _Epochs()
+    again = run(reused)
+    assert reused.begun == []
+    for weight, same in zip(model.get_weights(), again.get_weights()):
+        np.testing.assert_array_equal(weight, same)
+
+
+@pytest.mark.slow
+def test_train_writes_its_whole_run_folder_to_remote_storage_and_reuses_it(
+        remote, tmp_path, monkeypatch, capsys):
+    from keras_mmtl.cli import main
+
+    monkeypatch.chdir(tmp_path)  # where a remote path taken for a local one would land
+    run_dir = f"ram://run-{uuid.uuid4().hex}"
+    common = ["--image-backbone", "small_cnn", "--image-weights", "none", "--image-size",
+              "16x16", "--batch-size", "8", "--epochs", "2", "--fine-tune-epochs", "1",
+              "--run-dir", run_dir, "--export-dir", f"{run_dir}-saved"]
+    assert main(["train", "--manifest", remote[0], "--split-column", "split", *common]) == 0
+    eval_files = tf.io.gfile.listdir(join_path(run_dir, "eval"))
+    assert {"report.json", "per_class.csv", "confusion_matrix.png", "modalities.json"} <= set(
+        eval_files)
+    capsys.readouterr()
+    assert main(["train", "--config", join_path(run_dir, "config.yaml")]) == 0
+    assert f"The run in {run_dir}/member1 is finished" in capsys.readouterr().out
+    assert main(["train", "--manifest", remote[0], "--split-column", "split", *common,
+                 "--learning-rate", "0.01"]) == 2
+    assert "training.learning_rate 0.001 -> 0.01" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "ram:")

@@ -8,14 +8,13 @@ per epoch, `write_hparams` the run's hyperparameters (HParams dashboard) and
 """
 
 import math
-import os
 import time
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_mmtl.files import save_atomic, write_json
+from keras_mmtl.files import join_path, make_folder, save_atomic, write_json, write_text
 from keras_mmtl.plots import figure_image, plot_confusion_matrix
 from keras_mmtl.training.metrics import MacroF1
 
@@ -118,7 +117,7 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
     """
 
     def _save_model(self):
-        os.makedirs(self.backup_dir, exist_ok=True)
+        make_folder(self.backup_dir)
         save_atomic(lambda tmp: self.model.save_weights(tmp, overwrite=True), self._weights_path)
         write_json(self._training_metadata_path,
                    {"epoch": self._current_epoch, "batch": self._last_batch_seen}, indent=None)
@@ -169,7 +168,7 @@ class ConfusionMatrixImage(keras.callbacks.Callback):
 
     Example:
 
-    >>> import tempfile
+    >>> import os, tempfile
     >>> metric = MacroF1(2)
     >>> metric.update_state([0, 1, 1], [[0.8, 0.2], [0.3, 0.7], [0.6, 0.4]])
     >>> log_dir = tempfile.mkdtemp()
@@ -204,7 +203,7 @@ class ConfusionMatrixImage(keras.callbacks.Callback):
         image = confusion_matrix_image(confusion, names, title)
         if subdir not in self._writers:
             self._writers[subdir] = tf.summary.create_file_writer(
-                os.path.join(self.log_dir, subdir))
+                join_path(self.log_dir, subdir))
         with self._writers[subdir].as_default():
             tf.summary.image(self.TAG, image[None], step=epoch)
         self._writers[subdir].flush()
@@ -256,7 +255,7 @@ def write_hparams(log_dir, hparams, metrics=("epoch_accuracy", "epoch_loss", "ep
 
     Example:
 
-    >>> import tempfile
+    >>> import os, tempfile
     >>> log_dir = tempfile.mkdtemp()
     >>> write_hparams(log_dir, {"learning_rate": 1e-3, "fusion": "gated", "layers": (2, 3),
     ...                         "cache": True, "seed": None})
@@ -302,7 +301,7 @@ def write_projector(log_dir, embeddings, labels, metadata=None, max_points=None)
 
     Example:
 
-    >>> import tempfile
+    >>> import os, tempfile
     >>> log_dir = tempfile.mkdtemp()
     >>> path = write_projector(log_dir, np.eye(3), ["cat", "dog", "cat"],
     ...                        metadata={"text": ["a cat", "a\tdog", "cat\non mat"]})
@@ -328,7 +327,7 @@ def write_projector(log_dir, embeddings, labels, metadata=None, max_points=None)
     if max_points is not None and len(embeddings) > max_points:
         keep = np.sort(np.random.default_rng(0).choice(len(embeddings), max_points,
                                                        replace=False))
-    os.makedirs(log_dir, exist_ok=True)
+    make_folder(log_dir)
     config = projector.ProjectorConfig()
     embedding = config.embeddings.add()
     embedding.tensor_name = "embedding/.ATTRIBUTES/VARIABLE_VALUE"
@@ -336,11 +335,11 @@ def write_projector(log_dir, embeddings, labels, metadata=None, max_points=None)
         rows = [[_tsv_cell(values[i]) for values in columns.values()] for i in keep]
         if len(columns) > 1:
             rows.insert(0, list(columns))
-        with open(os.path.join(log_dir, "metadata.tsv"), "w", encoding="utf-8") as f:
-            f.writelines("\t".join(row) + "\n" for row in rows)
+        write_text(join_path(log_dir, "metadata.tsv"), "".join("\t".join(row) + "\n"
+                                                               for row in rows))
         embedding.metadata_path = "metadata.tsv"
     checkpoint = tf.train.Checkpoint(embedding=tf.Variable(embeddings[keep]))
-    path = checkpoint.save(os.path.join(log_dir, "embedding.ckpt"))
+    path = checkpoint.save(join_path(log_dir, "embedding.ckpt"))
     projector.visualize_embeddings(log_dir, config)
     return path
 

@@ -5,15 +5,12 @@ data it was trained on; `check_run_folder` stops any other run before it
 starts, and `clear_run_folder` forgets the old one (`--overwrite`).
 """
 
-import glob
 import hashlib
 import json
-import os
-import shutil
 
 import numpy as np
 
-from keras_mmtl.files import write_json
+from keras_mmtl.files import find, join_path, read_bytes, remove, write_json
 
 # What a run folder holds (`train` writes them).
 STATE_FILE = "state.json"
@@ -90,15 +87,14 @@ def check_run_folder(run_dir, found, overwrite=False):
         StaleRunError: the folder holds a run of other settings or data (or
             one from before fingerprints were kept), and not `overwrite`.
     """
-    path = os.path.join(run_dir, FINGERPRINT_FILE)
+    path = join_path(run_dir, FINGERPRINT_FILE)
     found = json.loads(json.dumps(found))  # as it reads back
     if overwrite:
         clear_run_folder(run_dir)
     elif _training_state(run_dir):
         recorded = None
         try:
-            with open(path, encoding="utf-8") as f:
-                recorded = json.load(f)
+            recorded = json.loads(read_bytes(path))
         except (OSError, ValueError):  # none, or not whole: what it trained on is unknown
             pass
         if recorded != found:
@@ -115,15 +111,11 @@ def check_run_folder(run_dir, found, overwrite=False):
 def clear_run_folder(run_dir):
     """Removes what training left in `run_dir` (state, checkpoints, models, logs, members)."""
     for path in _training_state(run_dir):
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        else:
-            os.remove(path)
+        remove(path)
 
 
 def _training_state(run_dir):
-    return sorted(path for name in TRAINING_STATE
-                  for path in glob.glob(os.path.join(glob.escape(run_dir), name)))
+    return sorted(path for name in TRAINING_STATE for path in find(run_dir, name))
 
 
 def changes(recorded, found):

@@ -2,8 +2,6 @@
 
 import hashlib
 import json
-import os
-import shutil
 import time
 
 import keras
@@ -13,10 +11,22 @@ import tensorflow as tf
 from keras_mmtl.checks import check_known
 from keras_mmtl.data.augmentation import make_augmentation
 from keras_mmtl.data.pipeline import make_dataset
-from keras_mmtl.files import save_atomic, write_json
+from keras_mmtl.files import (
+    exists,
+    join_path,
+    make_folder,
+    read_bytes,
+    remove,
+    save_atomic,
+    write_json,
+)
 from keras_mmtl.keras_internals import build_from_spec, distribute_strategy
 from keras_mmtl.models import text
-from keras_mmtl.models.backbones import BACKBONE_NAME, backbone_network, unfreeze_top_blocks
+from keras_mmtl.models.backbones import (
+    BACKBONE_NAME,
+    backbone_network,
+    unfreeze_top_blocks,
+)
 from keras_mmtl.models.builder import embedding_model
 from keras_mmtl.models.spec import describe, output_tasks
 from keras_mmtl.presets import parse_duration, with_preset
@@ -51,7 +61,13 @@ from keras_mmtl.training.optimizers import (
     decoupled_weight_decay,
     fine_tuning_optimizer,
 )
-from keras_mmtl.training.run_state import LOGS, MODEL_FILE, STATE_FILE, StaleRunError, changes
+from keras_mmtl.training.run_state import (
+    LOGS,
+    MODEL_FILE,
+    STATE_FILE,
+    StaleRunError,
+    changes,
+)
 
 PROJECTOR_POINTS = 5000  # the Projector stays responsive up to ~10k points
 
@@ -272,18 +288,18 @@ def train(
     shard = None
     if is_multi_worker(strategy):
         # One feature cache in the chief's run folder: each worker computes its shard of rows.
-        cache_dir, shard = cache_dir or os.path.join(run_dir, "cache"), (worker_rank(),
+        cache_dir, shard = cache_dir or join_path(run_dir, "cache"), (worker_rank(),
                                                                           num_workers())
         if not is_chief():
-            run_dir = os.path.join(run_dir, "workers", "".join(map(str, worker_id())))
+            run_dir = join_path(run_dir, "workers/" + "".join(map(str, worker_id())))
     if strategy.num_replicas_in_sync > 1:
         logger.info(f"Training with {describe_strategy(strategy)}; global batch "
                     f"{batch_size * strategy.num_replicas_in_sync}.")
     augment = make_augmentation(image=augment_images, text=augment_text, seed=seed)
     loss = ClassificationLoss(gamma=focal_gamma, label_smoothing=label_smoothing)
     weights = _class_weights_by_output(model, records, class_weight)
-    os.makedirs(run_dir, exist_ok=True)
-    state_path = os.path.join(run_dir, STATE_FILE)
+    make_folder(run_dir)
+    state_path = join_path(run_dir, STATE_FILE)
     if not resume:
         _clear_run(run_dir)
     state = _read_state(state_path)
@@ -298,7 +314,7 @@ def train(
             "the folder's training state) or another run_dir.")
     if not state:  # a new run
         state["fingerprint"] = found  # written with the first epoch
-        write_hparams(os.path.join(run_dir, LOGS), {**_model_hparams(model), **hparams})
+        write_hparams(join_path(run_dir, LOGS), {**_model_hparams(model), **hparams})
     has_val = bool((records.splits == "val").any())
     monitor = "val_loss" if has_val else "loss"
     # Two phases when the model starts with a frozen pretrained backbone that
@@ -357,7 +373,7 @@ def train(
         start = sum(1 for phase in state.get("history", {}).get("phase", []) if phase < number)
         logger.info(f"Phase {number}/{len(phases)}: {title}; {phase_epochs} epochs at most, "
                     f"{schedule}, {_count(fit_model.trainable_weights):,} trainable parameters.")
-        best = os.path.join(run_dir, "checkpoints", f"phase{number}.weights.h5")
+        best = join_path(run_dir, f"checkpoints/phase{number}.weights.h5")
         limit = []
         if budget is not None:  # phase 1 of two gets half the budget
             share = 0.5 if number < len(phases) else 1.0
@@ -380,7 +396,7 @@ def train(
         if limit and limit[0].stopped:
             logger.info(f"Phase {number} stopped by the time limit ({time_limit}) after "
                         f"{time.monotonic() - started:.0f} s of training.")
-        if os.path.exists(best):
+        if exists(best):
             fit_model.load_weights(best)
         if clone is not None:
             model.set_weights(clone.get_weights())
@@ -391,10 +407,10 @@ def train(
     if state.get("best"):
         best_phase = min(state["best"], key=state["best"].get)
         model.load_weights(_phase_weights(run_dir, best_phase))
-    save_atomic(model.save, os.path.join(run_dir, MODEL_FILE))
+    save_atomic(model.save, join_path(run_dir, MODEL_FILE))
     if projector and not is_multi_worker(strategy):  # predict would see one worker's share
         _write_embeddings(model, records.subset("val" if has_val else "train"),
-                          os.path.join(run_dir, LOGS), batch_size)
+                          join_path(run_dir, LOGS), batch_size)
     return state.get("history", {})
 
 
@@ -524,7 +540,7 @@ def _fit_setup(model, records, run_dir, *, cache, cache_dir, has_val, batch_size
                                  augment=augment if split == "train" else None)
                     for split in splits]
         return model, None, datasets[0], datasets[1] if has_val else None, ()
-    cache_dir = cache_dir or os.path.join(run_dir, "cache")
+    cache_dir = cache_dir or join_path(run_dir, "cache")
     spec = describe(model)
     raw = tuple(m for m in spec.modalities if m not in extractors)
     datasets = [make_dataset(records, split, image_size=spec.image_size, modalities=raw,
@@ -565,7 +581,7 @@ def _with_axis(logs):
 
 
 def _phase_weights(run_dir, phase):
-    return os.path.join(run_dir, f"phase{phase}.weights.h5")
+    return join_path(run_dir, f"phase{phase}.weights.h5")
 
 
 def _frozen(model, name):
@@ -575,18 +591,16 @@ def _frozen(model, name):
 
 def _clear_run(run_dir):
     """Forgets an earlier run in `run_dir`: backups, state and checkpoints."""
-    for name in ("backup", "checkpoints"):
-        shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)
-    for name in (STATE_FILE, _phase_weights("", 1), _phase_weights("", 2)):
-        if os.path.exists(os.path.join(run_dir, name)):
-            os.remove(os.path.join(run_dir, name))
+    for name in ("backup", "checkpoints", STATE_FILE, _phase_weights("", 1),
+                 _phase_weights("", 2)):
+        remove(join_path(run_dir, name))
 
 
 def _callbacks(run_dir, phase, monitor, patience, best, best_value, macro_f1, names):
     return [
-        AtomicBackupAndRestore(os.path.join(run_dir, "backup", f"phase{phase}")),
-        keras.callbacks.TensorBoard(os.path.join(run_dir, LOGS)),
-        ConfusionMatrixImage(macro_f1, os.path.join(run_dir, LOGS), names),
+        AtomicBackupAndRestore(join_path(run_dir, f"backup/phase{phase}")),
+        keras.callbacks.TensorBoard(join_path(run_dir, LOGS)),
+        ConfusionMatrixImage(macro_f1, join_path(run_dir, LOGS), names),
         BestWeights(best, monitor, best_value),
         keras.callbacks.EarlyStopping(monitor=monitor, patience=patience),
         StopOnNonFiniteLoss(run_dir),
@@ -658,10 +672,7 @@ class _RecordEpochs(keras.callbacks.Callback):
 
 
 def _read_state(path):
-    if not os.path.exists(path):
-        return {}
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return json.loads(read_bytes(path)) if exists(path) else {}
 
 
 def _write_state(path, state):

@@ -12,13 +12,12 @@
 """
 
 import dataclasses
-import os
 
 import keras
 import numpy as np
 
 from keras_mmtl.data.manifest import DataReport
-from keras_mmtl.files import save_atomic
+from keras_mmtl.files import join_path, save_atomic
 from keras_mmtl.models.backbones import BACKBONE_NAME
 from keras_mmtl.models.builder import clone_classifier
 from keras_mmtl.models.heads import ClassifierHead, GradientReversal
@@ -120,11 +119,11 @@ def transfer(model, source, target, run_dir, *, joint=False, alpha=0.5,
                          "domain_adversarial=True and the target rows as `unlabeled`.")
     logger.info(f"Source: {len(source.subset('train'))} training rows, {len(source.class_names)} "
                 f"classes.")
-    train(model, source, os.path.join(run_dir, "source"), **train_kwargs)
+    train(model, source, join_path(run_dir, "source"), **train_kwargs)
     adapted = with_new_head(model, target.class_names, freeze=freeze)
     logger.info(f"Target: {len(target.subset('train'))} training rows, {len(target.class_names)} "
                 f"classes, new head; frozen: {', '.join(freeze) or 'nothing'}.")
-    train(adapted, target, os.path.join(run_dir, "target"), **train_kwargs)
+    train(adapted, target, join_path(run_dir, "target"), **train_kwargs)
     return adapted
 
 
@@ -182,7 +181,7 @@ def train_joint(model, source, target, run_dir, *, alpha=0.5, domain_adversarial
     head = ClassifierHead(kept.class_names, dropout=kept.dropout_rate, name=HEAD)
     adapted = keras.Model(clone.input, head(features), name=model.name)
     head.set_weights(kept.get_weights())
-    save_atomic(adapted.save, os.path.join(run_dir, MODEL_FILE))
+    save_atomic(adapted.save, join_path(run_dir, MODEL_FILE))
     return adapted
 
 
