@@ -90,9 +90,9 @@ def prepared_batches(records, images, memory, labels, image_size, batch_size, sh
     height, width = image_size
     spec = feature_spec(info, [ROW, *images])
 
-    def parse(serialized):
-        row = tf.io.parse_single_example(serialized, spec)
-        return position[row[ROW]], {name: row[name] for name in images}
+    def parse(serialized):  # one row, or a batch of them
+        row = tf.io.parse_example(serialized, spec)
+        return tf.gather(position, row[ROW]), {name: row[name] for name in images}
 
     def assemble(where, pixels):
         inputs = {name: tf.gather(values, where) for name, values in memory.items()}
@@ -103,9 +103,14 @@ def prepared_batches(records, images, memory, labels, image_size, batch_size, sh
                 inputs[name] *= keep[:, None, None, None]
         return inputs, tf.nest.map_structure(lambda values: tf.gather(values, where), labels)
 
-    ds = read_rows(info, splits[0], shuffle, seed).map(parse, num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.filter(lambda where, _: where >= 0)  # rows of the split the records left out
-    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    ds = read_rows(info, splits[0], shuffle, seed)
+    if np.array_equal(rows, np.arange(len(position))):  # the whole split: parsed by the batch
+        ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+        ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE)
+    else:  # some of its rows (a worker's share...): the others are left out row by row
+        ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.filter(lambda where, _: where >= 0)
+        ds = ds.batch(batch_size, drop_remainder=drop_remainder)
     batches = len(rows) // batch_size if drop_remainder else -(-len(rows) // batch_size)
     ds = ds.apply(tf.data.experimental.assert_cardinality(batches))  # for fit's progress
     return ds.map(assemble, num_parallel_calls=tf.data.AUTOTUNE)
