@@ -1,6 +1,7 @@
 """The keras-mmtl command: a thin shell over the Python API."""
 
 import argparse
+import io
 import os
 import sys
 import warnings
@@ -32,18 +33,20 @@ class CommandError(Exception):
 
 
 def _load(path):
-    """The Keras model in a `.keras` file, or a `CommandError` saying why it cannot be loaded."""
+    """The Keras model in a `.keras` file (any filesystem), or a `CommandError` saying why not."""
     import keras
 
-    if os.path.isdir(path):
-        inside = os.path.join(path, "model.keras")
-        hint = (f"; did you mean {inside}?" if os.path.isfile(inside) else
+    from keras_mmtl.files import exists, is_file, join_path, read_bytes
+
+    if exists(path) and not is_file(path):  # a folder
+        inside = join_path(path, "model.keras")
+        hint = (f"; did you mean {inside}?" if is_file(inside) else
                 "; an exported SavedModel folder serves `keras-mmtl predict`, not this command")
         raise CommandError(f"{path} is a folder, not a model file{hint}")
-    if not os.path.isfile(path):
+    if not is_file(path):
         raise CommandError(f"model file not found: {path}; give the model.keras a run wrote "
                            "(runs/NAME/model.keras)")
-    if path.endswith(".keras") and not zipfile.is_zipfile(path):
+    if path.endswith(".keras") and not zipfile.is_zipfile(io.BytesIO(read_bytes(path))):
         raise CommandError(f"cannot load {path}: not a complete .keras file (a zip archive); "
                            "it may be truncated: copy it again, or train again")
     try:
@@ -99,12 +102,13 @@ def cmd_tune(args):
 def cmd_evaluate(args):
     from keras_mmtl.config import from_arguments
     from keras_mmtl.evaluation import evaluate, modality_report
+    from keras_mmtl.files import folder_of, join_path
     from keras_mmtl.models import describe
 
     model = _load(args.model)
     spec = describe(model)
     records = from_arguments(args).data.read(class_names=spec.label_classes)
-    out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(args.model)), "eval")
+    out_dir = args.out_dir or join_path(folder_of(args.model), "eval")
     _report(evaluate(model, records, args.split, out_dir=out_dir), out_dir)
     if len(spec.modalities) > 1:
         print(modality_report(model, records, args.split, out_dir=out_dir).table())

@@ -1,9 +1,11 @@
 import json
 import os
+import uuid
 import warnings
 
 import keras
 import pytest
+import tensorflow as tf
 
 from conftest import product_rows, write_image, write_manifest
 from keras_mmtl import cli
@@ -278,3 +280,15 @@ def test_predict_with_an_unusable_manifest_or_output_is_one_line(tmp_path, capsy
                  else value for value in arguments]
     assert main(["predict", "--model", model, *arguments]) == 2
     assert message in _one_line_error(capsys)
+
+
+def test_evaluate_loads_a_remote_model_and_writes_its_report_beside_it(small_model, capsys):
+    model, manifest = small_model
+    folder = f"ram://models-{uuid.uuid4().hex}"
+    tf.io.gfile.makedirs(folder)
+    tf.io.gfile.copy(model, f"{folder}/model.keras")
+    assert main(["evaluate", "--model", folder, "--manifest", manifest]) == 2
+    assert f"did you mean {folder}/model.keras?" in _one_line_error(capsys)
+    assert main(["evaluate", "--model", f"{folder}/model.keras", "--manifest", manifest,
+                 "--split-column", "split"]) == 0
+    assert "report.json" in tf.io.gfile.listdir(f"{folder}/eval")
