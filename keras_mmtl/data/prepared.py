@@ -17,7 +17,7 @@ import tensorflow as tf
 from keras_mmtl.data.manifest import SPLITS, Records
 from keras_mmtl.data.pipeline import make_dataset
 from keras_mmtl.data.shards import ROW, feature_spec, label_key, read_rows
-from keras_mmtl.files import file_stamp, is_file, join_path, read_bytes, write_json
+from keras_mmtl.files import file_stamp, is_file, join_path, make_folder, read_bytes, write_json
 from keras_mmtl.modalities import modality_kind
 from keras_mmtl.progress import Progress
 
@@ -67,7 +67,7 @@ def prepare(records, folder, image_size, shards=8, batch_size=256):
                              "prepared data holds every row's images. Leave those rows out, or "
                              "train from the manifest.")
     tasks = records.tasks
-    tf.io.gfile.makedirs(folder)
+    make_folder(folder)
     splits = {}
     for split in (split for split in SPLITS if (records.splits == split).any()):
         rows = records.subset(split)
@@ -205,6 +205,9 @@ def prepared_records(folder, class_names=None):
 
 def prepared_dataset(folder, split, **options):
     """`make_dataset` of one split of prepared data, at the size it was prepared at.
+
+    Each call reads the texts and labels of every split (`prepared_records`);
+    for several splits, read the records once and call `make_dataset` on them.
 
     Args:
         folder: what `prepare` wrote.

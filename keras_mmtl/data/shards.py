@@ -26,9 +26,7 @@ def feature_spec(info, names):
     """The `tf.io.parse_example` spec of the features `names` of prepared data."""
     spec = {}
     for name in names:
-        if name == ROW:
-            spec[name] = tf.io.FixedLenFeature([], tf.int64)
-        elif name.startswith("label/"):
+        if name == ROW or name.startswith(label_key("")):
             spec[name] = tf.io.FixedLenFeature([], tf.int64)
         elif modality_kind(name) == "tabular":
             spec[name] = tf.io.FixedLenFeature([len(info["tabular_columns"])], tf.float32)
