@@ -16,7 +16,7 @@ from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
 
 from keras_mmtl.checks import check_known
 from keras_mmtl.data.images import MAX_MEGAPIXELS, decode_image, decode_optional_image
-from keras_mmtl.files import is_remote, join_path
+from keras_mmtl.files import is_remote, join_path, remove
 from keras_mmtl.modalities import modality_kind, ordered
 from keras_mmtl.models.builder import embedding_model
 from keras_mmtl.models.missing import presence_input
@@ -215,7 +215,8 @@ def export_saved_model(model, base_dir, version=None, custom_ops="warn",
     half-written version, and an existing version is never overwritten. On
     remote storage (`gs://...`, any TensorFlow filesystem), where a folder
     cannot be renamed whole, it is written locally and copied into place with
-    `saved_model.pb` last, so a server that polls the folder loads it whole.
+    `saved_model.pb` last, so a server that polls the folder loads it whole;
+    a copy that fails midway is removed.
 
     The version carries warm-up requests (`write_warmup_requests`): TF
     Serving runs them when it loads the version, so the first clients do not
@@ -274,7 +275,11 @@ def export_saved_model(model, base_dir, version=None, custom_ops="warn",
                 else os.path.basename(os.path.abspath(base_dir)))
         write_warmup_requests(model, staging, name, warmup_batch_sizes)
         if remote:
-            _copy_tree(staging, target, last=SAVED_MODEL_FILE)
+            try:
+                _copy_tree(staging, target, last=SAVED_MODEL_FILE)
+            except BaseException:  # no half-copied version for a server to trip over
+                remove(target)
+                raise
         else:
             os.rename(staging, target)
     finally:

@@ -145,8 +145,18 @@ def remove(path):
     """
     if not exists(path):
         return
-    if is_remote(path):
-        (tf.io.gfile.rmtree if tf.io.gfile.isdir(path) else tf.io.gfile.remove)(path)
+    if is_remote(path) and tf.io.gfile.isdir(path):
+        # Bottom-up, file by file: object stores list names that are prefixes, not
+        # folders, and `rmtree` stops at the first name that is not there to delete.
+        for folder, _, names in tf.io.gfile.walk(path, topdown=False):
+            for delete, name in [*((tf.io.gfile.remove, join_path(folder, n)) for n in names),
+                                 (tf.io.gfile.rmtree, folder)]:
+                try:
+                    delete(name)
+                except tf.errors.NotFoundError:
+                    pass
+    elif is_remote(path):
+        tf.io.gfile.remove(path)
     elif os.path.isdir(path):
         shutil.rmtree(path)
     else:

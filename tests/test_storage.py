@@ -125,6 +125,28 @@ def test_exports_to_remote_storage_land_whole_as_numbered_versions(remote, tmp_p
         export_saved_model(model, base, version=2)
 
 
+def test_a_remote_export_that_fails_midway_leaves_no_version(remote, monkeypatch):
+    path, local = remote
+    model = build_classifier_for(read_manifest(local, split_column="split"),
+                                 image_backbone="small_cnn", image_weights=None,
+                                 image_size=(16, 16))
+    base = f"{folder_of(path)}/saved_models/products"
+    copied, copy = [], tf.io.gfile.copy
+
+    def failing_copy(source, target, overwrite=False):
+        if len(copied) == 3:
+            raise tf.errors.UnavailableError(None, None, "connection reset")
+        copied.append(target)
+        copy(source, target, overwrite)
+
+    monkeypatch.setattr(tf.io.gfile, "copy", failing_copy)
+    with pytest.raises(tf.errors.UnavailableError):
+        export_saved_model(model, base)
+    assert len(copied) == 3 and not tf.io.gfile.exists(f"{base}/1")
+    monkeypatch.setattr(tf.io.gfile, "copy", copy)
+    assert export_saved_model(model, base) == f"{base}/1"
+
+
 class _Stop(Exception):
     """A run interrupted on purpose."""
 
