@@ -109,7 +109,9 @@ def run_experiment(config, *, overwrite=False, verbose="auto"):
     datasets = {"data.manifest": _read_quickly(config, data.manifest)}
     if moved.source_manifest:
         datasets["transfer.source_manifest"] = _read_quickly(config, moved.source_manifest)
-    config, why = resolve_preset(config, int((datasets["data.manifest"].splits != "test").sum()))
+    quick = datasets["data.manifest"]
+    config, why = resolve_preset(config, int((quick.splits != "test").sum()),
+                                 kinds={modality_kind(name) for name in quick.modalities})
     config = _prepared_image_size(config, datasets["data.manifest"])
     options, fit = config.model, config.training
     if fit.ensemble > 1 and moved.source_manifest:
@@ -229,7 +231,7 @@ def _mirrorable(model):
     return len(spec.tasks) == 1 and any(modality_kind(name) == "image" for name in spec.modalities)
 
 
-def resolve_preset(config, rows):
+def resolve_preset(config, rows, kinds=()):
     """The config with its preset's settings, and why that preset.
 
     The preset (`training.preset`; `"auto"` is the default preset, or with
@@ -241,6 +243,8 @@ def resolve_preset(config, rows):
     Args:
         config: a `RunConfig`.
         rows: the rows that train and validate (for the time estimate).
+        kinds: the kinds of the data's inputs (`"image"`, `"text"`,
+            `"tabular"`): images alone take the preset's `image_only` settings.
 
     Returns:
         `(config, a phrase saying why this preset)`.
@@ -261,7 +265,7 @@ def resolve_preset(config, rows):
     for section in ("model", "training"):
         defaults, values = SECTIONS[section](), getattr(config, section)
         changes[section] = {key: value for key, value in
-                            preset_arguments(name, section).items()
+                            preset_arguments(name, section, kinds).items()
                             if getattr(values, key) == getattr(defaults, key)}
     changes["training"]["preset"] = name
     for key in ("ensemble", "modality_experts"):  # run-level settings, not train's

@@ -22,6 +22,8 @@ class Preset:
         ensemble: models trained with consecutive seeds and averaged into one.
         modality_experts: also a model on each image and text input alone,
             all served as their geometric mean (`run_experiment`).
+        image_only: training settings added for a model whose inputs are
+            all images (an image-only run; not the image expert of a fused run).
         minutes_per_10k_rows: wall time of a whole `keras-mmtl train` run
             (reading, feature extraction, training, evaluation, export) for
             10,000 image + text rows on 2 CPU cores, as `benchmarks/recipe.py`
@@ -34,12 +36,16 @@ class Preset:
     ensemble: int
     modality_experts: bool
     minutes_per_10k_rows: float
+    image_only: dict = dataclasses.field(default_factory=dict)
 
 
 # The recipe every preset shares: n-gram text features that beat word embeddings on short
 # texts, and balanced class weights for macro-F1 on imbalanced classes.
 _RECIPE_MODEL = {"text_encoder": "ngrams"}
 _RECIPE_TRAINING = {"class_weight": "balanced"}
+# Label smoothing helps a fine-tuned image backbone alone and hurts the fused model (selection
+# split, benchmarks/RESULTS.md 2026-12-03): the image-only runs of medium and best smooth.
+_IMAGE_ONLY_TRAINING = {"label_smoothing": 0.1}
 
 # Minutes for the fashion task (9,976 train + val rows, 2 CPU cores, 2026-12-03): medium as
 # benchmarks/recipe.py measured it (8.1 min, its slowest seed, with a test run beside it: the
@@ -54,10 +60,11 @@ PRESETS = {
         "frozen features, then the top 3 image-backbone blocks fine-tuned on their cached "
         "inputs; the fused model and one expert per image or text input, served as their "
         "geometric mean", _RECIPE_MODEL,
-        {**_RECIPE_TRAINING, "fine_tune_epochs": 5}, 1, True, 8.1),
+        {**_RECIPE_TRAINING, "fine_tune_epochs": 5}, 1, True, 8.1, _IMAGE_ONLY_TRAINING),
     "best": Preset(
         "medium, three times with other seeds, all combined into one model",
-        _RECIPE_MODEL, {**_RECIPE_TRAINING, "fine_tune_epochs": 5}, 3, True, 24.3),
+        _RECIPE_MODEL, {**_RECIPE_TRAINING, "fine_tune_epochs": 5}, 3, True, 24.3,
+        _IMAGE_ONLY_TRAINING),
 }
 DEFAULT_PRESET = "medium"
 
@@ -70,26 +77,37 @@ def get_preset(name):
     return PRESETS[name]
 
 
-def preset_arguments(name, section):
+def preset_arguments(name, section, kinds=()):
     """The settings a preset gives one section: `"model"` or `"training"`.
 
     Args:
         name: a preset name.
         section: `"model"` (for `build_classifier_for`) or `"training"` (for `train`).
+        kinds: the kinds of the model's inputs (`"image"`, `"text"`, `"tabular"`),
+            where known: a model of images alone trains with the preset's
+            `image_only` settings too.
 
     Example:
 
     >>> preset_arguments("fast", "training")
     {'class_weight': 'balanced', 'fine_tune_epochs': 0}
+    >>> preset_arguments("medium", "training", kinds={"image"})["label_smoothing"]
+    0.1
     """
-    return dict(getattr(get_preset(name), section))
+    preset = get_preset(name)
+    settings = dict(getattr(preset, section))
+    if section == "training" and set(kinds) == {"image"}:
+        settings.update(preset.image_only)
+    return settings
 
 
-def with_preset(section):
+def with_preset(section, kinds=None):
     """Gives a function a `preset=` argument that fills the settings not passed explicitly.
 
     Args:
         section: `"model"` or `"training"`: which of the preset's settings.
+        kinds: a function of the call's arguments that gives the kinds of the
+            model's inputs (see `preset_arguments`); `None` where unknown.
 
     Example:
 
@@ -104,7 +122,8 @@ def with_preset(section):
         @functools.wraps(function)
         def wrapper(*args, preset=None, **kwargs):
             if preset is not None:
-                kwargs = {**preset_arguments(preset, section), **kwargs}
+                known = kinds(*args, **kwargs) if kinds else ()
+                kwargs = {**preset_arguments(preset, section, known), **kwargs}
             return function(*args, **kwargs)
 
         return wrapper

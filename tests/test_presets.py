@@ -9,14 +9,16 @@ import pytest
 from keras_mmtl.config import RunConfig
 from keras_mmtl.evaluation import predict_records
 from keras_mmtl.experiment import _members, resolve_preset, run_experiment
-from keras_mmtl.models import EnsembleHead, describe
+from keras_mmtl.models import EnsembleHead, build_classifier, describe
 from keras_mmtl.presets import (
     PRESETS,
     choose_preset,
     estimated_minutes,
     parse_duration,
     preset_arguments,
+    with_preset,
 )
+from keras_mmtl.training.trainer import _input_kinds
 
 
 def test_the_default_is_the_medium_recipe():
@@ -55,6 +57,48 @@ def test_a_time_limit_chooses_the_best_preset_that_fits(limit, rows, expected):
     order = list(PRESETS)
     for better in order[order.index(name) + 1:]:  # each better preset would not have fitted
         assert estimated_minutes(better, rows) * 60 > 0.9 * seconds
+
+
+@pytest.mark.parametrize("preset, kinds, training, expected", [
+    ("auto", {"image"}, {}, 0.1),
+    ("best", {"image"}, {}, 0.1),
+    ("auto", {"image", "text"}, {}, 0.0),
+    ("auto", {"image", "tabular"}, {}, 0.0),
+    ("auto", {"text"}, {}, 0.0),
+    ("fast", {"image"}, {}, 0.0),  # not measured without fine-tuning
+    ("auto", {"image"}, {"label_smoothing": 0.05}, 0.05),  # set explicitly: kept
+])
+def test_models_of_images_alone_train_with_label_smoothing(preset, kinds, training, expected):
+    config = RunConfig.from_dict({"training": {"preset": preset, **training}})
+    config, _ = resolve_preset(config, rows=1000, kinds=kinds)
+    assert config.training.label_smoothing == expected
+
+
+def test_train_reads_the_kinds_of_its_models_inputs():
+    @with_preset("training", kinds=_input_kinds)
+    def fit(model, label_smoothing=0.0, class_weight=None, **others):
+        return label_smoothing, class_weight
+
+    images = build_classifier(["a", "b"], image_backbone="small_cnn", image_weights=None,
+                              image_size=(16, 16), text_encoder=None)
+    both = build_classifier(["a", "b"], image_backbone="small_cnn", image_weights=None,
+                            image_size=(16, 16), text_vocabulary=["x"])
+    assert fit(images, preset="medium") == (0.1, "balanced")
+    assert fit(both, preset="medium") == (0.0, "balanced")
+    assert fit(images) == (0.0, None)
+
+
+@pytest.mark.slow
+def test_an_image_only_run_writes_the_smoothing_it_trained_with(tmp_path, products):
+    config = {
+        "data": {"manifest": products, "split_column": "split", "text_column": None},
+        "model": {"image_backbone": "small_cnn", "image_weights": None, "image_size": [16, 16]},
+        "training": {"epochs": 1, "fine_tune_epochs": 0, "batch_size": 8, "projector": False},
+        "output": {"run_dir": str(tmp_path / "run"), "export": False},
+    }
+    run_experiment(config, verbose=0)
+    written = RunConfig.from_file(str(tmp_path / "run" / "config.yaml"))
+    assert written.training.label_smoothing == 0.1 and written.training.preset == "medium"
 
 
 def test_no_preset_fits_says_so():

@@ -21,6 +21,7 @@ from keras_mmtl.files import (
     write_json,
 )
 from keras_mmtl.keras_internals import build_from_spec, distribute_strategy
+from keras_mmtl.modalities import modality_kind
 from keras_mmtl.models import text
 from keras_mmtl.models.backbones import (
     BACKBONE_NAME,
@@ -136,7 +137,12 @@ def _loss_weights(tasks, task_weights, auxiliary_weight):
             for name, task in tasks.items()}
 
 
-@with_preset("training")
+def _input_kinds(model, *args, **kwargs):
+    """The kinds of a classifier's inputs, for its preset's settings."""
+    return {modality_kind(name) for name in describe(model).modalities}
+
+
+@with_preset("training", kinds=_input_kinds)
 def train(
     model,
     records,
@@ -203,7 +209,8 @@ def train(
         run_dir: folder of this run.
         preset: a quality preset (`"fast"`, `"medium"`, `"best"`; see
             `keras_mmtl.presets`) whose training settings fill the arguments
-            not passed; `None` for the defaults below. Its model settings go
+            not passed (with its `image_only` ones for a model of images
+            alone); `None` for the defaults below. Its model settings go
             to `build_classifier_for(preset=...)`, and its ensemble to
             `run_experiment`.
         epochs: maximum epochs of phase 1.
