@@ -362,7 +362,7 @@ def _as_config(config):
 
 
 def _read_quickly(config, manifest):
-    """The manifest's good rows, images not decoded; quiet, since `DataConfig.read` reports after."""
+    """The manifest's good rows, images not decoded; quiet (`DataConfig.read` reports after)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return config.data.read(manifest, check_images=False, skip_bad_rows=True)

@@ -15,7 +15,6 @@ from keras_mmtl.presets import (
     choose_preset,
     estimated_minutes,
     parse_duration,
-    preset_arguments,
     with_preset,
 )
 from keras_mmtl.training.trainer import _input_kinds
