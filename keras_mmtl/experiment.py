@@ -267,6 +267,11 @@ def resolve_preset(config, rows, kinds=()):
         changes[section] = {key: value for key, value in
                             preset_arguments(name, section, kinds).items()
                             if getattr(values, key) == getattr(defaults, key)}
+    alone = {key: value for key, value in changes["training"].items()
+             if key in get_preset(name).image_only}  # present only for images alone
+    if alone:
+        why += "; for a model of images alone, also " + ", ".join(
+            f"{key}={value}" for key, value in alone.items())
     changes["training"]["preset"] = name
     for key in ("ensemble", "modality_experts"):  # run-level settings, not train's
         if getattr(fit, key) == getattr(TrainingConfig(), key):

@@ -22,12 +22,12 @@ class Preset:
         ensemble: models trained with consecutive seeds and averaged into one.
         modality_experts: also a model on each image and text input alone,
             all served as their geometric mean (`run_experiment`).
-        image_only: training settings added for a model whose inputs are
-            all images (an image-only run; not the image expert of a fused run).
         minutes_per_10k_rows: wall time of a whole `keras-mmtl train` run
             (reading, feature extraction, training, evaluation, export) for
             10,000 image + text rows on 2 CPU cores, as `benchmarks/recipe.py`
             measured it; what `choose_preset` plans with.
+        image_only: training settings added for a model whose inputs are
+            all images (an image-only run; not the image expert of a fused run).
     """
 
     description: str

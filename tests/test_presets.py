@@ -69,8 +69,10 @@ def test_a_time_limit_chooses_the_best_preset_that_fits(limit, rows, expected):
 ])
 def test_models_of_images_alone_train_with_label_smoothing(preset, kinds, training, expected):
     config = RunConfig.from_dict({"training": {"preset": preset, **training}})
-    config, _ = resolve_preset(config, rows=1000, kinds=kinds)
+    config, why = resolve_preset(config, rows=1000, kinds=kinds)
     assert config.training.label_smoothing == expected
+    said = "for a model of images alone, also label_smoothing=0.1" in why
+    assert said == (expected == 0.1)
 
 
 def test_train_reads_the_kinds_of_its_models_inputs():
@@ -88,7 +90,7 @@ def test_train_reads_the_kinds_of_its_models_inputs():
 
 
 @pytest.mark.slow
-def test_an_image_only_run_writes_the_smoothing_it_trained_with(tmp_path, products):
+def test_an_image_only_run_writes_the_smoothing_it_trained_with(tmp_path, products, capsys):
     config = {
         "data": {"manifest": products, "split_column": "split", "text_column": None},
         "model": {"image_backbone": "small_cnn", "image_weights": None, "image_size": [16, 16]},
@@ -98,6 +100,7 @@ def test_an_image_only_run_writes_the_smoothing_it_trained_with(tmp_path, produc
     run_experiment(config, verbose=0)
     written = RunConfig.from_file(str(tmp_path / "run" / "config.yaml"))
     assert written.training.label_smoothing == 0.1 and written.training.preset == "medium"
+    assert "for a model of images alone, also label_smoothing=0.1" in capsys.readouterr().out
 
 
 def test_no_preset_fits_says_so():
