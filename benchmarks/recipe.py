@@ -251,11 +251,12 @@ def main():
         "medium: n-gram text, balanced class weights, MobileNetV2-0.35 ImageNet at its own "
         "224 px reshaped to the photos' 4:3, phase 2 on the top 3 blocks over the cached "
         "frozen bottom; a fused run also trains an image-only and a text-only expert and "
-        "serves the geometric mean of the three; an image-only run smooths its labels by "
-        "0.1), `--seed` 0, 1, 2; mean ± standard deviation; each run's wall time is the "
-        "whole command in a fresh process (reading, features, training, calibration, "
-        "evaluation, export). Classical rows: scikit-learn logistic regression fitted on "
-        "train, C chosen on val, scored on test, in the same run.\n\n" + "\n".join(rows) +
+        "serves the geometric mean of the three; a model of images alone, an image-only "
+        "run or the image expert, smooths its labels by 0.1), `--seed` 0, 1, 2; mean ± "
+        "standard deviation; each run's wall time is the whole command in a fresh process "
+        "(reading, features, training, calibration, evaluation, export). Classical rows: "
+        "scikit-learn logistic regression fitted on train, C chosen on val, scored on test, "
+        "in the same run.\n\n" + "\n".join(rows) +
         ("\n\n" + _cache_sentence(cache) if cache else "") + "\n\nWall time of the benchmark: "
         f"{(time.perf_counter() - start) / 60:.0f} min.")
     print(body)

@@ -23,6 +23,7 @@ from keras_mmtl.models import (
 )
 from keras_mmtl.presets import (
     DEFAULT_PRESET,
+    alone_arguments,
     choose_preset,
     get_preset,
     parse_duration,
@@ -112,7 +113,7 @@ def run_experiment(config, *, overwrite=False, verbose="auto"):
     quick = datasets["data.manifest"]
     config, why = resolve_preset(config, int((quick.splits != "test").sum()),
                                  kinds={modality_kind(name) for name in quick.modalities})
-    config = _prepared_image_size(config, datasets["data.manifest"])
+    config = _prepared_image_size(config, quick)
     options, fit = config.model, config.training
     if fit.ensemble > 1 and moved.source_manifest:
         raise ConfigError("training.ensemble (--ensemble) trains several models on one "
@@ -150,11 +151,14 @@ def run_experiment(config, *, overwrite=False, verbose="auto"):
         if source is None and len(members) == 1:
             history = train(model, records, run_dir, **kwargs)
         elif source is None:  # members share the cache of frozen features
+            alone = _alone_arguments(fit, modalities)
             what = f"{modalities[0]} only" if modalities else "all inputs"
+            what += "".join(f", {key}={value}" for key, value in alone.items())
             logger.info(f"Ensemble member {number}/{len(members)} (seed {seed}, {what}):")
             folder = f"member{seed - data.seed + 1}" + (f"-{modalities[0]}" if modalities else "")
             trained = train(model, records, os.path.join(run_dir, folder),
-                            cache_dir=os.path.join(run_dir, "cache"), **{**kwargs, "seed": seed})
+                            cache_dir=os.path.join(run_dir, "cache"),
+                            **{**kwargs, **alone, "seed": seed})
             history = history or trained
         else:
             model = transfer(model, source, records, run_dir, joint=moved.joint,
@@ -225,6 +229,18 @@ def _members(config, records, source):
     return members + [(seed, (name,)) for seed in seeds for name in inputs]
 
 
+def _alone_arguments(fit, modalities):
+    """The preset's settings for a member on `modalities` alone that `fit` leaves at their defaults.
+
+    An image expert of a fused run trains as an image-only run would (see
+    `alone_arguments`); settings given explicitly apply to every member.
+    """
+    kinds = {modality_kind(name) for name in modalities or ()}
+    defaults = TrainingConfig()
+    return {key: value for key, value in alone_arguments(fit.preset, kinds).items()
+            if getattr(fit, key) == getattr(defaults, key)}
+
+
 def _mirrorable(model):
     """Whether `mirror_averaged` applies: one task, and an image input."""
     spec = describe(model)
@@ -268,7 +284,7 @@ def resolve_preset(config, rows, kinds=()):
                             preset_arguments(name, section, kinds).items()
                             if getattr(values, key) == getattr(defaults, key)}
     alone = {key: value for key, value in changes["training"].items()
-             if key in get_preset(name).image_only}  # present only for images alone
+             if key in alone_arguments(name, kinds)}
     if alone:
         why += "; for a model of images alone, also " + ", ".join(
             f"{key}={value}" for key, value in alone.items())

@@ -27,7 +27,7 @@ class Preset:
             10,000 image + text rows on 2 CPU cores, as `benchmarks/recipe.py`
             measured it; what `choose_preset` plans with.
         image_only: training settings added for a model whose inputs are
-            all images (an image-only run; not the image expert of a fused run).
+            all images: an image-only run, and the image expert of a fused run.
     """
 
     description: str
@@ -44,7 +44,8 @@ class Preset:
 _RECIPE_MODEL = {"text_encoder": "ngrams"}
 _RECIPE_TRAINING = {"class_weight": "balanced"}
 # Label smoothing helps a fine-tuned image backbone alone and hurts the fused model (selection
-# split, benchmarks/RESULTS.md 2026-12-03): the image-only runs of medium and best smooth.
+# splits, benchmarks/RESULTS.md 2026-12-03): the image-only models of medium and best smooth,
+# image-only runs and the image experts of fused runs alike.
 _IMAGE_ONLY_TRAINING = {"label_smoothing": 0.1}
 
 # Minutes for the fashion task (9,976 train + val rows, 2 CPU cores, 2026-12-03): medium as
@@ -94,11 +95,24 @@ def preset_arguments(name, section, kinds=()):
     >>> preset_arguments("medium", "training", kinds={"image"})["label_smoothing"]
     0.1
     """
-    preset = get_preset(name)
-    settings = dict(getattr(preset, section))
-    if section == "training" and set(kinds) == {"image"}:
-        settings.update(preset.image_only)
+    settings = dict(getattr(get_preset(name), section))
+    if section == "training":
+        settings.update(alone_arguments(name, kinds))
     return settings
+
+
+def alone_arguments(name, kinds):
+    """The training settings a preset adds for a model whose inputs are of `kinds`.
+
+    A model of images alone (an image-only run, or the image expert of a
+    fused run) takes the preset's `image_only` settings; other models none.
+
+    Example:
+
+    >>> alone_arguments("medium", {"image"}), alone_arguments("medium", {"image", "text"})
+    ({'label_smoothing': 0.1}, {})
+    """
+    return dict(get_preset(name).image_only) if set(kinds) == {"image"} else {}
 
 
 def with_preset(section, kinds=None):

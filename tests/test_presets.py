@@ -6,6 +6,7 @@ import keras
 import numpy as np
 import pytest
 
+from keras_mmtl import experiment
 from keras_mmtl.config import RunConfig
 from keras_mmtl.evaluation import predict_records
 from keras_mmtl.experiment import _members, resolve_preset, run_experiment
@@ -153,7 +154,14 @@ def test_a_run_plans_a_fused_model_and_an_expert_per_input(products, data, model
 
 @pytest.mark.slow
 def test_experts_on_each_input_are_served_with_the_fused_model_as_their_geometric_mean(
-        tmp_path, products):
+        tmp_path, products, monkeypatch):
+    smoothing, real_train = [], experiment.train
+
+    def recording_train(model, *args, **kwargs):
+        smoothing.append((describe(model).modalities, kwargs["label_smoothing"]))
+        return real_train(model, *args, **kwargs)
+
+    monkeypatch.setattr(experiment, "train", recording_train)
     config = {
         "data": {"manifest": products, "split_column": "split"},
         "model": {"image_backbone": "small_cnn", "image_weights": None, "image_size": [16, 16],
@@ -167,6 +175,8 @@ def test_experts_on_each_input_are_served_with_the_fused_model_as_their_geometri
                for name in ("member1", "member1-image", "member1-text")]
     assert [describe(m).modalities for m in members] == [("image", "text"), ("image",),
                                                          ("text",)]
+    # The image expert trains as an image-only run would: with the preset's label smoothing.
+    assert smoothing == [(("image", "text"), 0.0), (("image",), 0.1), (("text",), 0.0)]
     records = RunConfig.from_file(str(tmp_path / "run" / "config.yaml")).data.read()
     logs = sum(np.log(predict_records(m, records, "test")[1]) for m in members)
     expected = np.exp(logs / 3) / np.exp(logs / 3).sum(axis=1, keepdims=True)
