@@ -14,6 +14,7 @@ from keras_mmtl.models.backbones import (
     unfreeze_top_blocks,
 )
 from keras_mmtl.training import cache as cache_module
+from keras_mmtl.training import train
 from keras_mmtl.training.cache import cache_key, compute_features, split_model
 
 FROZEN = dict(image_backbone="small_cnn", image_weights=None, image_size=(16, 16),
@@ -102,6 +103,28 @@ def test_fine_tuning_top_on_cached_frozen_bottom_equals_the_full_model(product_r
                                atol=1e-5)
     assert {w.path for w in top.trainable_weights} >= {
         w.path for w in model.get_layer("image_backbone").trainable_weights}
+
+
+def test_two_phases_run_the_frozen_bottom_once_per_split(tmp_path, product_records,
+                                                         monkeypatch):
+    model = build_classifier_for(product_records, **FROZEN)
+    whole = {"image": split_model(model)[0]["image"]}  # phase 1's: the whole frozen backbone
+    expected = compute_features(whole, product_records, "train")
+    passes, compute = [], cache_module._compute
+
+    def counted(extractor, rows, *args, **kwargs):
+        passes.append(extractor.output_shape if extractor.name == "frozen_image_features" else None)
+        return compute(extractor, rows, *args, **kwargs)
+
+    monkeypatch.setattr(cache_module, "_compute", counted)
+    train(model, product_records, str(tmp_path), epochs=1, fine_tune_epochs=1, unfreeze_blocks=1,
+          batch_size=8, verbose=0, projector=False)
+    # Train and val once each, below the fine-tuned block; phase 1's pooled features come
+    # from those maps through the frozen top, under phase 1's key.
+    assert [shape for shape in passes if shape] == [(None, 2, 2, 128)] * 2
+    cached = compute_features(whole, product_records, "train", cache_dir=str(tmp_path / "cache"))
+    assert len(passes) == 2 + passes.count(None)  # read from the cache, not computed
+    np.testing.assert_allclose(cached["image_features"], expected["image_features"], atol=1e-5)
 
 
 def test_augmented_images_are_not_cached_in_fine_tuning(product_records):

@@ -6,8 +6,9 @@ holds for the token ids of the from-scratch text encoder's tokenizer. Phase 1 ca
 frozen branch; phase 2 still caches the ones it does not fine-tune (a frozen text encoder
 while the image backbone is fine-tuned), and caches the frozen bottom of a partly
 fine-tuned image backbone: the feature map below its unfrozen top blocks, so only those
-blocks run each step. The top model shares its layers with (a clone of) the classifier,
-so what it learns is the classifier's.
+blocks run each step. The bottom runs over the images once for both phases: phase 1's
+features are phase 2's maps through the frozen top blocks. The top model shares its layers
+with (a clone of) the classifier, so what it learns is the classifier's.
 """
 
 import hashlib
@@ -230,9 +231,58 @@ def compute_features(extractors, records, split, cache_dir=None, batch_size=64, 
     return features
 
 
+def cache_whole_from_bottom(model, fine_tuned, records, splits, cache_dir, batch_size=64):
+    """Caches a frozen image backbone's output from the frozen bottom that phase 2 reads.
+
+    Phase 1 reads the whole backbone's output and phase 2 the feature map
+    below its fine-tuned blocks (`split_model`): computed apart, each runs
+    the bottom over every image. This runs it once: it computes and caches
+    phase 2's bottom features, then phase 1's by running the backbone's top
+    blocks over them (`top(bottom(x)) == backbone(x)`), under the keys each
+    phase looks up. Features already cached are kept.
+
+    Args:
+        model: the classifier, its image backbone frozen (before phase 1).
+        fine_tuned: a function that unfreezes in place what phase 2 trains,
+            applied to a copy of `model`.
+        records: the `Records`.
+        splits: the splits to cache, such as `("train", "val")`.
+        cache_dir: the folder of cached features.
+        batch_size: samples per batch while computing.
+
+    Example:
+
+    >>> cache_whole_from_bottom(model, lambda m: unfreeze_top_blocks(m, 3), records,
+    ...                         ("train", "val"), "runs/x/cache")  # doctest: +SKIP
+    """
+    later = clone_classifier(model)
+    fine_tuned(later)
+    parts = (split_frozen_bottom(later.get_layer(BACKBONE_NAME))
+             if any(layer.name == BACKBONE_NAME for layer in later.layers) else None)
+    if parts is None:
+        return
+    now, _, _ = split_model(model)
+    bottoms, _, _ = split_model(later)
+    images = [m for m in now if modality_kind(m) == "image" and m in bottoms]
+    for split_name in splits:
+        for m in images:
+            path = join_path(cache_dir, f"{_cache_name(now[m], records, split_name)}.npz")
+            if is_file(path):
+                continue
+            maps = _features(bottoms[m], records, split_name, cache_dir, batch_size, None)
+            maps = maps[f"{m}_features"]
+            whole = parts[1].predict(maps, batch_size=batch_size, verbose=0)
+            _save(path, {f"{m}_features": whole})
+
+
+def _cache_name(extractor, records, split):
+    """The file name (without `.npz`) of an extractor's cached features of one split."""
+    return f"{split}-{cache_key(extractor, records, split)}"
+
+
 def _features(extractor, records, split, cache_dir, batch_size, shard):
     index, count = shard if cache_dir is not None and shard else (0, 1)
-    key = None if cache_dir is None else f"{split}-{cache_key(extractor, records, split)}"
+    key = None if cache_dir is None else _cache_name(extractor, records, split)
     path = key and join_path(cache_dir, f"{key}.npz")
     if path and is_file(path):
         return _load(path)

@@ -37,7 +37,12 @@ from keras_mmtl.progress import (
     logger,
     predict_with_progress,
 )
-from keras_mmtl.training.cache import canonical_config, compute_features, split_model
+from keras_mmtl.training.cache import (
+    cache_whole_from_bottom,
+    canonical_config,
+    compute_features,
+    split_model,
+)
 from keras_mmtl.training.callbacks import (
     AtomicBackupAndRestore,
     BestWeights,
@@ -347,6 +352,12 @@ def train(
         else:
             title = f"frozen {' and '.join(frozen)}" if frozen else "all layers"
         with strategy.scope():
+            if number < len(phases) and image_frozen and cache_features and shard is None and (
+                    "image" not in augment):  # phase 1's and phase 2's features in one pass
+                cache_whole_from_bottom(
+                    model, lambda later: _unfreeze(later, unfreeze_blocks, unfreeze_text_layers),
+                    records, ("train", "val") if has_val else ("train",),
+                    cache_dir or join_path(run_dir, "cache"))
             fit_model, clone, train_ds, val_ds, cached = _fit_setup(
                 model, records, run_dir, cache=cache_features, cache_dir=cache_dir,
                 has_val=has_val, batch_size=batch_size * strategy.num_replicas_in_sync,
