@@ -261,20 +261,16 @@ def evaluate(model, records, split="test", *, out_dir=None, batch_size=64):
     """
     spec = _check_classes(model, records)
     labels, probabilities = predict_records(model, records, split, batch_size)
-    raw = None
-    if any(head.temperature != 1 for head in _heads(model)):  # calibrated: the ECE before too
-        with uncalibrated(model):
-            raw = predict_records(model, records, split, batch_size,
-                                  title=f"Scoring the {split} split before calibration")[1]
     if not spec.multi_output:
-        labels, probabilities, raw = {None: labels}, {None: probabilities}, {None: raw}
+        labels, probabilities = {None: labels}, {None: probabilities}
     reports = {}
     for task in labels:
         reports[task] = report = classification_report(
             labels[task], probabilities[task], spec.class_names(task))
         report.temperature = model.get_layer(spec.head(task)).temperature
-        if report.temperature != 1:
-            report.ece_uncalibrated = expected_calibration_error(labels[task], raw[task])
+        if report.temperature != 1:  # calibrated: the ECE of the same answers at temperature 1
+            report.ece_uncalibrated = expected_calibration_error(
+                labels[task], rescale(probabilities[task], 1 / report.temperature))
         if out_dir is not None:
             report.save(out_dir if task is None else join_path(out_dir, task))
     return reports if spec.multi_output else reports[None]
@@ -341,7 +337,8 @@ class ModalityReport:
         return dict(self.rows)
 
 
-def modality_report(model, records, split="test", *, task=None, out_dir=None, batch_size=64):
+def modality_report(model, records, split="test", *, task=None, out_dir=None, batch_size=64,
+                    scored=None):
     """How a multimodal classifier does with both modalities, without its image, without its text.
 
     Each modality is removed from every sample of the split in turn (an
@@ -357,6 +354,9 @@ def modality_report(model, records, split="test", *, task=None, out_dir=None, ba
         task: the task scored, for a multi-task model (default its first).
         out_dir: if given, `modalities.json` is written there.
         batch_size: samples per batch.
+        scored: the `EvaluationReport` of the model on this split and task,
+            where `evaluate` already made it: its accuracy and macro-F1 are
+            the `"all inputs"` row, and the split is not scored again.
 
     Returns:
         `ModalityReport`: rows `"all inputs"`, `"without image"`, `"without text"`.
@@ -380,7 +380,11 @@ def modality_report(model, records, split="test", *, task=None, out_dir=None, ba
     spec = _check_classes(model, records)
     task = task or next(iter(spec.tasks))
     report = ModalityReport({})
+    if scored is not None:
+        report.rows["all inputs"] = {"accuracy": scored.accuracy, "macro_f1": scored.macro_f1}
     for condition, data in conditions.items():
+        if condition in report.rows:
+            continue
         labels, probabilities = predict_records(model, data, None, batch_size,
                                                 title=f"Modality report, {condition}")
         if spec.multi_output:

@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import COLOURS, product_rows, write_image, write_manifest
+from keras_mmtl import evaluation
 from keras_mmtl.data import DataValidationError, from_arrays, make_dataset, read_manifest
 from keras_mmtl.evaluation import modality_report
 from keras_mmtl.export import export_saved_model, latest_version
@@ -94,7 +95,7 @@ def test_the_export_answers_requests_without_image_or_text(tmp_path, gappy):
 
 
 @pytest.mark.slow
-def test_modality_dropout_keeps_a_model_accurate_without_its_text(tmp_path):
+def test_modality_dropout_keeps_a_model_accurate_without_its_text(tmp_path, monkeypatch):
     # Image and text both tell the colour; text is easier, so a model trained
     # with both leans on it. Modality dropout makes it use the image too.
     rng = np.random.default_rng(0)
@@ -118,6 +119,14 @@ def test_modality_dropout_keeps_a_model_accurate_without_its_text(tmp_path):
     assert report.rows["without text"]["accuracy"] >= 0.9
     assert report.rows["without image"]["accuracy"] >= 0.9
     assert os.path.exists(tmp_path / "eval" / "modalities.json")
+    # With evaluate's report of the split, the model runs once per condition in all.
+    passes, predict = [], evaluation.predict_records
+    monkeypatch.setattr(evaluation, "predict_records",
+                        lambda *args, **kwargs: passes.append(1) or predict(*args, **kwargs))
+    again = modality_report(model, records, "test", scored=evaluation.evaluate(model, records))
+    assert len(passes) == 3
+    for condition, row in report.rows.items():
+        assert again.rows[condition] == pytest.approx(row)
 
 
 @pytest.mark.parametrize("layer", [ModalityDropout(0.3, seed=2)])

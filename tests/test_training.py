@@ -125,11 +125,11 @@ def test_random_backbone_trains_in_one_phase(tmp_path, product_records):
 
 @pytest.mark.slow
 def test_crash_in_phase_two_keeps_phase_one(tmp_path, product_records, monkeypatch):
-    def crash(*args):
+    def crash(*args, **kwargs):
         raise RuntimeError("simulated crash")
 
     model = build_classifier_for(product_records, **SMALL)
-    monkeypatch.setattr("keras_mmtl.training.trainer.unfreeze_top_blocks", crash)
+    monkeypatch.setattr("keras_mmtl.training.trainer.fine_tuning_optimizer", crash)
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(model, product_records, str(tmp_path), epochs=2, fine_tune_epochs=1,
               batch_size=8, verbose=0, projector=False)
