@@ -52,6 +52,14 @@ def test_rescaling_keeps_the_predicted_class():
                                atol=1e-9)
 
 
+@pytest.mark.parametrize("temperature", [0.2, 0.5, 2.0, 10.0])
+def test_rescaling_undoes_a_float32_calibration(temperature):
+    """The ECE before calibration is computed from the calibrated float32 answers."""
+    logits = np.random.default_rng(0).normal(0, 8, (1000, 4))
+    calibrated = tf.nn.softmax(tf.constant(logits / temperature, tf.float32)).numpy()
+    np.testing.assert_allclose(rescale(calibrated, 1 / temperature), softmax(logits), atol=1e-5)
+
+
 @pytest.mark.slow
 def test_calibration_is_set_in_the_head_and_served(tmp_path, product_records):
     model = build_classifier_for(product_records, **SMALL)

@@ -159,7 +159,8 @@ def test_a_jsonl_manifest_is_scored_like_its_csv(tmp_path, single):
                      str(tmp_path / "from_csv.csv"), top_k=TOP_K)
     _, from_jsonl = _written(str(tmp_path / "from_jsonl.csv"))
     _, from_csv = _written(str(tmp_path / "from_csv.csv"))
-    assert [from_jsonl[line] for line in (1, 2, 3)] == [from_csv[line] for line in (2, 3, 4)]
+    for jsonl_line, csv_line in ((1, 2), (2, 3), (3, 4)):  # (batches differ: last digits too)
+        _assert_same(from_jsonl[jsonl_line], from_csv[csv_line])
     assert from_jsonl[4].startswith("not a JSON object")
 
 
