@@ -360,9 +360,10 @@ def modality_report(model, records, split="test", *, task=None, out_dir=None, ba
         task: the task scored, for a multi-task model (default its first).
         out_dir: if given, `modalities.json` is written there.
         batch_size: samples per batch.
-        scored: the `EvaluationReport` of the model on this split and task,
-            where `evaluate` already made it: its accuracy and macro-F1 are
-            the `"all inputs"` row, and the split is not scored again.
+        scored: what `evaluate` returned for the model on this split (a
+            report, or a dict of them by task), where it already ran: the
+            task's accuracy and macro-F1 are the `"all inputs"` row, and the
+            split is not scored again.
 
     Returns:
         `ModalityReport`: rows `"all inputs"`, `"without image"`, `"without text"`.
@@ -387,6 +388,7 @@ def modality_report(model, records, split="test", *, task=None, out_dir=None, ba
     task = task or next(iter(spec.tasks))
     report = ModalityReport({})
     if scored is not None:
+        scored = scored[task] if isinstance(scored, dict) else scored
         report.rows["all inputs"] = {"accuracy": scored.accuracy, "macro_f1": scored.macro_f1}
     for condition, data in conditions.items():
         if condition in report.rows:

@@ -197,11 +197,9 @@ def run_experiment(config, *, overwrite=False, verbose="auto"):
         save_atomic(model.save, model_path)
     result = ExperimentResult(model, evaluate(model, records, "test", out_dir=eval_dir), run_dir,
                               history)
-    if len(describe(model).modalities) > 1:  # the first task's, whose test scores are known
-        scored = result.report
-        scored = next(iter(scored.values())) if isinstance(scored, dict) else scored
+    if len(describe(model).modalities) > 1:
         result.modalities = modality_report(model, records, "test", out_dir=eval_dir,
-                                            scored=scored)
+                                            scored=result.report)
     if config.output.export:
         result.export_path = export_saved_model(
             model, config.output.export_dir or os.path.join("saved_models", config.name),

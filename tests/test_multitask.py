@@ -1,5 +1,6 @@
 """Several label columns: one head and loss weight per task, auxiliary heads, evaluation, export."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -133,6 +134,11 @@ def test_training_learns_every_task_and_weighs_their_losses(task_records, tmp_pa
     report = modality_report(model, task_records, "test", task="material")
     assert report.rows["without image"]["accuracy"] == 1.0
     assert report.rows["without text"]["accuracy"] < 0.8
+    # evaluate's reports by task give the scored task's "all inputs" row.
+    reports["material"] = dataclasses.replace(reports["material"], accuracy=0.5)
+    again = modality_report(model, task_records, "test", task="material", scored=reports)
+    assert again.rows["all inputs"]["accuracy"] == 0.5
+    assert again.rows["without text"] == report.rows["without text"]
 
 
 def test_a_zero_task_weight_leaves_that_head_untrained(task_records, tmp_path):
