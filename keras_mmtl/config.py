@@ -4,6 +4,7 @@ import argparse
 import dataclasses
 import json
 import os
+import typing
 from typing import Optional, Union
 
 import yaml
@@ -136,10 +137,11 @@ class ModelConfig:
     image_size: Optional[list] = _field(
         None, "HEIGHTxWIDTH of model images (default: the backbone's own)", type=parse_image_size)
     text_encoder: str = _field(
-        _DEFAULT.model["text_encoder"], "'ngrams' (TF-IDF of word 1-2 grams and character 3-5 grams), 'scratch' (word "
-                  "embeddings learned from your texts), 'tfidf' (a TF-IDF bag of words), or a "
-                  "keras-hub preset name or local directory of a pretrained BERT-family encoder "
-                  "(needs keras-mmtl[hub])", check=check_text_encoder)
+        _DEFAULT.model["text_encoder"],
+        "'ngrams' (TF-IDF of word 1-2 grams and character 3-5 grams), 'scratch' (word "
+        "embeddings learned from your texts), 'tfidf' (a TF-IDF bag of words), or a keras-hub "
+        "preset name or local directory of a pretrained BERT-family encoder (needs "
+        "keras-mmtl[hub])", check=check_text_encoder)
     sequence_length: int = _field(128, "tokens kept per text")
     text_tokenizer: str = _field(
         "core", "tokenizer of the scratch text encoder: 'core' (core TensorFlow ops: the export "
@@ -204,7 +206,9 @@ class TrainingConfig:
         "ones (better macro-F1 on imbalanced data; each task by its own classes), or 'none'",
         choices=["balanced", None], type=_none_or)
     focal_gamma: float = _field(0.0, "focal loss exponent (0: cross-entropy; 2 is usual)")
-    label_smoothing: float = _field(0.0, "target mass spread over all classes, e.g. 0.1")
+    label_smoothing: Optional[float] = _field(
+        None, "target mass spread over all classes, e.g. 0.1; unset: the preset's (0.1 for a "
+        "model of images alone, also the image expert of a fused run; otherwise 0)")
     weight_decay: float = _field(0.0, "decoupled (AdamW) weight decay of kernels, e.g. 1e-4")
     augment_images: bool = _field(
         False, "random flip, rotation, zoom, crop and contrast of training images")
@@ -359,13 +363,23 @@ class RunConfig:
         return RunConfig.from_dict(values)
 
 
+def _kind(field):
+    """A field's type, with an optional number (`Optional[float]`) as its number type."""
+    args = typing.get_args(field.type)
+    if typing.get_origin(field.type) is Union and args[1:] == (type(None),) and args[0] in (
+            int, float):
+        return args[0]
+    return field.type
+
+
 def _check_value(field, value, where):
     """Raises a clear error for a value of the wrong kind or not among the field's choices."""
-    expected = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}.get(field.type)
+    kind = _kind(field)
+    expected = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}.get(kind)
     if expected is None or value is None and field.default is None:
         return
-    if not isinstance(value, expected) or (field.type is not bool and isinstance(value, bool)):
-        raise ConfigError(f"{where} must be {field.type.__name__}; got {value!r}.")
+    if not isinstance(value, expected) or (kind is not bool and isinstance(value, bool)):
+        raise ConfigError(f"{where} must be {kind.__name__}; got {value!r}.")
     choices = field.metadata.get("choices")
     if choices is not None and value not in choices:
         raise ConfigError(f"{where} is {value!r}; expected one of {choices}.")
@@ -407,8 +421,8 @@ def add_arguments(parser, section, defaults=True, only=None):
         shown = "x".join(map(str, default)) if field.name == "image_size" and default else default
         if field.type is bool:
             argument["action"] = argparse.BooleanOptionalAction
-        elif "type" not in argument and field.type in (int, float):
-            argument["type"] = field.type
+        elif "type" not in argument and _kind(field) in (int, float):
+            argument["type"] = _kind(field)
         group.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name,
                            help=f"{help} (default: {shown})", **argument)
     return group

@@ -314,9 +314,9 @@ def train_arguments(config, verbose="auto"):
     return dict(seed=config.data.seed, verbose=verbose, **{name: getattr(fit, name) for name in (
         "epochs", "learning_rate", "batch_size", "patience", "fine_tune_epochs",
         "fine_tune_learning_rate", "unfreeze_blocks", "unfreeze_text_layers", "warmup",
-        "layer_decay", "class_weight", "focal_gamma", "label_smoothing", "weight_decay",
+        "layer_decay", "class_weight", "focal_gamma", "weight_decay",
         "augment_images", "augment_text", "task_weights", "auxiliary_weight", "cache_features",
-        "projector")})
+        "projector")}, label_smoothing=fit.label_smoothing or 0.0)
 
 
 def tune_experiment(config, *, tuner="random", max_trials=None, objective="val_accuracy",

@@ -26,6 +26,7 @@ def test_round_trip_through_a_file(tmp_path, name):
     ({"training": {"epoch": 3}}, r"unknown keys \['epoch'\] in section 'training'"),
     ({"training": {"epochs": "3"}}, r"training.epochs must be int; got '3'"),
     ({"training": {"learning_rate": True}}, r"training.learning_rate must be float"),
+    ({"training": {"label_smoothing": "0.1"}}, r"training.label_smoothing must be float"),
     ([1, 2], "must be a mapping of sections"),
 ])
 @pytest.mark.bad_input
@@ -45,9 +46,11 @@ def test_flags_given_override_the_file_and_others_do_not(tmp_path):
     base = RunConfig.from_dict({"data": {"manifest": "p.csv"},
                                 "training": {"epochs": 7, "batch_size": 8}})
     args = build_parser().parse_args(["train", "--epochs", "2", "--image-size", "32x16",
-                                      "--no-export", "--freeze", "fusion"])
+                                      "--no-export", "--freeze", "fusion",
+                                      "--label-smoothing", "0"])
     config = from_arguments(args, base)
     assert config.training.epochs == 2 and config.training.batch_size == 8
+    assert config.training.label_smoothing == 0.0 and base.training.label_smoothing is None
     assert config.model.image_size == [32, 16] and config.output.export is False
     assert config.transfer.freeze == ["fusion"] and config.data.manifest == "p.csv"
     assert config.output_dir == "runs/p"

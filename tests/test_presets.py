@@ -9,7 +9,13 @@ import pytest
 from keras_mmtl import experiment
 from keras_mmtl.config import RunConfig
 from keras_mmtl.evaluation import predict_records
-from keras_mmtl.experiment import _members, resolve_preset, run_experiment
+from keras_mmtl.experiment import (
+    _alone_arguments,
+    _members,
+    resolve_preset,
+    run_experiment,
+    train_arguments,
+)
 from keras_mmtl.models import EnsembleHead, build_classifier, describe
 from keras_mmtl.presets import (
     PRESETS,
@@ -62,11 +68,12 @@ def test_a_time_limit_chooses_the_best_preset_that_fits(limit, rows, expected):
 @pytest.mark.parametrize("preset, kinds, training, expected", [
     ("auto", {"image"}, {}, 0.1),
     ("best", {"image"}, {}, 0.1),
-    ("auto", {"image", "text"}, {}, 0.0),
-    ("auto", {"image", "tabular"}, {}, 0.0),
-    ("auto", {"text"}, {}, 0.0),
-    ("fast", {"image"}, {}, 0.0),  # not measured without fine-tuning
+    ("auto", {"image", "text"}, {}, None),  # unset: the image expert's is the preset's
+    ("auto", {"image", "tabular"}, {}, None),
+    ("auto", {"text"}, {}, None),
+    ("fast", {"image"}, {}, None),  # not measured without fine-tuning
     ("auto", {"image"}, {"label_smoothing": 0.05}, 0.05),  # set explicitly: kept
+    ("auto", {"image"}, {"label_smoothing": 0.0}, 0.0),  # even to no smoothing
 ])
 def test_models_of_images_alone_train_with_label_smoothing(preset, kinds, training, expected):
     config = RunConfig.from_dict({"training": {"preset": preset, **training}})
@@ -74,6 +81,20 @@ def test_models_of_images_alone_train_with_label_smoothing(preset, kinds, traini
     assert config.training.label_smoothing == expected
     said = "for a model of images alone, also label_smoothing=0.1" in why
     assert said == (expected == 0.1)
+    assert train_arguments(config)["label_smoothing"] == (expected or 0.0)
+
+
+@pytest.mark.parametrize("training, image_expert", [
+    ({}, {"label_smoothing": 0.1}),
+    ({"label_smoothing": 0.0}, {}),  # set explicitly: every member trains with it
+    ({"label_smoothing": 0.05}, {}),
+    ({"preset": "fast"}, {}),
+])
+def test_the_image_expert_of_a_fused_run_smooths_unless_told_otherwise(training, image_expert):
+    config = RunConfig.from_dict({"training": training})
+    fit = resolve_preset(config, rows=1000, kinds={"image", "text"})[0].training
+    assert _alone_arguments(fit, ("image",)) == image_expert
+    assert _alone_arguments(fit, ("text",)) == _alone_arguments(fit, None) == {}
 
 
 def test_train_reads_the_kinds_of_its_models_inputs():
