@@ -18,9 +18,11 @@ On the benchmark task of ../shared/data (article_type from the photo and `title_
 
 Prints the tables and appends a section to `benchmarks/RESULTS.md`. scikit-learn is a
 benchmark dependency only. Run from the repository root (about 40 minutes on 2 CPU cores;
-`--models image` trains the image-only models alone, beside the classical rows):
+`--models image` trains the image-only models alone, beside the classical rows; `--preset
+fast` or `--preset best` trains another preset's models in place of the default's):
 
     python benchmarks/recipe.py
+    python benchmarks/recipe.py --preset best --models fused --seeds 0
 """
 
 import argparse
@@ -48,14 +50,16 @@ COMMAND = ["train", "--manifest", FASHION, "--image-column", "image", "--text-co
 CS = (0.1, 1.0, 10.0)
 
 
-def run_command(name, seed, work):
+def run_command(name, seed, work, preset=None):
     """One `keras-mmtl train` in a fresh process: `{accuracy, macro_f1, minutes}`."""
-    run_dir = os.path.join(work, f"{name}-{seed}")
+    label = f"{name}-{preset}-{seed}" if preset else f"{name}-{seed}"
+    run_dir = os.path.join(work, label)
     command = [sys.executable, "-m", "keras_mmtl", *COMMAND, *MODELS[name], "--seed", str(seed),
-               "--run-dir", run_dir, "--export-dir", os.path.join(work, "saved", f"{name}-{seed}")]
+               *(["--preset", preset] if preset else []),
+               "--run-dir", run_dir, "--export-dir", os.path.join(work, "saved", label)]
     print(f"== {name}, seed {seed}: keras-mmtl {' '.join(command[3:])}", flush=True)
     start = time.perf_counter()
-    with open(os.path.join(work, f"{name}-{seed}.log"), "w") as log:
+    with open(os.path.join(work, f"{label}.log"), "w") as log:
         subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT)
     minutes = (time.perf_counter() - start) / 60
     with open(os.path.join(run_dir, "eval", "report.json")) as f:
@@ -214,12 +218,16 @@ def main():
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS),
                         help="the keras-mmtl models to train (default: all); the phase-2 "
                              "cache is measured with the fused one")
+    parser.add_argument("--preset", choices=["fast", "best"],
+                        help="train with this preset in place of the default (medium); the "
+                             "phase-2 cache is not measured")
     args = parser.parse_args()
     work = args.work_dir or tempfile.mkdtemp(prefix="recipe_")
     os.makedirs(work, exist_ok=True)
     start = time.perf_counter()
 
     from keras_mmtl import read_manifest
+    from keras_mmtl.presets import PRESETS
 
     records = read_manifest(FASHION, "image", "title_masked", "article_type", "split",
                             min_class_count=20)
@@ -229,30 +237,36 @@ def main():
     print("== classical baselines", flush=True)
     baselines = classical(records, work)
     cache = None
-    if "fused" in args.models:
+    if "fused" in args.models and not args.preset:
         print("== phase 2 with and without the partial cache", flush=True)
         cache = phase2_cache(records, work)
-    runs = {name: [run_command(name, seed, work) for seed in args.seeds] for name in args.models}
+    runs = {name: [run_command(name, seed, work, args.preset) for seed in args.seeds]
+            for name in args.models}
 
     rows = ["| model | test accuracy | test macro-F1 | wall time (min) |", "|---|---|---|---|"]
     for name, results in runs.items():
         accuracy, macro_f1 = (mean_std([r[key] for r in results])
                               for key in ("accuracy", "macro_f1"))
         minutes = mean_std([r["minutes"] for r in results])
-        rows.append(f"| keras-mmtl {name}, {len(results)} seeds | {accuracy[0]:.4f} ± "
+        rows.append(f"| keras-mmtl {name}{f' ({args.preset})' if args.preset else ''}, "
+                    f"{len(results)} seeds | {accuracy[0]:.4f} ± "
                     f"{accuracy[1]:.4f} | {macro_f1[0]:.4f} ± {macro_f1[1]:.4f} | "
                     f"{minutes[0]:.1f} ± {minutes[1]:.1f} |")
     for name, figures in baselines.items():
         rows.append(f"| logistic regression, {name} (C={figures['C'] or '-'}) | "
                     f"{figures['accuracy']:.4f} | {figures['macro_f1']:.4f} | - |")
+    medium = ("every setting at its default (preset medium: n-gram text, balanced class "
+              "weights, MobileNetV2-0.35 ImageNet at its own 224 px reshaped to the photos' 4:3, "
+              "phase 2 on the top 3 blocks over the cached frozen bottom; a fused run also "
+              "trains an image-only and a text-only expert and serves the geometric mean of "
+              "the three; a model of images alone, an image-only run or the image expert, "
+              "smooths its labels by 0.1)")
+    chosen = (f"`--preset {args.preset}` ({PRESETS[args.preset].description}) and every other "
+              "setting at its default" if args.preset else medium)
     body = (
         "Fashion benchmark task (8730 train, 1246 val, 2521 test rows, 55 classes). "
-        "keras-mmtl: the README's fashion command with every setting at its default (preset "
-        "medium: n-gram text, balanced class weights, MobileNetV2-0.35 ImageNet at its own "
-        "224 px reshaped to the photos' 4:3, phase 2 on the top 3 blocks over the cached "
-        "frozen bottom; a fused run also trains an image-only and a text-only expert and "
-        "serves the geometric mean of the three; a model of images alone, an image-only "
-        "run or the image expert, smooths its labels by 0.1), `--seed` 0, 1, 2; mean ± "
+        f"keras-mmtl: the README's fashion command with {chosen}, `--seed` "
+        f"{', '.join(map(str, args.seeds))}; mean ± "
         "standard deviation; each run's wall time is the whole command in a fresh process "
         "(reading, features, training, calibration, evaluation, export). Classical rows: "
         "scikit-learn logistic regression fitted on train, C chosen on val, scored on test, "
@@ -264,11 +278,12 @@ def main():
     def macro(name):
         return round(mean_std([r["macro_f1"] for r in runs[name]])[0], 4)
 
-    headline = {f"recipe_{name}_macro_f1_mean": macro(name) for name in runs}
+    prefix = f"recipe_{args.preset}" if args.preset else "recipe"
+    headline = {f"{prefix}_{name}_macro_f1_mean": macro(name) for name in runs}
     if "fused" in runs:
-        headline["recipe_fused_macro_f1_std"] = round(
+        headline[f"{prefix}_fused_macro_f1_std"] = round(
             mean_std([r["macro_f1"] for r in runs["fused"]])[1], 4)
-        headline["recipe_train_minutes"] = round(
+        headline[f"{prefix}_train_minutes"] = round(
             mean_std([r["minutes"] for r in runs["fused"]])[0], 2)
     headline.update({
         "classical_late_fusion_macro_f1": round(baselines["late fusion at 128x96"]["macro_f1"], 4),
