@@ -180,8 +180,8 @@ class TrainingConfig:
         1, "models trained with seeds seed, seed+1, ... and averaged into one served model")
     modality_experts: bool = _field(
         _DEFAULT.modality_experts,
-        "also train a model on each image and text input alone, and serve the geometric mean "
-        "of the fused model and these experts (one task, inputs never missing)")
+        "also train a model on each image input alone, and serve the geometric mean of the "
+        "fused model and these experts (one task, inputs never missing)")
     test_time_mirror: bool = _field(
         False, "the served model averages each image's answer with its mirror image's "
                "(test-time augmentation; on the fashion photos, all shot facing one way, it "

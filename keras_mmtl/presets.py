@@ -20,8 +20,8 @@ class Preset:
         model: `build_classifier_for` arguments (keys of the config's `model` section).
         training: `train` arguments (keys of the config's `training` section).
         ensemble: models trained with consecutive seeds and averaged into one.
-        modality_experts: also a model on each image and text input alone,
-            all served as their geometric mean (`run_experiment`).
+        modality_experts: also a model on each image input alone, all
+            served as their geometric mean (`run_experiment`).
         minutes_per_10k_rows: wall time of a whole `keras-mmtl train` run
             (reading, feature extraction, training, evaluation, export) for
             10,000 image + text rows on 2 CPU cores, as `benchmarks/recipe.py`
@@ -59,7 +59,7 @@ PRESETS = {
         _RECIPE_MODEL, {**_RECIPE_TRAINING, "fine_tune_epochs": 0}, 1, False, 4.0),
     "medium": Preset(
         "frozen features, then the top 3 image-backbone blocks fine-tuned on their cached "
-        "inputs; the fused model and one expert per image or text input, served as their "
+        "inputs; the fused model and one expert per image input, served as their "
         "geometric mean", _RECIPE_MODEL,
         {**_RECIPE_TRAINING, "fine_tune_epochs": 5}, 1, True, 8.1, _IMAGE_ONLY_TRAINING),
     "best": Preset(

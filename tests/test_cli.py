@@ -88,7 +88,8 @@ def test_a_rerun_resumes_only_what_the_same_settings_and_data_trained(tmp_path, 
     monkeypatch.undo()
     assert main(["train", *common, "--epochs", "2", "--learning-rate", "0.01",
                  "--overwrite"]) == 0
-    for member in ("member1", "member1-image", "member1-text"):  # the fused model, its experts
+    assert not (run_dir / "member1-text").exists()  # text experts are not trained
+    for member in ("member1", "member1-image"):  # the fused model, its image expert
         state = json.loads((run_dir / member / "state.json").read_text())
         assert state["history"]["epoch"] == [0, 1]  # trained again, on the new settings
     assert "green cotton" in capsys.readouterr().out

@@ -153,16 +153,15 @@ def test_an_ensemble_run_shares_the_feature_cache_and_serves_one_model(tmp_path,
 
 
 @pytest.mark.parametrize("data, model, training, expected", [
-    ({}, {}, {}, [(0, None), (0, ("image",)), (0, ("text",))]),
-    ({}, {}, {"ensemble": 2}, [(0, None), (1, None), (0, ("image",)), (0, ("text",)),
-                               (1, ("image",)), (1, ("text",))]),
+    ({}, {}, {}, [(0, None), (0, ("image",))]),
+    ({}, {}, {"ensemble": 2}, [(0, None), (1, None), (0, ("image",)), (1, ("image",))]),
     ({}, {}, {"modality_experts": False}, [(0, None)]),
     ({"text_column": None}, {}, {}, [(0, None)]),  # one input: nothing to add
     ({"label_column": ["label", "split"]}, {}, {}, [(0, None)]),  # two tasks (any 2nd column)
     ({"allow_missing": True}, {}, {}, [(0, None)]),  # an expert cannot answer without its input
     ({}, {"modality_dropout": 0.2}, {}, [(0, None)]),
 ])
-def test_a_run_plans_a_fused_model_and_an_expert_per_input(products, data, model, training,
+def test_a_run_plans_a_fused_model_and_an_expert_per_image_input(products, data, model, training,
                                                            expected):
     config = RunConfig.from_dict({"data": {"manifest": products, "split_column": "split",
                                            "seed": 0, **data},
@@ -174,7 +173,7 @@ def test_a_run_plans_a_fused_model_and_an_expert_per_input(products, data, model
 
 
 @pytest.mark.slow
-def test_experts_on_each_input_are_served_with_the_fused_model_as_their_geometric_mean(
+def test_image_experts_are_served_with_the_fused_model_as_their_geometric_mean(
         tmp_path, products, monkeypatch):
     smoothing, real_train = [], experiment.train
 
@@ -193,19 +192,19 @@ def test_experts_on_each_input_are_served_with_the_fused_model_as_their_geometri
     }
     result = run_experiment(config, verbose=0)  # the medium preset: experts on
     members = [keras.models.load_model(tmp_path / "run" / name / "model.keras")
-               for name in ("member1", "member1-image", "member1-text")]
-    assert [describe(m).modalities for m in members] == [("image", "text"), ("image",),
-                                                         ("text",)]
+               for name in ("member1", "member1-image")]
+    assert [describe(m).modalities for m in members] == [("image", "text"), ("image",)]
+    assert not os.path.exists(tmp_path / "run" / "member1-text")
     # The image expert trains as an image-only run would: with the preset's label smoothing.
-    assert smoothing == [(("image", "text"), 0.0), (("image",), 0.1), (("text",), 0.0)]
+    assert smoothing == [(("image", "text"), 0.0), (("image",), 0.1)]
     records = RunConfig.from_file(str(tmp_path / "run" / "config.yaml")).data.read()
     logs = sum(np.log(predict_records(m, records, "test")[1]) for m in members)
-    expected = np.exp(logs / 3) / np.exp(logs / 3).sum(axis=1, keepdims=True)
+    expected = np.exp(logs / 2) / np.exp(logs / 2).sum(axis=1, keepdims=True)
     served = keras.models.load_model(tmp_path / "run" / "model.keras")
     np.testing.assert_allclose(predict_records(served, records, "test")[1], expected, atol=1e-5)
     assert result.history["epoch"]  # the fused member's
-    # One feature cache: the fused model and the text expert read the same token ids (the
-    # random small CNN trains, so images are not cached).
+    # One feature cache for the run, none per member (the random small CNN trains, so images
+    # are not cached: it holds the fused model's token ids).
     assert not any(os.path.exists(tmp_path / "run" / name / "cache") for name in os.listdir(
         tmp_path / "run") if name.startswith("member"))
     assert len([f for f in os.listdir(tmp_path / "run" / "cache") if f.startswith("train-")]) == 1
