@@ -279,6 +279,10 @@ class RunConfig:
     run (on a CPU, the same metrics). Sections and keys are those of
     `keras-mmtl train --help`, with underscores.
 
+    A config knows which keys were set explicitly (`given`): those of the
+    dict or file it was read from, and those `replace` changed. A quality
+    preset sets the others (`keras_mmtl.experiment.resolve_preset`).
+
     Example:
 
     >>> config = RunConfig.from_dict({"data": {"manifest": "products.csv"},
@@ -330,7 +334,15 @@ class RunConfig:
                 if field.name in given:
                     _check_value(field, given[field.name], f"{source}, {name}.{field.name}")
             sections[name] = section(**given)
-        return cls(**sections)
+        config = cls(**sections)
+        config._given = frozenset(f"{name}.{key}" for name in SECTIONS
+                                  for key in values.get(name) or {})
+        return config
+
+    @property
+    def given(self):
+        """The keys set explicitly, as `"section.key"` (see the class docstring)."""
+        return getattr(self, "_given", frozenset())
 
     @classmethod
     def from_file(cls, path):
@@ -355,12 +367,41 @@ class RunConfig:
                    else self.to_yaml())
         return path
 
-    def replace(self, **sections):
-        """A copy with keys changed, e.g. `replace(training={"epochs": 2})`."""
+    def replace(self, *, explicit=True, **sections):
+        """A copy with keys changed, e.g. `replace(training={"epochs": 2})`.
+
+        Args:
+            explicit: whether the changed keys count as set explicitly (a
+                preset's values do not: a later preset may change them).
+            **sections: dict of key -> value per section to change.
+        """
         values = self.to_dict()
         for name, changes in sections.items():
             values.setdefault(name, {}).update(changes)
-        return RunConfig.from_dict(values)
+        config = RunConfig.from_dict(values)
+        changed = {f"{name}.{key}" for name, changes in sections.items() for key in changes}
+        config._given = self.given | changed if explicit else self.given - changed
+        return config
+
+    def without_preset_values(self):
+        """A copy whose keys holding its preset's values are unset (back to their defaults).
+
+        A config written by a run holds the values its preset gave; choosing
+        another preset for it (`--config runs/NAME/config.yaml --preset best`)
+        lets the new preset set those keys, while values edited away from the
+        written preset's stay.
+        """
+        preset = PRESETS.get(self.training.preset)
+        if preset is None:
+            return self
+        values = {"model": preset.model, "training": {
+            **preset.training, **preset.image_only, "ensemble": preset.ensemble,
+            "modality_experts": preset.modality_experts}}
+        defaults = {name: SECTIONS[name]() for name in values}
+        unset = {name: {key: getattr(defaults[name], key) for key, value in section.items()
+                        if getattr(getattr(self, name), key) == value}
+                 for name, section in values.items()}
+        return self.replace(explicit=False, **unset)
 
 
 def _kind(field):
@@ -429,11 +470,19 @@ def add_arguments(parser, section, defaults=True, only=None):
 
 
 def from_arguments(args, base=None):
-    """`base` (default `RunConfig()`) with the values of the flags `add_arguments` made."""
+    """`base` (default `RunConfig()`) with the values of the flags `add_arguments` made.
+
+    The flags given count as set explicitly (`RunConfig.given`). A `--preset`
+    other than the one `base` names lets the new preset set the keys that
+    hold the old one's values (`RunConfig.without_preset_values`).
+    """
     given = vars(args)
+    base = base or RunConfig()
+    if "preset" in given and given["preset"] != base.training.preset:
+        base = base.without_preset_values()
     changes = {}
     for name, section in SECTIONS.items():
         values = {f.name: given[f.name] for f in dataclasses.fields(section) if f.name in given}
         if values:
             changes[name] = values
-    return (base or RunConfig()).replace(**changes)
+    return base.replace(**changes)

@@ -258,9 +258,10 @@ def resolve_preset(config, rows, kinds=()):
 
     The preset (`training.preset`; `"auto"` is the default preset, or with
     `training.time_limit` the best one that fits, see `choose_preset`) sets
-    the keys that the config leaves at their defaults (the medium preset's
-    values); keys set to anything else keep their value. The returned config
-    names the preset it used, so running it again gives the same settings.
+    the keys that the config does not set explicitly (`RunConfig.given`: keys
+    of its file or dict, flags given) and leaves at their defaults (the
+    medium preset's values). The returned config names the preset it used,
+    so running it again gives the same settings.
 
     Args:
         config: a `RunConfig`.
@@ -283,22 +284,26 @@ def resolve_preset(config, rows, kinds=()):
         name, why = choose_preset(fit.time_limit, rows)
     elif name == "auto":
         name, why = DEFAULT_PRESET, "the default"
+    def unset(section, key):
+        default = getattr(SECTIONS[section](), key)
+        return (f"{section}.{key}" not in config.given
+                and getattr(getattr(config, section), key) == default)
+
     changes = {}
     for section in ("model", "training"):
-        defaults, values = SECTIONS[section](), getattr(config, section)
         changes[section] = {key: value for key, value in
                             preset_arguments(name, section, kinds).items()
-                            if getattr(values, key) == getattr(defaults, key)}
+                            if unset(section, key)}
     alone = {key: value for key, value in changes["training"].items()
              if key in alone_arguments(name, kinds)}
     if alone:
         why += "; for a model of images alone, also " + ", ".join(
             f"{key}={value}" for key, value in alone.items())
-    changes["training"]["preset"] = name
     for key in ("ensemble", "modality_experts"):  # run-level settings, not train's
-        if getattr(fit, key) == getattr(TrainingConfig(), key):
+        if unset("training", key):
             changes["training"][key] = getattr(get_preset(name), key)
-    return config.replace(**changes), why
+    resolved = config.replace(explicit=False, **changes)
+    return resolved.replace(training={"preset": name}), why
 
 
 def build_arguments(config):

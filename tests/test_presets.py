@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from keras_mmtl import experiment
-from keras_mmtl.config import RunConfig
+from keras_mmtl.cli import build_parser
+from keras_mmtl.config import RunConfig, from_arguments
 from keras_mmtl.evaluation import predict_records
 from keras_mmtl.experiment import (
     _alone_arguments,
@@ -51,6 +52,38 @@ def test_a_preset_sets_what_the_config_leaves_at_its_defaults(preset, fine_tune_
     assert config.training.modality_experts == experts
     # Set explicitly: kept.
     assert config.model.text_encoder == "scratch" and config.training.epochs == 4
+
+
+@pytest.mark.parametrize("argv, training, expected", [
+    (["--preset", "fast"], {}, ("fast", 0, 1, False)),
+    (["--preset", "fast", "--fine-tune-epochs", "5"], {}, ("fast", 5, 1, False)),
+    (["--preset", "fast", "--modality-experts"], {}, ("fast", 0, 1, True)),
+    (["--preset", "best", "--ensemble", "1"], {}, ("best", 5, 1, True)),
+    (["--preset", "best"], {}, ("best", 5, 3, True)),
+    ([], {"preset": "fast", "fine_tune_epochs": 5}, ("fast", 5, 1, False)),  # in the file
+])
+def test_settings_given_win_over_the_preset_even_at_the_defaults(argv, training, expected):
+    base = RunConfig.from_dict({"training": training})
+    config = from_arguments(build_parser().parse_args(["train", *argv]), base)
+    fit = resolve_preset(config, rows=1000, kinds={"image", "text"})[0].training
+    assert (fit.preset, fit.fine_tune_epochs, fit.ensemble, fit.modality_experts) == expected
+
+
+@pytest.mark.parametrize("argv, edits, expected", [
+    ([], {}, ("best", 3, 0.1)),  # the same run again
+    (["--preset", "medium"], {}, ("medium", 1, 0.1)),
+    (["--preset", "fast"], {}, ("fast", 1, None)),
+    (["--preset", "fast"], {"ensemble": 2}, ("fast", 2, None)),  # edited in the file: kept
+])
+def test_a_written_config_runs_its_preset_again_or_takes_another(tmp_path, argv, edits,
+                                                                  expected):
+    written, _ = resolve_preset(RunConfig.from_dict({"training": {"preset": "best"}}),
+                                rows=1000, kinds={"image"})
+    path = written.replace(training=edits).save(str(tmp_path / "config.yaml"))
+    config = from_arguments(build_parser().parse_args(["train", *argv]),
+                            RunConfig.from_file(path))
+    fit = resolve_preset(config, rows=1000, kinds={"image"})[0].training
+    assert (fit.preset, fit.ensemble, fit.label_smoothing) == expected
 
 
 @pytest.mark.parametrize("limit, rows, expected", [
