@@ -152,12 +152,13 @@ def test_members_with_auxiliary_heads_take_part_with_their_main_head(product_rec
 def test_the_ensemble_is_calibrated_and_served_as_one_model(members, product_records, inputs,
                                                             tmp_path):
     combined = ensemble(members)
-    # The members are right on every val row: one wrong label in four gives the
-    # temperature something to soften (else it sharpens to its bound, and the served
-    # probabilities would be 0 and 1 whatever the export did).
+    # The members are right on the val rows, by small margins that vary between CPUs: one
+    # label set to the class the ensemble finds least likely gives the temperature a sure
+    # mistake to soften (else it sharpens to its bound, and the served probabilities would
+    # be 0 and 1 whatever the export did).
     labels = product_records.labels.copy()
     (wrong, *_) = np.flatnonzero(product_records.splits == "val")
-    labels[wrong] = (labels[wrong] + 1) % len(product_records.class_names)
+    labels[wrong] = _answers(combined, inputs)[wrong].argmin()
     result = calibrate(combined, dataclasses.replace(product_records, labels=labels), "val")
     assert 0.06 < result.temperature < 19  # inside the search's bounds (0.05, 20)
     assert combined.get_layer("head").temperature == result.temperature
