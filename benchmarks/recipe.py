@@ -249,7 +249,7 @@ def main():
                               for key in ("accuracy", "macro_f1"))
         minutes = mean_std([r["minutes"] for r in results])
         rows.append(f"| keras-mmtl {name}{f' ({args.preset})' if args.preset else ''}, "
-                    f"{len(results)} seeds | {accuracy[0]:.4f} ± "
+                    f"{len(results)} seed{'s' * (len(results) > 1)} | {accuracy[0]:.4f} ± "
                     f"{accuracy[1]:.4f} | {macro_f1[0]:.4f} ± {macro_f1[1]:.4f} | "
                     f"{minutes[0]:.1f} ± {minutes[1]:.1f} |")
     for name, figures in baselines.items():

@@ -48,23 +48,22 @@ _RECIPE_TRAINING = {"class_weight": "balanced"}
 # image-only runs and the image experts of fused runs alike.
 _IMAGE_ONLY_TRAINING = {"label_smoothing": 0.1}
 
-# Minutes for the fashion task (9,976 train + val rows, 2 CPU cores, 2026-12-03): medium as
-# benchmarks/recipe.py measured it (8.1 min, its slowest seed, with a test run beside it: the
-# fused model and its image and text experts); best as three times medium (an estimate: the
-# experts made the one measured run of best, 17 min, out of date); fast from medium's parts
-# (phase 2 and the bottom features take about 2.9 min of the fused model's time).
+# Minutes for the fashion task (9,976 train + val rows) on the slower of our 2-core machines
+# (AMD EPYC; the Intel one takes about 0.7 times as long), the means benchmarks/recipe.py
+# measured on 2026-12-03: fast 4.7 (3 seeds), medium 11.6 (3 seeds: the fused model and its
+# image expert), best 28.1 (1 seed).
 PRESETS = {
     "fast": Preset(
         "the head on frozen pretrained features only (no fine-tuning)",
-        _RECIPE_MODEL, {**_RECIPE_TRAINING, "fine_tune_epochs": 0}, 1, False, 4.0),
+        _RECIPE_MODEL, {**_RECIPE_TRAINING, "fine_tune_epochs": 0}, 1, False, 4.7),
     "medium": Preset(
         "frozen features, then the top 3 image-backbone blocks fine-tuned on their cached "
         "inputs; the fused model and one expert per image input, served as their "
         "geometric mean", _RECIPE_MODEL,
-        {**_RECIPE_TRAINING, "fine_tune_epochs": 5}, 1, True, 8.1, _IMAGE_ONLY_TRAINING),
+        {**_RECIPE_TRAINING, "fine_tune_epochs": 5}, 1, True, 11.6, _IMAGE_ONLY_TRAINING),
     "best": Preset(
         "medium, three times with other seeds, all combined into one model",
-        _RECIPE_MODEL, {**_RECIPE_TRAINING, "fine_tune_epochs": 5}, 3, True, 24.3,
+        _RECIPE_MODEL, {**_RECIPE_TRAINING, "fine_tune_epochs": 5}, 3, True, 28.1,
         _IMAGE_ONLY_TRAINING),
 }
 DEFAULT_PRESET = "medium"
