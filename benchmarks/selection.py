@@ -96,11 +96,11 @@ def member_scores(manifest, run_dir):
     names = sorted(name for name in os.listdir(run_dir) if name.startswith("member")
                    and os.path.exists(os.path.join(run_dir, name, "model.keras")))
     logs = {}
-    for name in names:
+    for name in names or [""]:  # a run of one model keeps it in the run folder itself
         model = keras.saving.load_model(os.path.join(run_dir, name, "model.keras"))
         with uncalibrated(model):
             labels, probabilities = predict_records(model, records, "test")
-        logs[name.replace("member1", "fused").replace("fused-", "")] = np.log(
+        logs[name.replace("member1", "fused").replace("fused-", "") or "model"] = np.log(
             np.clip(probabilities, 1e-12, 1))
     scores = {}
     for size in range(1, len(logs) + 1):

@@ -395,7 +395,8 @@ class RunConfig:
         if preset is None:
             return self
         values = {"model": preset.model, "training": {
-            **preset.training, **preset.image_only, "ensemble": preset.ensemble,
+            **preset.training, **preset.image_only, **preset.image_run,
+            "ensemble": preset.ensemble,
             "modality_experts": preset.modality_experts}}
         defaults = {name: SECTIONS[name]() for name in values}
         unset = {name: {key: getattr(defaults[name], key) for key, value in section.items()

@@ -266,17 +266,20 @@ def evaluate(model, records, split="test", *, out_dir=None, batch_size=64):
     >>> print(report.summary())  # doctest: +SKIP
     """
     spec = _check_classes(model, records)
-    labels, probabilities = predict_records(model, records, split, batch_size)
+    # The answers at temperature 1, rescaled by each head's: exact both ways, where undoing a
+    # sharpening temperature from the served answers loses the classes that underflowed.
+    with uncalibrated(model):
+        labels, raw = predict_records(model, records, split, batch_size)
     if not spec.multi_output:
-        labels, probabilities = {None: labels}, {None: probabilities}
+        labels, raw = {None: labels}, {None: raw}
     reports = {}
     for task in labels:
+        temperature = model.get_layer(spec.head(task)).temperature
         reports[task] = report = classification_report(
-            labels[task], probabilities[task], spec.class_names(task))
-        report.temperature = model.get_layer(spec.head(task)).temperature
-        if report.temperature != 1:  # calibrated: the ECE of the same answers at temperature 1
-            report.ece_uncalibrated = expected_calibration_error(
-                labels[task], rescale(probabilities[task], 1 / report.temperature))
+            labels[task], rescale(raw[task], temperature), spec.class_names(task))
+        report.temperature = temperature
+        if temperature != 1:  # calibrated: the ECE of the same answers at temperature 1
+            report.ece_uncalibrated = expected_calibration_error(labels[task], raw[task])
         if out_dir is not None:
             report.save(out_dir if task is None else join_path(out_dir, task))
     return reports if spec.multi_output else reports[None]

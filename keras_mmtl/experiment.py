@@ -238,12 +238,13 @@ def _members(config, records, source):
 def _alone_arguments(fit, modalities):
     """The preset's settings for a member on `modalities` alone that `fit` leaves at their defaults.
 
-    An image expert of a fused run trains as an image-only run would (see
-    `alone_arguments`); settings given explicitly apply to every member.
+    An image expert of a fused run takes the preset's settings for models of
+    images alone, less those for image-only runs (see `alone_arguments`);
+    settings given explicitly apply to every member.
     """
     kinds = {modality_kind(name) for name in modalities or ()}
     defaults = TrainingConfig()
-    return {key: value for key, value in alone_arguments(fit.preset, kinds).items()
+    return {key: value for key, value in alone_arguments(fit.preset, kinds, expert=True).items()
             if getattr(fit, key) == getattr(defaults, key)}
 
 
@@ -267,7 +268,8 @@ def resolve_preset(config, rows, kinds=()):
         config: a `RunConfig`.
         rows: the rows that train and validate (for the time estimate).
         kinds: the kinds of the data's inputs (`"image"`, `"text"`,
-            `"tabular"`): images alone take the preset's `image_only` settings.
+            `"tabular"`): images alone take the preset's `image_only` and
+            `image_run` settings.
 
     Returns:
         `(config, a phrase saying why this preset)`.

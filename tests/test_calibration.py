@@ -54,10 +54,28 @@ def test_rescaling_keeps_the_predicted_class():
 
 @pytest.mark.parametrize("temperature", [0.2, 0.5, 2.0, 10.0])
 def test_rescaling_undoes_a_float32_calibration(temperature):
-    """The ECE before calibration is computed from the calibrated float32 answers."""
+    """Rescaling undoes a float32 calibration exactly while no class underflowed."""
     logits = np.random.default_rng(0).normal(0, 8, (1000, 4))
     calibrated = tf.nn.softmax(tf.constant(logits / temperature, tf.float32)).numpy()
     np.testing.assert_allclose(rescale(calibrated, 1 / temperature), softmax(logits), atol=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [0.05, 3.0])
+def test_the_report_scores_the_served_answers_and_the_same_at_temperature_1(product_records,
+                                                                           temperature):
+    model = build_classifier_for(product_records, **SMALL)
+    head = model.get_layer("head")
+    # Classes 5.5 apart in the logits: sharpened by 1/0.05, all but the first underflow in
+    # float32, so the served answers alone could not give back those at temperature 1.
+    head.dense.bias.assign(5.5 * np.arange(head.dense.bias.shape[0]))
+    _, raw = predict_records(model, product_records, "test")
+    head.temperature = temperature
+    _, served = predict_records(model, product_records, "test")
+    report = evaluate(model, product_records, "test")
+    labels = product_records.subset("test").labels
+    assert report.ece == pytest.approx(expected_calibration_error(labels, served), abs=1e-6)
+    assert report.ece_uncalibrated == pytest.approx(expected_calibration_error(labels, raw),
+                                                    abs=1e-6)
 
 
 @pytest.mark.slow

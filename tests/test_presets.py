@@ -70,10 +70,10 @@ def test_settings_given_win_over_the_preset_even_at_the_defaults(argv, training,
 
 
 @pytest.mark.parametrize("argv, edits, expected", [
-    ([], {}, ("best", 3, 0.1)),  # the same run again
-    (["--preset", "medium"], {}, ("medium", 1, 0.1)),
-    (["--preset", "fast"], {}, ("fast", 1, None)),
-    (["--preset", "fast"], {"ensemble": 2}, ("fast", 2, None)),  # edited in the file: kept
+    ([], {}, ("best", 3, 0.1, 5)),  # the same run again
+    (["--preset", "medium"], {}, ("medium", 1, 0.1, 5)),
+    (["--preset", "fast"], {}, ("fast", 1, None, 3)),
+    (["--preset", "fast"], {"ensemble": 2}, ("fast", 2, None, 3)),  # edited in the file: kept
 ])
 def test_a_written_config_runs_its_preset_again_or_takes_another(tmp_path, argv, edits,
                                                                   expected):
@@ -83,7 +83,7 @@ def test_a_written_config_runs_its_preset_again_or_takes_another(tmp_path, argv,
     config = from_arguments(build_parser().parse_args(["train", *argv]),
                             RunConfig.from_file(path))
     fit = resolve_preset(config, rows=1000, kinds={"image"})[0].training
-    assert (fit.preset, fit.ensemble, fit.label_smoothing) == expected
+    assert (fit.preset, fit.ensemble, fit.label_smoothing, fit.unfreeze_blocks) == expected
 
 
 @pytest.mark.parametrize("limit, rows, expected", [
@@ -115,6 +115,20 @@ def test_models_of_images_alone_train_with_label_smoothing(preset, kinds, traini
     said = "for a model of images alone, also label_smoothing=0.1" in why
     assert said == (expected == 0.1)
     assert train_arguments(config)["label_smoothing"] == (expected or 0.0)
+
+
+@pytest.mark.parametrize("preset, kinds, training, expected", [
+    ("auto", {"image"}, {}, 5),
+    ("best", {"image"}, {}, 5),
+    ("auto", {"image", "text"}, {}, 3),  # the fused model, and its image expert
+    ("fast", {"image"}, {}, 3),  # nothing to fine-tune
+    ("auto", {"image"}, {"unfreeze_blocks": 3}, 3),  # set explicitly: kept
+])
+def test_image_only_runs_fine_tune_more_blocks(preset, kinds, training, expected):
+    config = RunConfig.from_dict({"training": {"preset": preset, **training}})
+    config, why = resolve_preset(config, rows=1000, kinds=kinds)
+    assert train_arguments(config)["unfreeze_blocks"] == expected
+    assert ("unfreeze_blocks=5" in why) == (expected == 5)
 
 
 @pytest.mark.parametrize("training, image_expert", [

@@ -214,8 +214,8 @@ def train(
         run_dir: folder of this run.
         preset: a quality preset (`"fast"`, `"medium"`, `"best"`; see
             `keras_mmtl.presets`) whose training settings fill the arguments
-            not passed (with its `image_only` ones for a model of images
-            alone); `None` for the defaults below. Its model settings go
+            not passed (with its `image_only` and `image_run` ones for a
+            model of images alone); `None` for the defaults below. Its model settings go
             to `build_classifier_for(preset=...)`, and its ensemble to
             `run_experiment`.
         epochs: maximum epochs of phase 1.
