@@ -102,7 +102,8 @@ def test_train_evaluate_export_predict(tmp_path, products, capsys):
     common = ["--manifest", products, "--split-column", "split"]
     assert main(["train", *common, "--image-backbone", "small_cnn", "--image-weights", "none",
                  "--image-size", "16x16", "--epochs", "2", "--batch-size", "8",
-                 "--test-time-mirror", "--run-dir", run_dir, "--export-dir", export_dir]) == 0
+                 "--test-time-mirror", "--no-modality-experts", "--run-dir", run_dir,
+                 "--export-dir", export_dir]) == 0
     out = capsys.readouterr().out
     assert "accuracy" in out and "macro" in out
     assert os.path.exists(os.path.join(export_dir, "1", "saved_model.pb"))

@@ -79,7 +79,7 @@ def test_quiet_prints_the_results_only(tmp_path, capsys):
     manifest = write_manifest(str(tmp_path), product_rows(str(tmp_path)))
     common = ["--manifest", manifest, "--split-column", "split", "--image-backbone", "small_cnn",
               "--image-weights", "none", "--image-size", "16x16", "--epochs", "1",
-              "--no-projector", "--no-export"]
+              "--no-projector", "--no-export", "--no-modality-experts"]  # one model is enough
     assert main(["train", "--quiet", *common, "--run-dir", str(tmp_path / "quiet")]) == 0
     quiet = capsys.readouterr().out
     assert main(["train", *common, "--run-dir", str(tmp_path / "told")]) == 0

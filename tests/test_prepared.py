@@ -79,7 +79,8 @@ def test_train_reads_a_prepared_folder_as_a_manifest(products, tmp_path, capsys,
                  folder, "--image-size", "16x16", "--shards", "2"]) == 0
     assert main(["train", "--manifest", folder, "--image-backbone", "small_cnn",
                  "--image-weights", "none", "--batch-size", "8", "--epochs", "2",
-                 "--fine-tune-epochs", "1", "--no-projector", "--run-dir", str(run_dir),
+                 "--fine-tune-epochs", "1", "--no-projector", "--no-modality-experts",
+                 "--run-dir", str(run_dir),
                  "--export-dir", str(tmp_path / "saved")]) == 0
     assert "Modality report, without image: 4 rows" in capsys.readouterr().out
     assert not [w for w in recwarn if "ran out of data" in str(w.message)]  # batches counted
