@@ -257,7 +257,8 @@ def main():
                     f"{figures['accuracy']:.4f} | {figures['macro_f1']:.4f} | - |")
     medium = ("every setting at its default (preset medium: n-gram text, balanced class "
               "weights, MobileNetV2-0.35 ImageNet at its own 224 px reshaped to the photos' 4:3, "
-              "phase 2 on the top 3 blocks over the cached frozen bottom; a fused run also "
+              "phase 2 on the top 3 blocks over the cached frozen bottom (5 for an image-only "
+              "run); a fused run also "
               "trains an image-only expert and serves the geometric mean of the two; a model "
               "of images alone, an image-only run or the image expert, smooths its labels by "
               "0.1)")

@@ -215,9 +215,9 @@ def train(
         preset: a quality preset (`"fast"`, `"medium"`, `"best"`; see
             `keras_mmtl.presets`) whose training settings fill the arguments
             not passed (with its `image_only` and `image_run` ones for a
-            model of images alone); `None` for the defaults below. Its model settings go
-            to `build_classifier_for(preset=...)`, and its ensemble to
-            `run_experiment`.
+            model of images alone); `None` for the defaults below. Its model
+            settings go to `build_classifier_for(preset=...)`, and its
+            ensemble to `run_experiment`.
         epochs: maximum epochs of phase 1.
         fine_tune_epochs: maximum epochs of phase 2 (0 skips it). Phase 2
             needs something to fine-tune: a frozen pretrained image backbone,
