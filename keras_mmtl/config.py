@@ -210,6 +210,9 @@ class TrainingConfig:
         None, "target mass spread over all classes, e.g. 0.1; unset: the preset's (0.1 for a "
         "model of images alone, also the image expert of a fused run; otherwise 0)")
     weight_decay: float = _field(0.0, "decoupled (AdamW) weight decay of kernels, e.g. 1e-4")
+    ema_momentum: Optional[float] = _field(
+        None, "keep an exponential moving average of the weights with this momentum, e.g. "
+              "0.99, and validate and keep it in place of the raw weights")
     augment_images: bool = _field(
         False, "random flip, rotation, zoom, crop and contrast of training images")
     augment_text: bool = _field(False, "random word deletion and swap in training texts")

@@ -326,7 +326,7 @@ def train_arguments(config, verbose="auto"):
     return dict(seed=config.data.seed, verbose=verbose, **{name: getattr(fit, name) for name in (
         "epochs", "learning_rate", "batch_size", "patience", "fine_tune_epochs",
         "fine_tune_learning_rate", "unfreeze_blocks", "unfreeze_text_layers", "warmup",
-        "layer_decay", "class_weight", "focal_gamma", "weight_decay",
+        "layer_decay", "class_weight", "focal_gamma", "weight_decay", "ema_momentum",
         "augment_images", "augment_text", "task_weights", "auxiliary_weight", "cache_features",
         "projector")}, label_smoothing=fit.label_smoothing or 0.0)
 

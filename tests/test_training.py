@@ -269,6 +269,23 @@ def test_regularisation_options_train(tmp_path, product_records, options, cached
     assert (len(os.listdir(cache)) if cache.exists() else 0) == cached, capsys.readouterr().out
 
 
+@pytest.mark.parametrize("ema_momentum", [None, 0.9])
+def test_the_weights_kept_are_the_ones_validated(tmp_path, product_records, ema_momentum):
+    # With a moving average of the weights, validation scores the average and the
+    # best epoch's average is kept: the final model's val loss is the best one logged.
+    model = build_classifier_for(product_records, **SMALL)
+    history = train(model, product_records, str(tmp_path), epochs=3, fine_tune_epochs=2,
+                    learning_rate=1e-2, fine_tune_learning_rate=1e-2, batch_size=8,
+                    verbose=0, projector=False, ema_momentum=ema_momentum)
+    val = product_records.subset("val")
+    data = make_dataset(val, **describe(model).dataset_arguments(), batch_size=8,
+                        shuffle=False).map(lambda inputs, *_: inputs)
+    probabilities = model.predict(data, verbose=0)
+    loss = -np.mean(np.log(probabilities[np.arange(len(val)), val.labels]))
+    assert history["phase"] == [1, 1, 1, 2, 2]
+    np.testing.assert_allclose(loss, min(history["val_loss"]), rtol=1e-4)
+
+
 class _SlowEpochs(keras.callbacks.Callback):
     """Makes each training batch take a while, as a big dataset would."""
 

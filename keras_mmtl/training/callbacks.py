@@ -7,6 +7,7 @@ per epoch, `write_hparams` the run's hyperparameters (HParams dashboard) and
 `write_projector` embeddings with their labels (Projector).
 """
 
+import contextlib
 import math
 import time
 
@@ -130,6 +131,10 @@ class BestWeights(keras.callbacks.Callback):
     leaves the previous best file whole, and a resumed run passes the best
     value it had reached (`best`) so a worse epoch does not replace it.
 
+    With an optimizer that keeps a moving average of the weights (`use_ema`),
+    it keeps the average (`averaged_weights`), which Keras' `SwapEMAWeights`
+    validates.
+
     Args:
         path: the `.weights.h5` file.
         monitor: the logged value to minimise, e.g. `"val_loss"`.
@@ -144,7 +149,40 @@ class BestWeights(keras.callbacks.Callback):
         value = (logs or {}).get(self.monitor)
         if value is not None and value < self.best:
             self.best = float(value)
-            save_atomic(self.model.save_weights, self.path)
+            with averaged_weights(self.model):
+                save_atomic(self.model.save_weights, self.path)
+
+
+@contextlib.contextmanager
+def averaged_weights(model):
+    """Inside, a model holds its optimizer's moving average of the weights, if it keeps one.
+
+    Example:
+
+    >>> inputs = keras.Input((1,))
+    >>> dense = keras.layers.Dense(1, use_bias=False, kernel_initializer="zeros")
+    >>> model = keras.Model(inputs, dense(inputs))
+    >>> model.compile(keras.optimizers.SGD(1.0, use_ema=True, ema_momentum=0.5), "mse")
+    >>> for step in range(2):  # the kernel goes 0, -1, -2; its average -1, -1.5
+    ...     model.optimizer.apply([np.ones((1, 1))], model.trainable_variables)
+    >>> with averaged_weights(model):
+    ...     print(dense.kernel.numpy())
+    [[-1.5]]
+    >>> print(dense.kernel.numpy())
+    [[-2.]]
+    """
+    optimizer = getattr(model, "optimizer", None)
+    optimizer = getattr(optimizer, "inner_optimizer", optimizer)  # a LossScaleOptimizer's
+    if not getattr(optimizer, "use_ema", False):
+        yield
+        return
+    raw = [variable.numpy() for variable in model.trainable_variables]
+    optimizer.finalize_variable_values(model.trainable_variables)
+    try:
+        yield
+    finally:
+        for variable, value in zip(model.trainable_variables, raw):
+            variable.assign(value)
 
 
 class ConfusionMatrixImage(keras.callbacks.Callback):

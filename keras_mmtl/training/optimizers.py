@@ -154,7 +154,7 @@ def decoupled_weight_decay(optimizer):
 
 
 def fine_tuning_optimizer(model, learning_rate, total_steps, *, warmup=0.1, layer_decay=0.8,
-                          weight_decay=0.0):
+                          weight_decay=0.0, ema_momentum=None):
     """The optimizer of phase 2: linear warmup, cosine decay, layer-wise rates.
 
     The learning rate rises from 0 to `learning_rate` over the first
@@ -169,6 +169,8 @@ def fine_tuning_optimizer(model, learning_rate, total_steps, *, warmup=0.1, laye
         warmup: fraction of the steps spent warming up.
         layer_decay: factor per block down each backbone (`layerwise_multipliers`).
         weight_decay: decoupled weight decay of kernels (`decoupled_weight_decay`).
+        ema_momentum: keep an exponential moving average of the weights with
+            this momentum (`moving_average`); `None` for none.
 
     Returns:
         a `LayerwiseAdam`.
@@ -185,4 +187,28 @@ def fine_tuning_optimizer(model, learning_rate, total_steps, *, warmup=0.1, laye
     )
     return decoupled_weight_decay(LayerwiseAdam(
         layerwise_multipliers(model, layer_decay), learning_rate=schedule,
-        weight_decay=weight_decay or None))
+        weight_decay=weight_decay or None, **moving_average(ema_momentum)))
+
+
+def moving_average(ema_momentum):
+    """Optimizer arguments that keep an exponential moving average of the weights.
+
+    Keras optimizers keep it beside the weights (`use_ema`). `train` then
+    validates the average (Keras' `SwapEMAWeights`), and keeps the average
+    of the best epoch (`BestWeights`) in place of the raw weights.
+
+    Args:
+        ema_momentum: the average's momentum, e.g. 0.99 (its horizon is about
+            `1 / (1 - ema_momentum)` steps); `None` or 0 for no average.
+
+    Example:
+
+    >>> moving_average(0.99), moving_average(None)
+    ({'use_ema': True, 'ema_momentum': 0.99}, {})
+    """
+    if not ema_momentum:
+        return {}
+    if not 0 < ema_momentum < 1:
+        raise ValueError(f"ema_momentum must be in (0, 1), e.g. 0.99. "
+                         f"Received: ema_momentum={ema_momentum}")
+    return {"use_ema": True, "ema_momentum": float(ema_momentum)}

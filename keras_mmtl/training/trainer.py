@@ -66,6 +66,7 @@ from keras_mmtl.training.optimizers import (
     LayerwiseAdam,
     decoupled_weight_decay,
     fine_tuning_optimizer,
+    moving_average,
 )
 from keras_mmtl.training.run_state import (
     LOGS,
@@ -167,6 +168,7 @@ def train(
     focal_gamma=0.0,
     label_smoothing=0.0,
     weight_decay=0.0,
+    ema_momentum=None,
     augment_images=False,
     augment_text=False,
     task_weights=None,
@@ -246,6 +248,9 @@ def train(
         label_smoothing: target mass spread over all classes (e.g. 0.1).
         weight_decay: decoupled weight decay (AdamW) of kernels; biases,
             normalisation and embedding weights are not decayed.
+        ema_momentum: keep an exponential moving average of the weights in
+            each phase with this momentum (e.g. 0.99), and validate and keep
+            it in place of the raw weights (`moving_average`); `None` for none.
         augment_images: random flip, rotation, zoom, crop and contrast of
             training images: `True`, or a dict of `ImageAugmentation`
             arguments. Augmented images go through the image backbone each
@@ -368,12 +373,14 @@ def train(
                 # The clone holds the backbones whole (a top on cached features holds part).
                 optimizer = fine_tuning_optimizer(clone or fit_model, rate, steps, warmup=warmup,
                                                   layer_decay=layer_decay,
-                                                  weight_decay=weight_decay)
+                                                  weight_decay=weight_decay,
+                                                  ema_momentum=ema_momentum)
                 schedule = (f"peak learning rate {rate:g} (warmup {warmup:g}, cosine, "
                             f"layer decay {layer_decay:g})")
             else:
-                optimizer = decoupled_weight_decay(
-                    LayerwiseAdam(learning_rate=rate, weight_decay=weight_decay or None))
+                optimizer = decoupled_weight_decay(LayerwiseAdam(
+                    learning_rate=rate, weight_decay=weight_decay or None,
+                    **moving_average(ema_momentum)))
                 schedule = f"learning rate {rate:g}"
             # A top on cached features takes a few ms a step: run many steps per call (phase 2
             # on the cached bottom: about 9% more samples/s); not with several replicas, where
@@ -403,7 +410,8 @@ def train(
                 validation_data=val_ds,
                 initial_epoch=start,
                 epochs=start + phase_epochs,
-                callbacks=[_RecordEpochs(state, state_path, number),
+                callbacks=[*([keras.callbacks.SwapEMAWeights()] if ema_momentum else []),
+                           _RecordEpochs(state, state_path, number),
                            *_callbacks(run_dir, number, monitor, patience, best,
                                        _best(state, monitor, number), macro_f1,
                                        describe(model).class_names()),
