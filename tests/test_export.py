@@ -117,50 +117,54 @@ def test_empty_inputs_are_missing_samples_for_a_model_that_takes_them(served):
 FRESH_PROCESS = textwrap.dedent("""
     import json, sys
     import tensorflow as tf  # alone: the default export needs core ops only
-    request = json.load(open(sys.argv[2]))
-    signatures = tf.saved_model.load(sys.argv[1]).signatures
-    inputs = {}
-    if "images" in request:
-        inputs["image"] = tf.constant([open(p, "rb").read() for p in request["images"]])
-    if "texts" in request:
-        inputs["text"] = tf.constant(request["texts"])
-    out = signatures["serving_default"](**inputs)
-    print(json.dumps({"probabilities": out["probabilities"].numpy().tolist(),
-                      "label": [x.decode() for x in out["label"].numpy()],
-                      "embedding": signatures["embed"](**inputs)["embedding"].numpy().tolist(),
-                      "modules": sorted(m for m in sys.modules if m.startswith("tensorflow_"))}))
+    for path, request in json.load(open(sys.argv[1])):
+        signatures = tf.saved_model.load(path).signatures
+        inputs = {}
+        if "images" in request:
+            inputs["image"] = tf.constant([open(p, "rb").read() for p in request["images"]])
+        if "texts" in request:
+            inputs["text"] = tf.constant(request["texts"])
+        out = signatures["serving_default"](**inputs)
+        print(json.dumps({
+            "probabilities": out["probabilities"].numpy().tolist(),
+            "label": [x.decode() for x in out["label"].numpy()],
+            "embedding": signatures["embed"](**inputs)["embedding"].numpy().tolist(),
+            "modules": sorted(m for m in sys.modules if m.startswith("tensorflow_"))}))
 """)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("modalities", [("image", "text"), ("image",), ("text",)])
-def test_export_answers_like_the_keras_model_in_a_fresh_process(tmp_path, product_records,
-                                                                 modalities):
+def test_export_answers_like_the_keras_model_in_a_fresh_process(tmp_path, product_records):
     import json
 
-    model = _model(product_records, modalities)
-    path = export_saved_model(model, str(tmp_path / "model"))
     test = product_records.subset("test")
-    request = {}
-    if "image" in modalities:
-        request["images"] = list(test.images)
-    if "text" in modalities:
-        request["texts"] = list(test.texts)
-    (tmp_path / "request.json").write_text(json.dumps(request))
+    models, requests = [], []
+    for modalities in (("image", "text"), ("image",), ("text",)):
+        model = _model(product_records, modalities)
+        path = export_saved_model(model, str(tmp_path / "+".join(modalities)))
+        request = {}
+        if "image" in modalities:
+            request["images"] = list(test.images)
+        if "text" in modalities:
+            request["texts"] = list(test.texts)
+        models.append(model)
+        requests.append([path, request])
+    (tmp_path / "requests.json").write_text(json.dumps(requests))
     (tmp_path / "serve.py").write_text(FRESH_PROCESS)
-    result = subprocess.run(
-        [sys.executable, str(tmp_path / "serve.py"), path, str(tmp_path / "request.json")],
+    result = subprocess.run(  # one fresh process serves the three exports
+        [sys.executable, str(tmp_path / "serve.py"), str(tmp_path / "requests.json")],
         capture_output=True, text=True, check=True, cwd=str(tmp_path))
-    served = json.loads(result.stdout.strip().splitlines()[-1])
-    assert "tensorflow_text" not in served["modules"]
-    _, expected = predict_records(model, product_records, "test")
-    np.testing.assert_allclose(served["probabilities"], expected, atol=1e-4)
-    names = [model.get_layer("head").class_names[i] for i in expected.argmax(axis=1)]
-    assert served["label"] == names
-    features = make_dataset(product_records, "test", **describe(model).dataset_arguments(),
-                            batch_size=64)
-    embeddings = embedding_model(model).predict(features.map(lambda x, y: x), verbose=0)
-    np.testing.assert_allclose(served["embedding"], embeddings, atol=1e-4)
+    answers = [json.loads(line) for line in result.stdout.strip().splitlines()[-3:]]
+    for model, served in zip(models, answers):
+        assert "tensorflow_text" not in served["modules"]
+        _, expected = predict_records(model, product_records, "test")
+        np.testing.assert_allclose(served["probabilities"], expected, atol=1e-4)
+        names = [model.get_layer("head").class_names[i] for i in expected.argmax(axis=1)]
+        assert served["label"] == names
+        features = make_dataset(product_records, "test", **describe(model).dataset_arguments(),
+                                batch_size=64)
+        embeddings = embedding_model(model).predict(features.map(lambda x, y: x), verbose=0)
+        np.testing.assert_allclose(served["embedding"], embeddings, atol=1e-4)
 
 
 @pytest.mark.slow
