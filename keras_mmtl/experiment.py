@@ -299,7 +299,7 @@ def resolve_preset(config, rows, kinds=()):
     alone = {key: value for key, value in changes["training"].items()
              if key in alone_arguments(name, kinds)}
     if alone:
-        why += "; for a model of images alone, also " + ", ".join(
+        why += "; for a run of images alone, also " + ", ".join(
             f"{key}={value}" for key, value in alone.items())
     for key in ("ensemble", "modality_experts"):  # run-level settings, not train's
         if unset("training", key):

@@ -112,7 +112,7 @@ def test_models_of_images_alone_train_with_label_smoothing(preset, kinds, traini
     config = RunConfig.from_dict({"training": {"preset": preset, **training}})
     config, why = resolve_preset(config, rows=1000, kinds=kinds)
     assert config.training.label_smoothing == expected
-    said = "for a model of images alone, also label_smoothing=0.1" in why
+    said = "for a run of images alone, also label_smoothing=0.1" in why
     assert said == (expected == 0.1)
     assert train_arguments(config)["label_smoothing"] == (expected or 0.0)
 
@@ -169,7 +169,7 @@ def test_an_image_only_run_writes_the_smoothing_it_trained_with(tmp_path, produc
     run_experiment(config, verbose=0)
     written = RunConfig.from_file(str(tmp_path / "run" / "config.yaml"))
     assert written.training.label_smoothing == 0.1 and written.training.preset == "medium"
-    assert "for a model of images alone, also label_smoothing=0.1" in capsys.readouterr().out
+    assert "for a run of images alone, also label_smoothing=0.1" in capsys.readouterr().out
 
 
 def test_no_preset_fits_says_so():
