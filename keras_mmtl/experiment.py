@@ -138,7 +138,9 @@ def run_experiment(config, *, overwrite=False, verbose="auto"):
         keras.utils.set_random_seed(seed)  # weight initialisation too, not only training
         with strategy.scope():
             if source is None:
-                model = build_classifier_for(records, modalities=modalities, **build)
+                # An expert has one input: nothing to fuse, no per-modality heads.
+                model = build_classifier_for(records, modalities=modalities, **(
+                    {**build, "auxiliary_heads": False} if modalities else build))
             else:
                 vocabulary = None
                 if "text" in source.modalities:  # one vocabulary for source and target texts

@@ -220,6 +220,22 @@ def test_a_run_plans_a_fused_model_and_an_expert_per_image_input(products, data,
 
 
 @pytest.mark.slow
+def test_a_fused_model_with_auxiliary_heads_has_an_image_expert_without(tmp_path, products):
+    config = {
+        "data": {"manifest": products, "split_column": "split"},
+        "model": {"image_backbone": "small_cnn", "image_weights": None, "image_size": [16, 16],
+                  "auxiliary_heads": True},
+        "training": {"epochs": 1, "fine_tune_epochs": 0, "batch_size": 8, "projector": False,
+                     "calibrate": False, "modality_experts": True},
+        "output": {"run_dir": str(tmp_path / "run"), "export": False},
+    }
+    run_experiment(config, verbose=0)
+    fused, expert = (keras.models.load_model(tmp_path / "run" / name / "model.keras")
+                     for name in ("member1", "member1-image"))
+    assert len(fused.outputs) > 1 and len(expert.outputs) == 1  # the auxiliary heads, none
+
+
+@pytest.mark.slow
 def test_image_experts_are_served_with_the_fused_model_as_their_geometric_mean(
         tmp_path, products, monkeypatch):
     smoothing, real_train = [], experiment.train
