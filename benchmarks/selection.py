@@ -90,6 +90,7 @@ def member_scores(manifest, run_dir):
 
     from keras_mmtl import read_manifest
     from keras_mmtl.evaluation import predict_records, uncalibrated
+    from keras_mmtl.models import describe
 
     records = read_manifest(manifest, "image", "title_masked", "article_type", "split",
                             min_class_count=20)
@@ -100,6 +101,9 @@ def member_scores(manifest, run_dir):
         model = keras.saving.load_model(os.path.join(run_dir, name, "model.keras"))
         with uncalibrated(model):
             labels, probabilities = predict_records(model, records, "test")
+        if isinstance(probabilities, dict):  # auxiliary heads: the main output's
+            task = next(iter(describe(model).tasks))
+            labels, probabilities = labels[task], probabilities[task]
         logs[name.replace("member1", "fused").replace("fused-", "") or "model"] = np.log(
             np.clip(probabilities, 1e-12, 1))
     scores = {}
