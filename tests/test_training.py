@@ -281,6 +281,16 @@ def test_the_weights_kept_are_the_ones_validated(tmp_path, product_records, ema_
     np.testing.assert_allclose(loss, min(history["val_loss"]), rtol=1e-4)
 
 
+@pytest.mark.parametrize("ema_momentum", [1.5, -0.1])
+def test_an_invalid_moving_average_is_refused_before_the_run_folder(tmp_path, product_records,
+                                                                     ema_momentum):
+    model = build_classifier_for(product_records, **SMALL)
+    with pytest.raises(ValueError, match="ema_momentum must be in"):
+        train(model, product_records, str(tmp_path / "run"), epochs=1, verbose=0,
+              ema_momentum=ema_momentum)
+    assert not (tmp_path / "run").exists()
+
+
 class _SlowEpochs(keras.callbacks.Callback):
     """Makes each training batch take a while, as a big dataset would."""
 

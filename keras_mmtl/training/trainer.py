@@ -301,6 +301,7 @@ def train(
     budget = None if time_limit is None else parse_duration(time_limit)
     keras.utils.set_random_seed(seed)
     _loss_weights(describe(model).outputs, task_weights, auxiliary_weight)  # checks them early
+    moving_average(ema_momentum)  # checks it before the run folder is written
     strategy = model.distribute_strategy
     shard = None
     if is_multi_worker(strategy):
