@@ -258,10 +258,9 @@ def main():
     medium = ("every setting at its default (preset medium: n-gram text, balanced class "
               "weights, MobileNetV2-0.35 ImageNet at its own 224 px reshaped to the photos' 4:3, "
               "phase 2 on the top 3 blocks over the cached frozen bottom (5 for an image-only "
-              "run); a fused run also "
-              "trains an image-only expert and serves the geometric mean of the two; a model "
-              "of images alone, an image-only run or the image expert, smooths its labels by "
-              "0.1)")
+              "run); a fused run also trains an image-only expert and serves the geometric "
+              "mean of the two; a model of images alone, an image-only run or the image "
+              "expert, smooths its labels by 0.1)")
     chosen = (f"`--preset {args.preset}` ({PRESETS[args.preset].description}) and every other "
               "setting at its default" if args.preset else medium)
     body = (
