@@ -216,7 +216,8 @@ def export_saved_model(model, base_dir, version=None, custom_ops="warn",
     remote storage (`gs://...`, any TensorFlow filesystem), where a folder
     cannot be renamed whole, it is written locally and copied into place with
     `saved_model.pb` last, so a server that polls the folder loads it whole;
-    a copy that fails midway is removed.
+    a copy that fails midway is removed (one whose process is killed is
+    left without `saved_model.pb`, and `latest_version` passes it over).
 
     The version carries warm-up requests (`write_warmup_requests`): TF
     Serving runs them when it loads the version, so the first clients do not
@@ -389,13 +390,19 @@ def _remove_stale_staging(base_dir):
 
 
 def latest_version(path):
-    """The newest version folder of a TF Serving model folder (or `path` itself)."""
+    """The newest whole version folder of a TF Serving model folder (or `path` itself).
+
+    A version without `saved_model.pb` (a remote copy that a killed process
+    left midway: the file is copied last) is passed over.
+    """
     if tf.io.gfile.exists(join_path(path, SAVED_MODEL_FILE)):
         return path
-    versions = _versions(path)
+    versions = [version for version in _versions(path)
+                if tf.io.gfile.exists(join_path(path, f"{version}/{SAVED_MODEL_FILE}"))]
     if not versions:
         raise FileNotFoundError(
-            f"No SavedModel at {path}: expected saved_model.pb or numbered version folders.")
+            f"No SavedModel at {path}: expected saved_model.pb or numbered version folders "
+            "holding one.")
     return join_path(path, str(max(versions)))
 
 

@@ -147,6 +147,25 @@ def test_a_remote_export_that_fails_midway_leaves_no_version(remote, monkeypatch
     assert export_saved_model(model, base) == f"{base}/1"
 
 
+@pytest.mark.parametrize("where", ["local", "remote"])
+def test_the_newest_version_is_the_newest_whole_one(where, tmp_path):
+    # A process killed while copying version 3 to remote storage leaves it without
+    # saved_model.pb (copied last): predicting from the model folder uses version 2.
+    base = (str(tmp_path / "products") if where == "local"
+            else f"ram://models-{uuid.uuid4().hex}/products")
+    for version, files in ((1, ["saved_model.pb"]), (2, ["saved_model.pb"]),
+                           (3, ["variables/variables.index", "fingerprint.pb"])):
+        for name in files:
+            tf.io.gfile.makedirs(folder_of(f"{base}/{version}/{name}"))
+            with tf.io.gfile.GFile(f"{base}/{version}/{name}", "wb") as f:
+                f.write(b"x")
+    assert latest_version(base) == f"{base}/2"
+    tf.io.gfile.rmtree(f"{base}/1")
+    tf.io.gfile.remove(f"{base}/2/saved_model.pb")
+    with pytest.raises(FileNotFoundError, match="holding one"):
+        latest_version(base)
+
+
 class _Stop(Exception):
     """A run interrupted on purpose."""
 
