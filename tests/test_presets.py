@@ -236,6 +236,23 @@ def test_a_fused_model_with_auxiliary_heads_has_an_image_expert_without(tmp_path
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("time_limit", [None, "1s"])
+def test_the_modality_report_is_left_out_when_it_would_end_past_the_time_limit(
+        tmp_path, products, capsys, time_limit):
+    config = {
+        "data": {"manifest": products, "split_column": "split"},
+        "model": {"image_backbone": "small_cnn", "image_weights": None, "image_size": [16, 16]},
+        "training": {"epochs": 1, "fine_tune_epochs": 0, "batch_size": 8, "projector": False,
+                     "calibrate": False, "modality_experts": False, "time_limit": time_limit},
+        "output": {"run_dir": str(tmp_path / "run"), "export": False},
+    }
+    result = run_experiment(config, verbose=0)
+    said = capsys.readouterr().out
+    assert result.report is not None and (result.modalities is None) == (time_limit is not None)
+    assert ("Modality report left out" in said) == (time_limit is not None), said
+
+
+@pytest.mark.slow
 def test_image_experts_are_served_with_the_fused_model_as_their_geometric_mean(
         tmp_path, products, monkeypatch):
     smoothing, real_train = [], experiment.train
