@@ -298,15 +298,17 @@ class _SlowEpochs(keras.callbacks.Callback):
         time.sleep(0.05)
 
 
-def test_time_limit_stops_training_and_keeps_the_best_epoch(tmp_path, product_records, capsys):
+@pytest.mark.parametrize("limit, said", [("3s", "3s"), (3.2, "3 s")])
+def test_time_limit_stops_training_and_keeps_the_best_epoch(tmp_path, product_records, capsys,
+                                                             limit, said):
     model = build_classifier_for(product_records, **SMALL)
     started = time.monotonic()
     history = train(model, product_records, str(tmp_path), epochs=100, fine_tune_epochs=0,
-                    patience=100, batch_size=4, time_limit="3s", verbose=0, projector=False,
+                    patience=100, batch_size=4, time_limit=limit, verbose=0, projector=False,
                     callbacks=[_SlowEpochs()])
     assert 1 <= len(history["epoch"]) < 20  # an epoch takes 0.2-0.4 s here
     assert time.monotonic() - started < 30
-    assert "stopped by the time limit (3s)" in capsys.readouterr().out
+    assert f"stopped by the time limit ({said}) after" in capsys.readouterr().out
     assert os.path.exists(tmp_path / "model.keras")
 
 

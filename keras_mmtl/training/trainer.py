@@ -421,7 +421,8 @@ def train(
                 verbose=verbose,
             )
         if limit and limit[0].stopped:
-            logger.info(f"Phase {number} stopped by the time limit ({time_limit}) after "
+            given = time_limit if isinstance(time_limit, str) else f"{budget:.0f} s"
+            logger.info(f"Phase {number} stopped by the time limit ({given}) after "
                         f"{time.monotonic() - started:.0f} s of training.")
         if exists(best):
             fit_model.load_weights(best)
