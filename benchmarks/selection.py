@@ -92,18 +92,21 @@ def member_scores(manifest, run_dir):
     from keras_mmtl.evaluation import predict_records, uncalibrated
     from keras_mmtl.models import describe
 
-    records = read_manifest(manifest, "image", "title_masked", "article_type", "split",
-                            min_class_count=20)
+    def read(tasks):
+        return read_manifest(manifest, "image", "title_masked", list(tasks), "split",
+                             min_class_count=20)
+
     names = sorted(name for name in os.listdir(run_dir) if name.startswith("member")
                    and os.path.exists(os.path.join(run_dir, name, "model.keras")))
     logs = {}
     for name in names or [""]:  # a run of one model keeps it in the run folder itself
         model = keras.saving.load_model(os.path.join(run_dir, name, "model.keras"))
+        tasks = list(describe(model).tasks)  # a multi-task model's columns, article_type first
         with uncalibrated(model):
-            labels, probabilities = predict_records(model, records, "test")
-        if isinstance(probabilities, dict):  # auxiliary heads: the main output's
-            task = next(iter(describe(model).tasks))
-            labels, probabilities = labels[task], probabilities[task]
+            labels, probabilities = predict_records(
+                model, read([task for task in tasks if task] or ["article_type"]), "test")
+        if isinstance(probabilities, dict):  # auxiliary heads or tasks: the main output's
+            labels, probabilities = labels[tasks[0]], probabilities[tasks[0]]
         logs[name.replace("member1", "fused").replace("fused-", "") or "model"] = np.log(
             np.clip(probabilities, 1e-12, 1))
     scores = {}

@@ -204,8 +204,8 @@ def run_experiment(config, *, overwrite=False, verbose="auto"):
     if len(modalities) > 1:
         # One more pass over the test split per modality, each about as long as the first.
         needed = len(modalities) * (time.monotonic() - scoring)
-        left = budget - (time.monotonic() - started) if budget else needed
-        if needed > left:
+        left = budget and budget - (time.monotonic() - started)
+        if budget and needed > left:
             logger.info(f"Modality report left out: its {len(modalities)} passes over the test "
                         f"split (about {needed:.0f} s) would end past the time limit "
                         f"({fit.time_limit}, {max(left, 0):.0f} s left). `keras-mmtl evaluate "
