@@ -30,7 +30,14 @@ from keras_mmtl.presets import (
     preset_arguments,
 )
 from keras_mmtl.progress import logger
-from keras_mmtl.training import distribution_strategy, setup_precision, train, transfer, tune
+from keras_mmtl.training import (
+    cache_frozen_features,
+    distribution_strategy,
+    setup_precision,
+    train,
+    transfer,
+    tune,
+)
 from keras_mmtl.training.distribute import is_chief, is_multi_worker
 from keras_mmtl.training.run_state import MODEL_FILE, check_run_folder, fingerprint
 
@@ -148,6 +155,15 @@ def run_experiment(config, *, overwrite=False, verbose="auto"):
                                                        options.text_tokenizer)
                 model = build_classifier_for(source, text_vocabulary=vocabulary, **build)
         if budget and source is None:  # left, shared by the members to train, less evaluation
+            if number == 1 and len(members) > 1 and kwargs["cache_features"] and not (
+                    is_multi_worker(strategy)):
+                # The members read one cache of frozen features: computed first, so that
+                # every member's share of the time goes to training.
+                with strategy.scope():
+                    cache_frozen_features(model, records, os.path.join(run_dir, "cache"), **{
+                        key: kwargs[key] for key in (
+                            "fine_tune_epochs", "unfreeze_blocks", "unfreeze_text_layers",
+                            "augment_images", "augment_text")})
             left = budget * (1 - EVALUATION_SHARE) - (time.monotonic() - started)
             kwargs["time_limit"] = max(left / (len(members) - number + 1), 1.0)
         if source is None and len(members) == 1:

@@ -3,6 +3,7 @@
 import csv
 import os
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -20,9 +21,26 @@ def _seeded():
     Without it a test's initial weights depend on the order pytest-xdist deals the
     tests, and a tiny model that learns its task from 9 starts in 10 fails now and then.
     """
-    import keras
-
     keras.utils.set_random_seed(0)
+
+
+def random_mobilenet_weights(folder):
+    """A MobileNetV2 0.35 weights file like the ImageNet one, random, with BatchNorm statistics.
+
+    Its moving means and variances are not the fresh 0 and 1, so a test can tell them
+    from a newly built network's and see any update.
+    """
+    from keras_mmtl.models import backbone_network, build_image_backbone
+
+    network = backbone_network(build_image_backbone("mobilenet_v2_0.35", None, (32, 32)))
+    rng = np.random.default_rng(0)
+    for layer in network.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.moving_mean.assign(rng.normal(0, 0.5, layer.moving_mean.shape))
+            layer.moving_variance.assign(rng.uniform(0.5, 2.0, layer.moving_variance.shape))
+    path = os.path.join(folder, "mobilenet_v2_0.35_random_notop.weights.h5")
+    network.save_weights(path)
+    return path
 
 
 def write_image(path, colour, size=16, fmt="jpeg"):

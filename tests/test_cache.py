@@ -14,7 +14,7 @@ from keras_mmtl.models.backbones import (
     unfreeze_top_blocks,
 )
 from keras_mmtl.training import cache as cache_module
-from keras_mmtl.training import train
+from keras_mmtl.training import cache_frozen_features, train
 from keras_mmtl.training.cache import cache_key, compute_features, split_model
 
 FROZEN = dict(image_backbone="small_cnn", image_weights=None, image_size=(16, 16),
@@ -125,6 +125,27 @@ def test_two_phases_run_the_frozen_bottom_once_per_split(tmp_path, product_recor
     cached = compute_features(whole, product_records, "train", cache_dir=str(tmp_path / "cache"))
     assert len(passes) == 2 + passes.count(None)  # read from the cache, not computed
     np.testing.assert_allclose(cached["image_features"], expected["image_features"], atol=1e-5)
+
+
+@pytest.mark.parametrize("fine_tune_epochs", [0, 1])
+def test_features_cached_before_training_are_all_that_training_reads(tmp_path, product_records,
+                                                                     monkeypatch,
+                                                                     fine_tune_epochs):
+    model = build_classifier_for(product_records, **FROZEN)
+    cache = str(tmp_path / "cache")
+    cache_frozen_features(model, product_records, cache, fine_tune_epochs=fine_tune_epochs,
+                          unfreeze_blocks=1)
+    passes, compute = [], cache_module._compute
+
+    def counted(extractor, *args, **kwargs):
+        passes.append(extractor.name)
+        return compute(extractor, *args, **kwargs)
+
+    monkeypatch.setattr(cache_module, "_compute", counted)
+    train(model, product_records, str(tmp_path / "run"), epochs=1,
+          fine_tune_epochs=fine_tune_epochs, unfreeze_blocks=1, cache_dir=cache, batch_size=8,
+          verbose=0, projector=False)
+    assert passes == []  # both phases read what was computed before
 
 
 def test_augmented_images_are_not_cached_in_fine_tuning(product_records):

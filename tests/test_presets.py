@@ -6,6 +6,7 @@ import keras
 import numpy as np
 import pytest
 
+from conftest import random_mobilenet_weights
 from keras_mmtl import experiment
 from keras_mmtl.cli import build_parser
 from keras_mmtl.config import RunConfig, from_arguments
@@ -25,6 +26,7 @@ from keras_mmtl.presets import (
     parse_duration,
     with_preset,
 )
+from keras_mmtl.training import cache as cache_module
 from keras_mmtl.training.trainer import _input_kinds
 
 
@@ -250,6 +252,35 @@ def test_the_modality_report_is_left_out_when_it_would_end_past_the_time_limit(
     said = capsys.readouterr().out
     assert result.report is not None and (result.modalities is None) == (time_limit is not None)
     assert ("Modality report left out" in said) == (time_limit is not None), said
+
+
+@pytest.mark.slow
+def test_the_members_of_a_timed_run_share_features_computed_before_the_time_is_shared(
+        tmp_path, products, monkeypatch):
+    passes, compute = [], cache_module._compute
+    monkeypatch.setattr(cache_module, "_compute",
+                        lambda *args, **kwargs: passes.append(1) or compute(*args, **kwargs))
+    computed_in_training, real_train = [], experiment.train
+
+    def recording_train(*args, **kwargs):
+        before = len(passes)
+        history = real_train(*args, **kwargs)
+        computed_in_training.append(len(passes) - before)
+        return history
+
+    monkeypatch.setattr(experiment, "train", recording_train)
+    config = {
+        "data": {"manifest": products, "split_column": "split"},
+        "model": {"image_backbone": "mobilenet_v2_0.35", "image_size": [32, 32],
+                  "image_weights": random_mobilenet_weights(str(tmp_path))},
+        "training": {"preset": "medium", "epochs": 1, "fine_tune_epochs": 1,
+                     "unfreeze_blocks": 1, "batch_size": 8, "projector": False,
+                     "calibrate": False, "time_limit": "10m"},
+        "output": {"run_dir": str(tmp_path / "run"), "export": False},
+    }
+    run_experiment(config, verbose=0)
+    assert passes  # the frozen image backbone's features: computed once, before the members
+    assert computed_in_training == [0, 0]  # the fused model and its image expert
 
 
 @pytest.mark.slow

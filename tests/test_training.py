@@ -6,12 +6,12 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import MOBILENET_WEIGHTS
+from conftest import MOBILENET_WEIGHTS, random_mobilenet_weights
 from keras_mmtl.data import from_arrays
 from keras_mmtl.data.pipeline import make_dataset
-from keras_mmtl.models import backbone_network, build_classifier_for, build_image_backbone, describe
+from keras_mmtl.models import backbone_network, build_classifier_for, describe
 from keras_mmtl.training.losses import ClassificationLoss
-from keras_mmtl.training import class_weights, setup_precision, train
+from keras_mmtl.training import class_weights, setup_precision, train, trainer
 from keras_mmtl.training.run_state import StaleRunError, check_run_folder, fingerprint
 from keras_mmtl.presets import parse_duration
 
@@ -67,28 +67,11 @@ class _LearningRateFactors(keras.callbacks.Callback):
         self.factors.append(sorted(set(multipliers.values())))
 
 
-def _random_weights_file(folder):
-    """A MobileNetV2 0.35 weights file like the ImageNet one, random, with BatchNorm statistics.
-
-    Its moving means and variances are not the fresh 0 and 1, so a test can tell them
-    from a newly built network's and see any update.
-    """
-    network = backbone_network(build_image_backbone("mobilenet_v2_0.35", None, (32, 32)))
-    rng = np.random.default_rng(0)
-    for layer in network.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            layer.moving_mean.assign(rng.normal(0, 0.5, layer.moving_mean.shape))
-            layer.moving_variance.assign(rng.uniform(0.5, 2.0, layer.moving_variance.shape))
-    path = os.path.join(folder, "mobilenet_v2_0.35_random_notop.weights.h5")
-    network.save_weights(path)
-    return path
-
-
 @pytest.mark.slow
 def test_fine_tuning_a_pretrained_backbone_keeps_batchnorm_statistics(tmp_path, product_records):
     # The ImageNet weights file of ../shared where it is, else a random file like it.
     weights = (MOBILENET_WEIGHTS if os.path.exists(MOBILENET_WEIGHTS)
-               else _random_weights_file(str(tmp_path)))
+               else random_mobilenet_weights(str(tmp_path)))
     records = product_records.select(product_records.splits != "val")
     model = build_classifier_for(records, image_backbone="mobilenet_v2_0.35",
                                  image_weights=weights, image_size=(32, 32))
@@ -310,6 +293,31 @@ def test_time_limit_stops_training_and_keeps_the_best_epoch(tmp_path, product_re
     assert time.monotonic() - started < 30
     assert f"stopped by the time limit ({said}) after" in capsys.readouterr().out
     assert os.path.exists(tmp_path / "model.keras")
+
+
+def test_phase_one_has_half_the_time_left_once_its_features_are_computed(
+        tmp_path, product_records, monkeypatch):
+    deadlines, compute = [], trainer.cache_frozen_features
+
+    class RecordedLimit(trainer.TimeLimit):
+        def __init__(self, deadline):
+            super().__init__(deadline)
+            deadlines.append(deadline)
+
+    def slow_features(*args, **kwargs):  # as a big dataset's would be
+        compute(*args, **kwargs)
+        time.sleep(2)
+
+    monkeypatch.setattr(trainer, "TimeLimit", RecordedLimit)
+    monkeypatch.setattr(trainer, "cache_frozen_features", slow_features)
+    model = build_classifier_for(product_records, **SMALL)
+    started = time.monotonic()
+    train(model, product_records, str(tmp_path), epochs=1, fine_tune_epochs=1, batch_size=8,
+          time_limit=60, verbose=0, projector=False)
+    assert len(deadlines) == 2
+    # Half of the 58 s or less left after the features, not half of the 60 s from the start.
+    assert deadlines[0] >= started + 2 + (60 - 2) / 2
+    assert deadlines[1] == pytest.approx(started + 60, abs=1)
 
 
 @pytest.mark.parametrize("text, seconds", [("15m", 900), ("1h30m", 5400), ("90s", 90),

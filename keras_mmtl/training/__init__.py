@@ -13,6 +13,11 @@ from keras_mmtl.training.optimizers import (
 )
 from keras_mmtl.training.precision import setup_precision
 from keras_mmtl.training.pruning import MagnitudePruning, compressed_size, prune, sparsity
-from keras_mmtl.training.trainer import class_weights, compile_classifier, train
+from keras_mmtl.training.trainer import (
+    cache_frozen_features,
+    class_weights,
+    compile_classifier,
+    train,
+)
 from keras_mmtl.training.transfer import joint_records, train_joint, transfer, with_new_head
 from keras_mmtl.training.tuning import TuningResult, default_search_space, tune

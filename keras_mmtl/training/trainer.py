@@ -276,8 +276,9 @@ def train(
         seed: seed of shuffling and weight initialisation.
         time_limit: wall time this call may take, in seconds or as a
             duration such as `"15m"` (`parse_duration`); `None` for no limit.
-            Phase 1 stops by half of it (phase 2 can have what phase 1 left)
-            and phase 2 by all of it, each at the end of an epoch when
+            Phase 1 stops by half of the time left once its frozen features
+            are computed (phase 2 can have what phase 1 left) and phase 2
+            by all of it, each at the end of an epoch when
             another would not end in time (`TimeLimit`); each keeps its
             best epoch as usual.
         callbacks: more Keras callbacks, run in both phases (after ours).
@@ -342,8 +343,7 @@ def train(
                                        ("text encoder", text.TEXT_BACKBONE))
               if _frozen(model, layer)]
     image_frozen = "image backbone" in frozen
-    two_phase = fine_tune_epochs > 0 and (image_frozen or (
-        "text encoder" in frozen and unfreeze_text_layers))
+    two_phase = _two_phase(model, fine_tune_epochs, unfreeze_text_layers)
     phases = [(epochs, learning_rate)] + ([(fine_tune_epochs, fine_tune_learning_rate)]
                                           if two_phase else [])
     if state.get("phases_done", 0) >= len(phases):
@@ -358,12 +358,12 @@ def train(
         else:
             title = f"frozen {' and '.join(frozen)}" if frozen else "all layers"
         with strategy.scope():
-            if number < len(phases) and image_frozen and cache_features and shard is None and (
-                    "image" not in augment):  # phase 1's and phase 2's features in one pass
-                cache_whole_from_bottom(
-                    model, lambda later: _unfreeze(later, unfreeze_blocks, unfreeze_text_layers),
-                    records, ("train", "val") if has_val else ("train",),
-                    cache_dir or join_path(run_dir, "cache"))
+            if number == 1 and cache_features and shard is None:
+                cache_frozen_features(model, records, cache_dir or join_path(run_dir, "cache"),
+                                      fine_tune_epochs=fine_tune_epochs,
+                                      unfreeze_blocks=unfreeze_blocks,
+                                      unfreeze_text_layers=unfreeze_text_layers,
+                                      augment_images=augment_images, augment_text=augment_text)
             fit_model, clone, train_ds, val_ds, cached = _fit_setup(
                 model, records, run_dir, cache=cache_features, cache_dir=cache_dir,
                 has_val=has_val, batch_size=batch_size * strategy.num_replicas_in_sync,
@@ -401,9 +401,10 @@ def train(
                     f"{schedule}, {_count(fit_model.trainable_weights):,} trainable parameters.")
         best = join_path(run_dir, f"checkpoints/phase{number}.weights.h5")
         limit = []
-        if budget is not None:  # phase 1 of two gets half the budget
+        if budget is not None:  # phase 1 of two gets half of what is left once its data is ready
+            ready = time.monotonic()
             share = 0.5 if number < len(phases) else 1.0
-            limit = [TimeLimit(started + share * budget)]
+            limit = [TimeLimit(ready + share * (started + budget - ready))]
         _build_in_scope(fit_model, train_ds)
         with expected_retracing():
             fit_model.fit(
@@ -535,6 +536,53 @@ def class_weights(records, class_weight, task=None):
     check_known(class_weight, names, lambda unknown: (
         f"class_weight names classes {unknown} that the data does not have; its classes: {names}"))
     return [float(class_weight.get(name, 1.0)) for name in names]
+
+
+def cache_frozen_features(model, records, cache_dir, *, fine_tune_epochs=5, unfreeze_blocks=3,
+                          unfreeze_text_layers=0, augment_images=False, augment_text=False):
+    """Computes the frozen features that `train` reads, before training.
+
+    `train` (with `cache_features`) computes them itself at the start of
+    phase 1: the outputs of the frozen pretrained backbones on the train and
+    val splits, and, where phase 2 fine-tunes the image backbone's top
+    blocks, the feature map below those blocks, in one pass over the images
+    (`cache_whole_from_bottom`). Computed first, they are read by every model
+    of the same frozen layers that shares `cache_dir` (the members of an
+    ensemble and their image experts), so that the time each one takes is
+    spent training: `run_experiment` does this before it gives the members
+    their shares of a time limit. Features already cached are kept; branches
+    that are augmented (which changes them every step) are not cached.
+
+    Args:
+        model: the classifier, as `build_classifier` leaves it (before `train`).
+        records: the `Records`.
+        cache_dir: the folder of cached features, `train`'s `cache_dir`
+            (default `run_dir/cache`).
+        fine_tune_epochs, unfreeze_blocks, unfreeze_text_layers,
+        augment_images, augment_text: as the `train` call will have them.
+
+    Example:
+
+    >>> cache_frozen_features(model, records, "runs/products/cache")  # doctest: +SKIP
+    >>> history = train(model, records, "runs/products")  # doctest: +SKIP
+    """
+    augment = make_augmentation(image=augment_images, text=augment_text)
+    splits = ("train", "val") if (records.splits == "val").any() else ("train",)
+    if (_two_phase(model, fine_tune_epochs, unfreeze_text_layers) and
+            _frozen(model, BACKBONE_NAME) and "image" not in augment):
+        # phase 1's and phase 2's image features in one pass
+        cache_whole_from_bottom(
+            model, lambda later: _unfreeze(later, unfreeze_blocks, unfreeze_text_layers),
+            records, splits, cache_dir)
+    extractors, _, _ = split_model(model, exclude=augment)
+    for split in splits:
+        compute_features(extractors, records, split, cache_dir)
+
+
+def _two_phase(model, fine_tune_epochs, unfreeze_text_layers):
+    """Whether `train` fine-tunes in a phase 2: a frozen backbone it unfreezes part of."""
+    return fine_tune_epochs > 0 and (_frozen(model, BACKBONE_NAME) or (
+        _frozen(model, text.TEXT_BACKBONE) and bool(unfreeze_text_layers)))
 
 
 def _unfreeze(model, image_blocks, text_layers):
