@@ -100,14 +100,15 @@ def cmd_tune(args):
 
 
 def cmd_evaluate(args):
-    from keras_mmtl.config import from_arguments
+    from keras_mmtl.config import RunConfig, from_arguments
     from keras_mmtl.evaluation import evaluate, modality_report
     from keras_mmtl.files import folder_of, join_path
     from keras_mmtl.models import describe
 
     model = _load(args.model)
     spec = describe(model)
-    records = from_arguments(args).data.read(class_names=spec.label_classes)
+    config = from_arguments(args, RunConfig.from_file(args.config) if args.config else None)
+    records = config.data.read(class_names=spec.label_classes)
     out_dir = args.out_dir or join_path(folder_of(args.model), "eval")
     _report(evaluate(model, records, args.split, out_dir=out_dir), out_dir)
     if len(spec.modalities) > 1:
@@ -285,7 +286,10 @@ def build_parser():
         description="Scores a trained model (model.keras) on one split of a manifest and "
                     "writes the report, confusion matrix and ROC/PR curves.")
     evaluate.add_argument("--model", required=True, help="a model.keras file from train")
-    add_arguments(evaluate, DataConfig)
+    evaluate.add_argument("--config", help="the config.yaml of the run that trained it: reads "
+                                           "the data as that run did (flags given as well "
+                                           "override it)")
+    add_arguments(evaluate, DataConfig, defaults=False)
     evaluate.add_argument("--split", default="test", help="train, val or test (default: test)")
     evaluate.add_argument("--out-dir", help="where to write (default: eval/ beside the model)")
     evaluate.set_defaults(func=cmd_evaluate)
@@ -370,8 +374,8 @@ def main(argv=None):
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "evaluate" and not args.manifest:
-        parser.error("evaluate needs --manifest")
+    if args.command == "evaluate" and not (getattr(args, "manifest", None) or args.config):
+        parser.error("evaluate needs --manifest, or --config (the config.yaml of a run)")
     from keras_mmtl.config import ConfigError
     from keras_mmtl.data import DataValidationError
     from keras_mmtl.models import WeightsUnavailableError

@@ -225,7 +225,8 @@ def run_experiment(config, *, overwrite=False, verbose="auto"):
             logger.info(f"Modality report left out: its {len(modalities)} passes over the test "
                         f"split (about {needed:.0f} s) would end past the time limit "
                         f"({fit.time_limit}, {max(left, 0):.0f} s left). `keras-mmtl evaluate "
-                        f"--model {model_path} --manifest ...` writes it.")
+                        f"--model {model_path} --config "
+                        f"{os.path.join(run_dir, CONFIG_FILE)}` writes it.")
         else:
             result.modalities = modality_report(model, records, "test", out_dir=eval_dir,
                                                 scored=result.report)

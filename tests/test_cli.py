@@ -114,6 +114,10 @@ def test_train_evaluate_export_predict(tmp_path, products, capsys):
     assert "mirror_image" in [layer.name for layer in keras.models.load_model(model).layers]
     assert main(["evaluate", "--model", model, *common, "--out-dir", str(tmp_path / "e")]) == 0
     assert os.path.exists(tmp_path / "e" / "report.json")
+    # The run's config reads the data as the run did: no data flags to repeat.
+    assert main(["evaluate", "--model", model, "--config", os.path.join(run_dir, "config.yaml"),
+                 "--out-dir", str(tmp_path / "c")]) == 0
+    assert os.path.exists(tmp_path / "c" / "report.json")
     assert main(["export", "--model", model, "--export-dir", export_dir]) == 0
     assert os.path.isdir(os.path.join(export_dir, "2"))
 

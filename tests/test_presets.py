@@ -252,6 +252,7 @@ def test_the_modality_report_is_left_out_when_it_would_end_past_the_time_limit(
     said = capsys.readouterr().out
     assert result.report is not None and (result.modalities is None) == (time_limit is not None)
     assert ("Modality report left out" in said) == (time_limit is not None), said
+    assert (f"--config {tmp_path / 'run' / 'config.yaml'}`" in said) == (time_limit is not None)
 
 
 @pytest.mark.slow
