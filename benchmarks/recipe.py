@@ -260,7 +260,8 @@ def main():
               "phase 2 on the top 3 blocks over the cached frozen bottom (5 for an image-only "
               "run); a fused run also trains an image-only expert and serves the geometric "
               "mean of the two; a model of images alone, an image-only run or the image "
-              "expert, smooths its labels by 0.1)")
+              "expert, smooths its labels by 0.1 and fine-tunes for 10 epochs, the fused "
+              "model for 5)")
     chosen = (f"`--preset {args.preset}` ({PRESETS[args.preset].description}) and every other "
               "setting at its default" if args.preset else medium)
     body = (

@@ -114,9 +114,23 @@ def test_models_of_images_alone_train_with_label_smoothing(preset, kinds, traini
     config = RunConfig.from_dict({"training": {"preset": preset, **training}})
     config, why = resolve_preset(config, rows=1000, kinds=kinds)
     assert config.training.label_smoothing == expected
-    said = "for a run of images alone, also label_smoothing=0.1" in why
+    said = "for a run of images alone, also" in why and "label_smoothing=0.1" in why
     assert said == (expected == 0.1)
     assert train_arguments(config)["label_smoothing"] == (expected or 0.0)
+
+
+@pytest.mark.parametrize("kinds, modalities, training, expected", [
+    ({"image"}, None, {}, 10),  # an image-only run
+    ({"image", "text"}, None, {}, 5),  # the fused model
+    ({"image", "text"}, ("image",), {}, 10),  # its image expert
+    ({"image", "text"}, ("image",), {"fine_tune_epochs": 3}, 3),  # set explicitly: kept
+    ({"image"}, None, {"fine_tune_epochs": 3}, 3),
+])
+def test_models_of_images_alone_fine_tune_longer(kinds, modalities, training, expected):
+    config = RunConfig.from_dict({"training": {"preset": "medium", **training}})
+    config, _ = resolve_preset(config, rows=1000, kinds=kinds)
+    settings = {**train_arguments(config), **_alone_arguments(config.training, modalities)}
+    assert settings["fine_tune_epochs"] == expected
 
 
 @pytest.mark.parametrize("preset, kinds, training, expected", [
@@ -134,9 +148,9 @@ def test_image_only_runs_fine_tune_more_blocks(preset, kinds, training, expected
 
 
 @pytest.mark.parametrize("training, image_expert", [
-    ({}, {"label_smoothing": 0.1}),
-    ({"label_smoothing": 0.0}, {}),  # set explicitly: every member trains with it
-    ({"label_smoothing": 0.05}, {}),
+    ({}, {"label_smoothing": 0.1, "fine_tune_epochs": 10}),
+    ({"label_smoothing": 0.0}, {"fine_tune_epochs": 10}),  # set explicitly: every member's
+    ({"label_smoothing": 0.05}, {"fine_tune_epochs": 10}),
     ({"preset": "fast"}, {}),
 ])
 def test_the_image_expert_of_a_fused_run_smooths_unless_told_otherwise(training, image_expert):
