@@ -65,7 +65,8 @@ _IMAGE_RUN_TRAINING = {"unfreeze_blocks": 5}
 # Minutes for the fashion task (9,976 train + val rows) on the slower of our 2-core machines
 # (AMD EPYC; the Intel one takes about 0.7 times as long), the means benchmarks/recipe.py
 # measured on 2026-12-03: fast 4.7 (3 seeds), medium 11.6 (3 seeds: the fused model and its
-# image expert), best 28.1 (1 seed).
+# image expert), best 28.1 (1 seed). The image expert's 10 fine-tuning epochs (2026-12-04, 5
+# before) add about half a minute on the Intel machine; not measured on the AMD one.
 PRESETS = {
     "fast": Preset(
         "the head on frozen pretrained features only (no fine-tuning)",
