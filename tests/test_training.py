@@ -297,7 +297,7 @@ def test_time_limit_stops_training_and_keeps_the_best_epoch(tmp_path, product_re
 
 def test_phase_one_has_half_the_time_left_once_its_features_are_computed(
         tmp_path, product_records, monkeypatch):
-    deadlines, compute = [], trainer.cache_frozen_features
+    deadlines, compute = [], trainer._cache_from_bottom
 
     class RecordedLimit(trainer.TimeLimit):
         def __init__(self, deadline):
@@ -309,7 +309,7 @@ def test_phase_one_has_half_the_time_left_once_its_features_are_computed(
         time.sleep(2)
 
     monkeypatch.setattr(trainer, "TimeLimit", RecordedLimit)
-    monkeypatch.setattr(trainer, "cache_frozen_features", slow_features)
+    monkeypatch.setattr(trainer, "_cache_from_bottom", slow_features)
     model = build_classifier_for(product_records, **SMALL)
     started = time.monotonic()
     train(model, product_records, str(tmp_path), epochs=1, fine_tune_epochs=1, batch_size=8,

@@ -358,12 +358,10 @@ def train(
         else:
             title = f"frozen {' and '.join(frozen)}" if frozen else "all layers"
         with strategy.scope():
-            if number == 1 and cache_features and shard is None:
-                cache_frozen_features(model, records, cache_dir or join_path(run_dir, "cache"),
-                                      fine_tune_epochs=fine_tune_epochs,
-                                      unfreeze_blocks=unfreeze_blocks,
-                                      unfreeze_text_layers=unfreeze_text_layers,
-                                      augment_images=augment_images, augment_text=augment_text)
+            if number == 1 and cache_features and shard is None:  # _fit_setup does the rest
+                _cache_from_bottom(model, records, ("train", "val") if has_val else ("train",),
+                                   cache_dir or join_path(run_dir, "cache"), augment,
+                                   fine_tune_epochs, unfreeze_blocks, unfreeze_text_layers)
             fit_model, clone, train_ds, val_ds, cached = _fit_setup(
                 model, records, run_dir, cache=cache_features, cache_dir=cache_dir,
                 has_val=has_val, batch_size=batch_size * strategy.num_replicas_in_sync,
@@ -568,15 +566,21 @@ def cache_frozen_features(model, records, cache_dir, *, fine_tune_epochs=5, unfr
     """
     augment = make_augmentation(image=augment_images, text=augment_text)
     splits = ("train", "val") if (records.splits == "val").any() else ("train",)
-    if (_two_phase(model, fine_tune_epochs, unfreeze_text_layers) and
-            _frozen(model, BACKBONE_NAME) and "image" not in augment):
-        # phase 1's and phase 2's image features in one pass
-        cache_whole_from_bottom(
-            model, lambda later: _unfreeze(later, unfreeze_blocks, unfreeze_text_layers),
-            records, splits, cache_dir)
+    _cache_from_bottom(model, records, splits, cache_dir, augment, fine_tune_epochs,
+                       unfreeze_blocks, unfreeze_text_layers)
     extractors, _, _ = split_model(model, exclude=augment)
     for split in splits:
         compute_features(extractors, records, split, cache_dir)
+
+
+def _cache_from_bottom(model, records, splits, cache_dir, augment, fine_tune_epochs,
+                       unfreeze_blocks, unfreeze_text_layers):
+    """Phase 1's and phase 2's image features in one pass, where phase 2 fine-tunes the image."""
+    if (_two_phase(model, fine_tune_epochs, unfreeze_text_layers) and
+            _frozen(model, BACKBONE_NAME) and "image" not in augment):
+        cache_whole_from_bottom(
+            model, lambda later: _unfreeze(later, unfreeze_blocks, unfreeze_text_layers),
+            records, splits, cache_dir)
 
 
 def _two_phase(model, fine_tune_epochs, unfreeze_text_layers):
