@@ -1,7 +1,8 @@
 """Every private Keras internal the library relies on, in one place.
 
 Keras 3 has no public API for a few things the library needs: walking a
-functional graph's nodes (to cut a model at a cached layer), every nested
+functional graph's nodes (to cut a model at a cached layer), marking a
+symbolic tensor sparse (where a cut passes n-gram counts), every nested
 layer of a model, building a model from a dataset's element spec under
 `tf.distribute`, Adam's moment slots (for a fused and a lazy update), and
 the hooks of `BackupAndRestore` (to write its files atomically). Each is
@@ -24,7 +25,7 @@ INTERNALS = {
     "functional model": ("_flatten_layers", "_symbolic_build", "_maybe_symbolic_build",
                          "_distribute_strategy"),
     "layer called in a model": ("_inbound_nodes",),
-    "symbolic tensor": ("_keras_history",),
+    "symbolic tensor": ("_keras_history", "_sparse"),
     "built Adam": ("_backend_update_step", "_get_variable_index", "_momentums", "_velocities"),
     "BackupAndRestore": ("_save_model", "_weights_path", "_training_metadata_path",
                          "_current_epoch", "_last_batch_seen"),
@@ -65,6 +66,16 @@ def inbound_nodes(operation):
 def history(tensor):
     """`(operation, node_index, tensor_index)`: where a symbolic tensor was made."""
     return tensor._keras_history
+
+
+def mark_sparse(tensor):
+    """Marks a symbolic tensor sparse, where the layer that made it outputs sparse tensors.
+
+    `TextVectorization(sparse=True)` outputs `tf.SparseTensor`s but leaves its
+    symbolic output dense; a model whose input is that tensor would convert
+    what it is given to dense. `KerasTensor.sparse` has no public setter.
+    """
+    tensor._sparse = True
 
 
 def all_layers(model):

@@ -21,11 +21,18 @@ FROZEN = dict(image_backbone="small_cnn", image_weights=None, image_size=(16, 16
               freeze_backbone=True)
 
 
-def test_top_on_cached_features_equals_the_full_model(product_records):
-    model = build_classifier_for(product_records, **FROZEN)
+@pytest.mark.parametrize("text_encoder, names", [
+    ("scratch", {"image_features", "text_features"}),  # token ids
+    ("ngrams", {"image_features", "text_features_0", "text_features_1"}),  # n-gram counts
+])
+def test_top_on_cached_features_equals_the_full_model(product_records, text_encoder, names):
+    model = build_classifier_for(product_records, text_encoder=text_encoder, **FROZEN)
     extractors, top, _ = split_model(model)
     features = compute_features(extractors, product_records, "test")
-    assert set(features) == {"image_features", "text_features"}
+    assert set(features) == names
+    # n-gram counts stay sparse: dense, each would be as wide as its bag's vocabulary
+    assert {name for name, t in top.input.items() if t.sparse} == {
+        name for name in names if name.startswith("text_features_")}
     inputs, labels = _cached_test_batch(product_records, features)
     np.testing.assert_allclose(top(inputs).numpy(), _full_model_output(model, product_records),
                                atol=1e-5)

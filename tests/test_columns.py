@@ -87,7 +87,7 @@ def test_inputs_of_a_kind_share_their_branch(records, tmp_path):
     assert len(model.get_layer("fusion").projections) == 4
     # One vocabulary for both text columns.
     assert {"nice", "cotton", "wool"} <= set(layers["text_tokenizer"].vocabulary)
-    assert cacheable_outputs(model) == {"text": "text_tokenizer", "text_2": "text_tokenizer"}
+    assert cacheable_outputs(model) == {"text": ("text_tokenizer",), "text_2": ("text_tokenizer",)}
     features, _ = next(iter(make_dataset(records, "test", **describe(model).dataset_arguments())))
     path = str(tmp_path / "m.keras")
     model.save(path)

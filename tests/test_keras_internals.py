@@ -16,6 +16,7 @@ from keras_mmtl.keras_internals import (
     distribute_strategy,
     history,
     inbound_nodes,
+    mark_sparse,
     missing_internals,
 )
 
@@ -42,6 +43,18 @@ def test_nodes_and_history_walk_a_shared_layer():
     operation, node_index, tensor_index = history(outputs[1])
     assert (operation, node_index, tensor_index) == (shared, 1, 0)
     assert history(first).operation.name == "first"
+
+
+def test_a_model_keeps_what_a_tensor_marked_sparse_is_given_sparse():
+    texts = keras.Input((), dtype="string")
+    counts = keras.layers.TextVectorization(output_mode="count", sparse=True,
+                                            vocabulary=["red", "blue"])(texts)
+    assert not counts.sparse  # what TextVectorization leaves
+    mark_sparse(counts)
+    model = keras.Model(counts, keras.layers.Dense(1, kernel_initializer="ones")(counts))
+    given = tf.sparse.from_dense(tf.constant([[0.0, 1.0, 2.0]]))
+    assert counts.sparse and isinstance(model._convert_inputs_to_tensors([given])[0],
+                                        tf.SparseTensor)
 
 
 def test_all_layers_are_nested_parents_first():

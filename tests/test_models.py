@@ -262,6 +262,9 @@ def test_the_ngram_projection_is_a_dense_layer_on_unit_tfidf_vectors():
     again.build([c.shape for c in counts])
     again.set_weights(layer.get_weights())
     np.testing.assert_allclose(again(counts).numpy(), got, atol=1e-6)
+    # Dense counts (a model built under tf.distribute sees dense placeholders) are made sparse.
+    np.testing.assert_allclose(layer([tf.sparse.to_dense(c) for c in counts]).numpy(), got,
+                               atol=1e-6)
 
 
 def test_an_ngram_step_updates_the_rows_of_the_ngrams_present_only():

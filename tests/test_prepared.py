@@ -110,6 +110,33 @@ def test_cached_features_of_prepared_rows_are_those_of_the_manifests(product_rec
     np.testing.assert_allclose(features["prepared"], features["manifest"], atol=1e-6)
 
 
+@pytest.mark.parametrize("source, shard", [("manifest", False), ("prepared", False),
+                                           ("prepared", True)])
+def test_n_gram_counts_given_as_features_come_with_their_rows(product_records, tmp_path, source,
+                                                              shard):
+    # Augmented images are read raw beside the n-gram counts computed before training (sparse).
+    from keras_mmtl.models import build_classifier_for
+    from keras_mmtl.training.cache import compute_features, split_model
+
+    folder = str(tmp_path / "prepared")
+    prepare(product_records, folder, (16, 16), shards=2)
+    model = build_classifier_for(product_records, image_backbone="small_cnn", image_weights=None,
+                                 image_size=(16, 16), text_encoder="ngrams")
+    extractor = split_model(model, exclude=("image",))[0]["text"]
+    rows = (product_records if source == "manifest" else prepared_records(folder)).subset("train")
+    if shard:  # a worker's rows: every third from the second
+        rows = rows.select(np.arange(16) % 3 == 1)
+    features = compute_features({"text": extractor}, rows, "train")
+    seen = 0
+    for inputs, _ in make_dataset(rows, image_size=(16, 16), batch_size=4, shuffle=True, seed=1,
+                                  features=features):
+        for name, counts in extractor({"text": inputs["text"]}).items():  # the row's own text's
+            np.testing.assert_array_equal(tf.sparse.to_dense(inputs[name]).numpy(),
+                                          tf.sparse.to_dense(counts).numpy())
+        seen += len(inputs["text"])
+    assert seen == len(rows) == (5 if shard else 16)
+
+
 def test_a_model_of_another_image_size_is_told_to_prepare_again(product_records, tmp_path):
     folder = str(tmp_path / "prepared")
     prepare(product_records, folder, (16, 16), shards=2)

@@ -48,7 +48,8 @@ def make_dataset(
         drop_remainder: drop the last incomplete batch.
         features: more inputs precomputed per row of the split, such as
             cached backbone outputs (`keras_mmtl.training.compute_features`):
-            dict of name -> array whose first axis follows the split's rows.
+            dict of name -> array (or `tf.SparseTensor`, such as n-gram
+            counts) whose first axis follows the split's rows.
         augment: training-only augmentation, e.g. from `make_augmentation`:
             dict of modality (`"image"`, `"text"`) -> layer such as
             `ImageAugmentation` (`None` values are off). Each batch is
@@ -106,10 +107,12 @@ def make_dataset(
     augmenters = _augmenters(augment, modalities)
     if shuffle is None:
         shuffle = split == "train"
-    inputs = {name: np.asarray(values) for name, values in (features or {}).items()}
+    inputs = {name: values if isinstance(values, tf.SparseTensor) else np.asarray(values)
+              for name, values in (features or {}).items()}
     for name, values in inputs.items():
-        if len(values) != len(records):
-            raise ValueError(f"features[{name!r}] has {len(values)} rows; the split has "
+        count = int(values.dense_shape[0]) if isinstance(values, tf.SparseTensor) else len(values)
+        if count != len(records):
+            raise ValueError(f"features[{name!r}] has {count} rows; the split has "
                              f"{len(records)}.")
     for name in modalities:
         values, kind = records.inputs(name), modality_kind(name)

@@ -83,7 +83,8 @@ def prepared_batches(records, images, memory, labels, image_size, batch_size, sh
     position = np.full(info["splits"][splits[0]]["rows"], -1, np.int64)
     position[rows] = np.arange(len(rows))
     position = tf.constant(position)
-    memory = {name: tf.constant(values) for name, values in memory.items()}
+    memory = {name: _sparse_rows(values) if isinstance(values, tf.SparseTensor) else
+              tf.constant(values) for name, values in memory.items()}
     labels = tf.nest.map_structure(tf.constant, labels)
     height, width = image_size
     spec = feature_spec(info, [ROW, *images])
@@ -93,7 +94,7 @@ def prepared_batches(records, images, memory, labels, image_size, batch_size, sh
         return tf.gather(position, row[ROW]), {name: row[name] for name in images}
 
     def assemble(where, pixels):
-        inputs = {name: tf.gather(values, where) for name, values in memory.items()}
+        inputs = {name: _gather(values, where) for name, values in memory.items()}
         for name, data in pixels.items():
             inputs[name] = tf.reshape(tf.io.decode_raw(data, tf.uint8), (-1, height, width, 3))
             if name in blank:  # a missing image is black, as make_dataset yields it
@@ -112,3 +113,21 @@ def prepared_batches(records, images, memory, labels, image_size, batch_size, sh
     batches = len(rows) // batch_size if drop_remainder else -(-len(rows) // batch_size)
     ds = ds.apply(tf.data.experimental.assert_cardinality(batches))  # for fit's progress
     return ds.map(assemble, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _sparse_rows(values):
+    """A sparse matrix (n-gram counts) as `_gather` takes it: ragged rows of columns and values."""
+    rows, count = values.indices[:, 0], values.dense_shape[0]
+    return (tf.RaggedTensor.from_value_rowids(values.indices[:, 1], rows, count),
+            tf.RaggedTensor.from_value_rowids(values.values, rows, count), values.dense_shape[1])
+
+
+def _gather(values, where):
+    """Rows `where` of an array, or of a sparse matrix held as `_sparse_rows`."""
+    if not isinstance(values, tuple):
+        return tf.gather(values, where)
+    columns, counts, width = values
+    columns, counts = tf.gather(columns, where), tf.gather(counts, where)
+    indices = tf.stack([columns.value_rowids(), columns.flat_values], axis=1)
+    return tf.SparseTensor(indices, counts.flat_values,
+                           tf.stack([tf.shape(where, tf.int64)[0], width]))

@@ -407,6 +407,8 @@ def learn_tfidf(texts, max_tokens=20000, **vectorizer_options):
 # The "ngrams" encoder's two bags: word uni- and bigrams, and character 3- to 5-grams
 # (across word boundaries, spaces included), as TextVectorization arguments.
 NGRAMS = {"words": {"ngrams": 2}, "characters": {"split": "character", "ngrams": (3, 4, 5)}}
+# The layers that count each bag's n-grams in a classifier (sparse counts, nothing to train).
+NGRAM_LAYERS = tuple(f"text_{bag}" for bag in NGRAMS)
 
 
 def learn_ngrams(texts, max_tokens=20000):
@@ -450,7 +452,8 @@ class NgramProjection(keras.layers.Layer):
     Call arguments:
         bags: a list of `tf.SparseTensor` counts `(batch, vocabulary size + 1)`,
             as `keras.layers.TextVectorization(output_mode="count", sparse=True)`
-            gives them.
+            gives them; dense counts are made sparse first (Keras builds a
+            model under `tf.distribute` from dense placeholders).
 
     Example:
 
@@ -487,6 +490,8 @@ class NgramProjection(keras.layers.Layer):
         self.bias = self.add_weight(shape=(self.units,), initializer="zeros", name="bias")
 
     def call(self, bags, training=None):
+        bags = [bag if isinstance(bag, tf.SparseTensor) else tf.sparse.from_dense(bag)
+                for bag in bags]
         batch = tf.cast(bags[0].dense_shape[0], "int32")
         rows, ids, values, offset = [], [], [], 0
         for bag, idf, size in zip(bags, self.idf, self.sizes):
@@ -542,9 +547,8 @@ def ngram_encoder(texts, vocabulary, *, hidden_dim=256, dropout=0.1, sequence_le
         raise ValueError("The 'ngrams' text encoder needs text_vocabulary=learn_ngrams("
                          f"train_texts) (a dict with keys {sorted(NGRAMS)}).")
     bags = [keras.layers.TextVectorization(output_mode="count", sparse=True,
-                                           vocabulary=list(vocabulary[bag]),
-                                           name=f"text_{bag}", **options)
-            for bag, options in NGRAMS.items()]
+                                           vocabulary=list(vocabulary[bag]), name=name, **options)
+            for name, (bag, options) in zip(NGRAM_LAYERS, NGRAMS.items())]
     project = NgramProjection(hidden_dim, [list(vocabulary[bag].values()) for bag in NGRAMS],
                               dropout=dropout, name="text_features")
     return [project([vectorizer(text) for vectorizer in bags]) for text in texts]

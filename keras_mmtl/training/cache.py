@@ -2,7 +2,9 @@
 
 While a backbone is frozen (and nothing random touches its input), its output for a sample
 never changes: a phase can train the layers above it on features computed once. The same
-holds for the token ids of the from-scratch text encoder's tokenizer. Phase 1 caches every
+holds for the token ids of the from-scratch text encoder's tokenizer, and for the n-gram
+counts of the n-gram encoder (sparse: computed at the start of each phase, in about a second
+per 10,000 texts, and kept in memory, not in the cache folder). Phase 1 caches every
 frozen branch; phase 2 still caches the ones it does not fine-tune (a frozen text encoder
 while the image backbone is fine-tuned), and caches the frozen bottom of a partly
 fine-tuned image backbone: the feature map below its unfrozen top blocks, so only those
@@ -24,15 +26,17 @@ import tensorflow as tf
 
 from keras_mmtl.data.pipeline import make_dataset
 from keras_mmtl.files import is_file, join_path, read_bytes, write_bytes
-from keras_mmtl.keras_internals import history, inbound_nodes
+from keras_mmtl.keras_internals import history, inbound_nodes, mark_sparse
 from keras_mmtl.modalities import modality_kind
 from keras_mmtl.models.backbones import BACKBONE_NAME, split_frozen_bottom
 from keras_mmtl.models.builder import clone_classifier
 from keras_mmtl.models.spec import describe, input_image_size
+from keras_mmtl.models.text import NGRAM_LAYERS
 from keras_mmtl.progress import Progress, expected_retracing, logger, predict_with_progress
 
 # Per kind of modality: (layer whose output is cached, layer that must be frozen for it). Where
-# none applies, a text input tokenized in the graph caches its token ids (`describe`'s tokenizers).
+# none applies, a text input tokenized in the graph caches its token ids (`describe`'s tokenizers),
+# and one read as bags of n-grams its n-gram counts (`NGRAM_LAYERS`).
 CACHEABLE = {
     "image": [("image_backbone", "image_backbone")],
     "text": [("text_pooling", "text_backbone")],
@@ -71,10 +75,12 @@ def _source_inputs(tensors):
 
 
 def cacheable_outputs(model, exclude=()):
-    """`{modality: layer name}` of the outputs that stay fixed while the model trains.
+    """`{modality: layer names}` of the outputs that stay fixed while the model trains.
 
     A phase reads these branches from the cache and the other inputs raw;
-    when every input is cached, the fitted top is tiny.
+    when every input is cached, the fitted top is tiny. A branch is the
+    output of one layer (a frozen backbone, a tokenizer), or of several (the
+    n-gram encoder's bags).
 
     Args:
         model: the classifier.
@@ -90,11 +96,13 @@ def cacheable_outputs(model, exclude=()):
         for output, frozen in CACHEABLE.get(modality_kind(modality), ()):
             if output in names and len(branch_outputs(model, output, modality)) == 1 and (
                     frozen in names and not model.get_layer(frozen).trainable):
-                found[modality] = output
+                found[modality] = (output,)
                 break
         else:
             if modality in spec.tokenizers:
-                found[modality] = spec.tokenizers[modality]
+                found[modality] = (spec.tokenizers[modality],)
+            elif modality_kind(modality) == "text" and names.issuperset(NGRAM_LAYERS):
+                found[modality] = NGRAM_LAYERS
     return found
 
 
@@ -127,23 +135,29 @@ def split_model(model, exclude=()):
         split = split_frozen_bottom(clone.get_layer(BACKBONE_NAME))
     if split is not None:  # the image inputs read the feature map below the trained blocks
         partial = [m for m in describe(clone).modalities if modality_kind(m) == "image"]
-        branches.update({m: BACKBONE_NAME for m in partial})
-    features = {m: branch_outputs(clone, layer, m)[0] for m, layer in branches.items()}
-    top_inputs = {f"{m}_features": t for m, t in features.items()}
+        branches.update({m: (BACKBONE_NAME,) for m in partial})
+    # Per modality, feature name -> tensor: "<modality>_features", or "_features_<i>" for several.
+    features = {m: {f"{m}_features" + (f"_{i}" if len(layers) > 1 else ""):
+                    branch_outputs(clone, layer, m)[0] for i, layer in enumerate(layers)}
+                for m, layers in branches.items()}
+    for m, layers in branches.items():
+        for tensor, layer in zip(features[m].values(), layers):
+            if _sparse(clone.get_layer(layer)):  # n-gram counts: the top takes them sparse
+                mark_sparse(tensor)
+    top_inputs = {name: t for named in features.values() for name, t in named.items()}
     top_inputs.update({m: t for m, t in clone.input.items() if m not in branches})
     with warnings.catch_warnings():  # feature keys differ from the tensors' own names
         warnings.simplefilter("ignore", UserWarning)
         if partial:
             bottom, trained_top = split
-            features.update({m: bottom(clone.input[m]) for m in partial})
-        extractors = {m: keras.Model({m: clone.input[m]}, {f"{m}_features": t},
-                                     name=f"frozen_{m}_features")
-                      for m, t in features.items()}
+            features.update({m: {f"{m}_features": bottom(clone.input[m])} for m in partial})
+        extractors = {m: keras.Model({m: clone.input[m]}, named, name=f"frozen_{m}_features")
+                      for m, named in features.items()}
         top = keras.Model(top_inputs, clone.output, name="cached_top")
         if partial:  # the backbone's trained top blocks, then the rest of the classifier
             maps = {f"{m}_features" for m in partial}
             inputs = {name: keras.Input((bottom.output if name in maps else t).shape[1:],
-                                        dtype=t.dtype, name=name)
+                                        dtype=t.dtype, sparse=t.sparse, name=name)
                       for name, t in top_inputs.items()}
             top = keras.Model(inputs, top({name: trained_top(x) if name in maps else x
                                            for name, x in inputs.items()}), name="cached_top")
@@ -281,6 +295,9 @@ def _cache_name(extractor, records, split):
 
 
 def _features(extractor, records, split, cache_dir, batch_size, shard):
+    if _sparse_outputs(extractor):  # n-gram counts: a second per 10,000 texts, kept in memory
+        return _compute(extractor, records.subset(split), batch_size,
+                        f"N-gram counts of the {split} split", predict=False)
     index, count = shard if cache_dir is not None and shard else (0, 1)
     key = None if cache_dir is None else _cache_name(extractor, records, split)
     path = key and join_path(cache_dir, f"{key}.npz")
@@ -325,12 +342,24 @@ def _compute(extractor, rows, batch_size, title, predict=True):
     if predict:
         return predict_with_progress(extractor, ds, title, len(rows), batch_size)
     call = tf.function(lambda x: extractor(x, training=False), reduce_retracing=True)
-    batches = []
+    batches, sparse = [], _sparse_outputs(extractor)
     with Progress(title, len(rows)) as progress, expected_retracing():
         for batch in ds:
-            batches.append({name: value.numpy() for name, value in call(batch).items()})
-            progress.add(len(next(iter(batches[-1].values()))))
-    return {name: np.concatenate([b[name] for b in batches]) for name in batches[0]}
+            batches.append({name: value if name in sparse else value.numpy()
+                            for name, value in call(batch).items()})
+            progress.add(len(next(iter(batch.values()))))
+    return {name: tf.sparse.concat(0, [b[name] for b in batches]) if name in sparse else
+            np.concatenate([b[name] for b in batches]) for name in batches[0]}
+
+
+def _sparse_outputs(extractor):
+    """The names of an extractor's outputs that are sparse tensors (n-gram counts)."""
+    return {name for name, output in extractor.output.items() if _sparse(history(output)[0])}
+
+
+def _sparse(layer):
+    """Whether a layer outputs sparse tensors: the n-gram encoder's counting of a bag."""
+    return isinstance(layer, keras.layers.TextVectorization) and layer.get_config()["sparse"]
 
 
 def _wait_for(paths, seconds):
