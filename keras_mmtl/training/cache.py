@@ -120,7 +120,8 @@ def split_model(model, exclude=()):
 
     Returns:
         `(extractors, top, clone)`: `extractors` maps each cached modality to
-        a model from its raw input to `{"<modality>_features": ...}`; `top`
+        a model from its raw input to `{"<modality>_features": ...}` (for
+        the n-gram encoder's bags, `"<modality>_features_<i>"`); `top`
         maps those features plus the other raw inputs to the output, sharing
         the layers of `clone`. An image backbone whose top blocks train and
         whose bottom is frozen (phase 2) is cached below the trained blocks
@@ -220,6 +221,8 @@ def compute_features(extractors, records, split, cache_dir=None, batch_size=64, 
     Each extractor's features are cached in their own file, keyed by
     `cache_key`, so phase 2 reuses what phase 1 computed for a branch that
     stays frozen. The folder may be on any TensorFlow filesystem (`gs://...`).
+    N-gram counts are computed each call, whole, and not written: counting is
+    about as fast as reading them back.
 
     With `shard=(index, count)` (one of `count` workers of a cluster), this
     process computes every `count`-th row from `index` only, writes them as
@@ -237,7 +240,8 @@ def compute_features(extractors, records, split, cache_dir=None, batch_size=64, 
         shard: `(index, count)` of this worker, or `None` for one process.
 
     Returns:
-        dict `"<modality>_features"` -> array, in the split's row order.
+        dict `"<modality>_features"` -> array, in the split's row order
+        (n-gram counts: `"<modality>_features_<i>"` -> `tf.SparseTensor`).
     """
     features = {}
     for extractor in extractors.values():
