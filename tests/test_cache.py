@@ -39,6 +39,15 @@ def test_top_on_cached_features_equals_the_full_model(product_records, text_enco
     np.testing.assert_array_equal(labels.numpy(), product_records.subset("test").labels)
 
 
+def test_n_gram_counts_stay_sparse_and_out_of_the_cache_folder(tmp_path, product_records):
+    model = build_classifier_for(product_records, text_encoder="ngrams", **FROZEN)
+    extractors, _, _ = split_model(model)
+    cache = str(tmp_path / "cache")
+    features = compute_features(extractors, product_records, "train", cache)
+    assert all(isinstance(features[f"text_features_{i}"], tf.SparseTensor) for i in (0, 1))
+    assert len(os.listdir(cache)) == 1  # the image features' file only
+
+
 def _cached_test_batch(records, features):
     """The test split's cached features (and labels) as one batch."""
     ds = make_dataset(records, "test", modalities=(), batch_size=100, features=features)

@@ -358,7 +358,7 @@ def _compute(extractor, rows, batch_size, title, predict=True):
 
 def _sparse_outputs(extractor):
     """The names of an extractor's outputs that are sparse tensors (n-gram counts)."""
-    return {name for name, output in extractor.output.items() if _sparse(history(output)[0])}
+    return {name for name, output in extractor.output.items() if output.sparse}
 
 
 def _sparse(layer):
