@@ -126,7 +126,7 @@ def run_experiment(config, *, overwrite=False, verbose="auto"):
         raise ConfigError("training.ensemble (--ensemble) trains several models on one "
                           "dataset; it does not combine with transfer.source_manifest.")
     if is_chief():  # the chief owns the run folder
-        check_run_folder(run_dir, fingerprint(config.to_dict(), datasets), overwrite)
+        check_run_folder(run_dir, run_fingerprint(config, datasets), overwrite)
     records = data.read()
     config.save(os.path.join(run_dir, CONFIG_FILE))
     classes = ", ".join(f"{len(names)} {task} classes" for task, names in records.tasks.items())
@@ -263,6 +263,25 @@ def _members(config, records, source):
         return members
     return members + [(seed, (name,)) for seed in seeds for name in inputs
                       if modality_kind(name) == "image"]
+
+
+def run_fingerprint(config, datasets):
+    """The fingerprint of a run (`run_state.fingerprint`), with its image experts' settings.
+
+    An image expert trains with settings that the config does not hold: the
+    preset's for models of images alone (`_alone_arguments`). They are
+    fingerprinted too, so that a run folder trained with other ones (by an
+    earlier version of the preset) stops before any work, as another config
+    does, and no stale expert is reused.
+
+    Args:
+        config: the `RunConfig`, its preset resolved.
+        datasets: dict of name (`"data.manifest"`...) -> `Records`.
+    """
+    found = fingerprint(config.to_dict(), datasets)
+    if config.training.modality_experts:
+        found["config"]["training.image_expert"] = _alone_arguments(config.training, ("image",))
+    return found
 
 
 def _alone_arguments(fit, modalities):

@@ -1,5 +1,7 @@
 """Quality presets, time budgets and ensembles of seeds in a run."""
 
+import dataclasses
+import json
 import os
 
 import keras
@@ -16,6 +18,7 @@ from keras_mmtl.experiment import (
     _members,
     resolve_preset,
     run_experiment,
+    run_fingerprint,
     train_arguments,
 )
 from keras_mmtl.models import EnsembleHead, build_classifier, describe
@@ -27,6 +30,7 @@ from keras_mmtl.presets import (
     with_preset,
 )
 from keras_mmtl.training import cache as cache_module
+from keras_mmtl.training.run_state import StaleRunError
 from keras_mmtl.training.trainer import _input_kinds
 
 
@@ -233,6 +237,52 @@ def test_a_run_plans_a_fused_model_and_an_expert_per_image_input(products, data,
     records = config.data.read(check_images=False)
     assert _members(config, records, source=None) == expected
     assert _members(config, records, source=records) == expected[:config.training.ensemble]
+
+
+def _with_image_expert_settings(monkeypatch, settings):
+    """The medium preset, its settings for models of images alone replaced."""
+    monkeypatch.setitem(PRESETS, "medium",
+                        dataclasses.replace(PRESETS["medium"], image_only=settings))
+
+
+@pytest.mark.parametrize("training, recorded", [
+    ({}, {"label_smoothing": 0.1, "fine_tune_epochs": 10}),
+    ({"fine_tune_epochs": 2}, {"label_smoothing": 0.1}),  # given: every member's
+    ({"modality_experts": False}, None),
+])
+def test_a_run_fingerprints_what_its_image_expert_takes_from_the_preset(products, monkeypatch,
+                                                                        training, recorded):
+    config = RunConfig.from_dict({"data": {"manifest": products, "split_column": "split"},
+                                  "training": training})
+    config, _ = resolve_preset(config, rows=24)
+    found = run_fingerprint(config, {})
+    assert found["config"].get("training.image_expert") == recorded
+    _with_image_expert_settings(monkeypatch, {"label_smoothing": 0.2})
+    assert (run_fingerprint(config, {}) != found) == (recorded is not None)
+
+
+@pytest.mark.slow
+def test_a_run_whose_image_expert_the_preset_now_trains_otherwise_stops_before_any_work(
+        tmp_path, products, monkeypatch):
+    config = {
+        "data": {"manifest": products, "split_column": "split"},
+        "model": {"image_backbone": "small_cnn", "image_weights": None, "image_size": [16, 16]},
+        "training": {"epochs": 1, "fine_tune_epochs": 0, "batch_size": 8, "projector": False,
+                     "calibrate": False},
+        "output": {"run_dir": str(tmp_path / "run"), "export": False},
+    }
+    run_experiment(config, verbose=0)
+    trained = {name: os.path.getmtime(tmp_path / "run" / name / "model.keras")
+               for name in ("member1", "member1-image")}
+    _with_image_expert_settings(monkeypatch, {"label_smoothing": 0.2})
+    with pytest.raises(StaleRunError, match=r"nothing was trained or exported.*"
+                       r"training.image_expert .*'label_smoothing': 0.1.* -> .*0.2.*--overwrite"):
+        run_experiment(config, verbose=0)
+    assert trained == {name: os.path.getmtime(tmp_path / "run" / name / "model.keras")
+                       for name in trained}
+    run_experiment(config, overwrite=True, verbose=0)  # trained again with the new settings
+    state = json.loads((tmp_path / "run" / "member1-image" / "state.json").read_text())
+    assert state["fingerprint"]["config"]["training.label_smoothing"] == 0.2
 
 
 @pytest.mark.slow

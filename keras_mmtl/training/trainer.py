@@ -330,7 +330,7 @@ def train(
             f"The run folder {run_dir} holds a run of another model, other settings or other "
             f"data, so it can neither resume nor be reused; nothing was trained. What changed: "
             f"{changes(recorded, found)}. To train this one, pass resume=False (which clears "
-            "the folder's training state) or another run_dir.")
+            "the folder's training state; keras-mmtl train: --overwrite) or another run_dir.")
     if not state:  # a new run
         state["fingerprint"] = found  # written with the first epoch
         write_hparams(join_path(run_dir, LOGS), {**_model_hparams(model), **hparams})
