@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_mmtl.data import from_arrays, make_dataset
+from conftest import product_rows, write_manifest
+from keras_mmtl.data import from_arrays, make_dataset, read_manifest
 from keras_mmtl.data.prepared import PREPARED_FILE, prepare, prepared_dataset, prepared_records
 
 
@@ -66,6 +67,50 @@ def test_the_prepare_command_writes_what_prepared_dataset_reads(products, tmp_pa
     assert "Prepared train 16, val 4, test 4 rows" in capsys.readouterr().out
     images, texts, _ = _rows(prepared_dataset(folder, "val", batch_size=8))
     assert images.shape == (4, 10, 6, 3) and len(texts) == 4
+
+
+def test_rows_without_their_image_are_prepared_as_rows_without_it(tmp_path):
+    from keras_mmtl.cli import main
+
+    rows = product_rows(str(tmp_path))
+    for row in rows[1::3]:
+        row["image"] = ""
+    manifest, folder = write_manifest(str(tmp_path), rows), str(tmp_path / "prepared")
+    assert main(["prepare", "--manifest", manifest, "--split-column", "split", "--allow-missing",
+                 "--output", folder, "--image-size", "10x6", "--shards", "2"]) == 0
+    records = read_manifest(manifest, split_column="split", allow_missing=True)
+    prepared = prepared_records(folder)
+    for split in ("train", "val", "test"):
+        np.testing.assert_array_equal(prepared.subset(split).present("image"),
+                                      records.subset(split).present("image"))
+        expected, found = (list(make_dataset(data, split, image_size=(10, 6), batch_size=8,
+                                             shuffle=False, presence=("image",)))
+                           for data in (records, prepared))
+        for (x, y), (x_found, y_found) in zip(expected, found, strict=True):
+            for name in ("image", "image_present", "text"):
+                np.testing.assert_array_equal(x_found[name].numpy(), x[name].numpy())
+            np.testing.assert_array_equal(y_found.numpy(), y.numpy())
+    with pytest.raises(ValueError, match="rows have no image.*missing_modalities=True"):
+        make_dataset(prepared, "train", image_size=(10, 6))
+
+
+def test_data_prepared_before_rows_could_lack_an_image_reads_as_every_row_having_it(
+        product_records, tmp_path):
+    folder = tmp_path / "prepared"
+    info = prepare(product_records, str(folder), (8, 8), shards=1)
+    for name in info["splits"]["val"]["files"]:  # as older prepare wrote: no "present/image"
+        examples = [tf.train.Example.FromString(data.numpy())
+                    for data in tf.data.TFRecordDataset(str(folder / name))]
+        with tf.io.TFRecordWriter(str(folder / name)) as writer:
+            for example in examples:
+                del example.features.feature["present/image"]
+                writer.write(example.SerializeToString())
+    val = prepared_records(str(folder)).subset("val")
+    assert val.present("image").all()
+    found = _rows(make_dataset(val, image_size=(8, 8), batch_size=4, shuffle=False))
+    expected = _rows(make_dataset(product_records, "val", image_size=(8, 8), batch_size=4,
+                                  shuffle=False))
+    np.testing.assert_array_equal(found[0], expected[0])
 
 
 @pytest.mark.slow

@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from keras_mmtl.data.manifest import SPLITS, Records
 from keras_mmtl.data.pipeline import make_dataset
-from keras_mmtl.data.shards import ROW, feature_spec, label_key, read_rows
+from keras_mmtl.data.shards import ROW, feature_spec, label_key, present_key, read_rows
 from keras_mmtl.files import file_stamp, is_file, join_path, make_folder, read_bytes, write_json
 from keras_mmtl.modalities import modality_kind
 from keras_mmtl.progress import Progress
@@ -32,11 +32,12 @@ def prepare(records, folder, image_size, shards=8, batch_size=256):
     run leaves none) records the image size, the inputs, the tasks with their
     class names and each split's rows and files. Images are decoded by
     `make_dataset` (the pixel budget, downscale-on-decode and rounding of
-    training and serving alike).
+    training and serving alike). A row that lacks an image (an empty path
+    in a manifest read with `allow_missing=True`) is written black and
+    marked absent, so it reads back as it was: a row without its image.
 
     Args:
-        records: `Records` from `read_manifest`, `from_arrays`, ... (every row
-            with its images: rows lacking one cannot be prepared yet).
+        records: `Records` from `read_manifest`, `from_arrays`, ...
         folder: where the files go (created; any TensorFlow filesystem).
         image_size: `(height, width)` of the model that will read them.
         shards: files per split; several let readers interleave them.
@@ -61,11 +62,6 @@ def prepare(records, folder, image_size, shards=8, batch_size=256):
     image_size = [int(side) for side in image_size]
     modalities = tuple(records.modalities)
     images = [name for name in modalities if modality_kind(name) == "image"]
-    for name in images:
-        if not records.present(name).all():
-            raise ValueError(f"{int((~records.present(name)).sum())} rows have no {name}: "
-                             "prepared data holds every row's images. Leave those rows out, or "
-                             "train from the manifest.")
     tasks = records.tasks
     make_folder(folder)
     splits = {}
@@ -74,7 +70,7 @@ def prepare(records, folder, image_size, shards=8, batch_size=256):
         files = [f"{split}-{i:05d}-of-{shards:05d}.tfrecord" for i in range(shards)]
         data = make_dataset(rows, image_size=image_size, modalities=modalities,
                             tasks={task: task for task in tasks}, batch_size=batch_size,
-                            shuffle=False)
+                            shuffle=False, presence=images)
         writers = [tf.io.TFRecordWriter(join_path(folder, name)) for name in files]
         written = 0
         with Progress(f"Preparing the {split} split", len(rows)) as progress:
@@ -104,6 +100,9 @@ def _examples(first_row, inputs, labels, modalities, images):
         else:
             columns[name] = [_bytes(value.tobytes() if name in images else value)
                              for value in values]
+    for name in images:
+        columns[present_key(name)] = [_ints([int(value)])
+                                      for value in inputs[f"{name}_present"].numpy()]
     for task, values in labels.items():
         columns[label_key(task)] = [_ints([value]) for value in values.numpy()]
     for row in zip(*columns.values()):
@@ -178,7 +177,7 @@ def prepared_records(folder, class_names=None):
                          f"{info['tasks'][main][:5]}... Prepare the data again from a manifest.")
     images = [name for name in info["modalities"] if modality_kind(name) == "image"]
     names = [ROW, *(m for m in info["modalities"] if m not in images),
-             *(label_key(task) for task in info["tasks"])]
+             *(label_key(task) for task in info["tasks"]), *map(present_key, images)]
     spec = feature_spec(info, names)
     columns = {name: [] for name in names}
     splits = []
@@ -191,7 +190,9 @@ def prepared_records(folder, class_names=None):
     values = {name: np.concatenate(parts) for name, parts in columns.items()}
     texts = {name: np.array([text.decode("utf-8") for text in values[name]], dtype=object)
              for name in info["modalities"] if modality_kind(name) == "text"}
-    inputs = {**texts, **{name: values[ROW] for name in images}}
+    # Each image input holds the row's position in its split, -1 - it where the row lacks one.
+    inputs = {**texts, **{name: np.where(values[present_key(name)] == 1, values[ROW],
+                                         -1 - values[ROW]) for name in images}}
     tasks = {task: (values[label_key(task)].astype(np.int32), classes)
              for task, classes in info["tasks"].items()}
     labels, class_names = tasks.pop(main)

@@ -1,7 +1,8 @@
 """The TFRecord shards `keras_mmtl.prepare` writes, and reading their images into batches.
 
 Each example holds one row: its position in its split (`"row"`), each image input's
-resized uint8 pixels (raw bytes), each text, the tabular numbers and one label per task
+resized uint8 pixels (raw bytes; black where the row lacks the image) and whether the row
+has it (`"present/<image>"`), each text, the tabular numbers and one label per task
 (`"label/<task>"`). Rows are dealt round-robin to a split's files, so reading the files
 interleaved one row at a time gives the rows back in order.
 """
@@ -22,12 +23,19 @@ def label_key(task):
     return f"label/{task}"
 
 
+def present_key(image):
+    """The feature telling whether a row has an image input (1) or lacks it (0)."""
+    return f"present/{image}"
+
+
 def feature_spec(info, names):
     """The `tf.io.parse_example` spec of the features `names` of prepared data."""
     spec = {}
     for name in names:
         if name == ROW or name.startswith(label_key("")):
             spec[name] = tf.io.FixedLenFeature([], tf.int64)
+        elif name.startswith(present_key("")):  # (data prepared before rows could lack one)
+            spec[name] = tf.io.FixedLenFeature([], tf.int64, default_value=1)
         elif modality_kind(name) == "tabular":
             spec[name] = tf.io.FixedLenFeature([len(info["tabular_columns"])], tf.float32)
         else:
