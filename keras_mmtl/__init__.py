@@ -19,7 +19,7 @@ with quiet_native_startup():  # TensorFlow's C++ start-up lines stay off the com
 
     tensorflow.config.list_physical_devices()  # the driver probe's lines come now, held too
 
-from keras_mmtl.calibration import calibrate
+from keras_mmtl.calibration import calibrate, set_temperature
 from keras_mmtl.config import RunConfig
 from keras_mmtl.data import (
     DataValidationError,
@@ -65,6 +65,7 @@ from keras_mmtl.rest import ServingError, predict_url, rest_predict
 from keras_mmtl.training import (
     distribution_strategy,
     prune,
+    refit,
     setup_precision,
     train,
     transfer,

@@ -117,3 +117,25 @@ def calibrate(model, records, split="val", *, batch_size=64):
             negative_log_likelihood(labels[task], raw),
             negative_log_likelihood(labels[task], scaled), split)
     return results if spec.multi_output else results[None]
+
+
+def set_temperature(model, calibration):
+    """Sets the temperature(s) that `calibrate` fitted on one model in another's head(s).
+
+    For a model that trained on the rows a temperature would be fitted on,
+    such as one refit on the train and val rows: it takes the temperature
+    fitted on the val split by its held-out counterpart.
+
+    Args:
+        model: a classifier with the same tasks as the calibrated one.
+        calibration: what `calibrate` returned (a dict of task -> `Calibration`
+            for a multi-task model).
+
+    Example:
+
+    >>> set_temperature(refit_model, calibrate(held_out_model, records))  # doctest: +SKIP
+    """
+    spec = describe(model)
+    for task in spec.tasks:
+        fitted = calibration[task] if spec.multi_output else calibration
+        model.get_layer(spec.head(task)).temperature = fitted.temperature

@@ -182,6 +182,11 @@ class TrainingConfig:
         _DEFAULT.modality_experts,
         "also train a model on each image input alone, and serve the geometric mean of the "
         "fused model and these experts (one task, inputs never missing)")
+    refit: bool = _field(
+        _DEFAULT.refit,
+        "after training, train each model again on the train and val rows together, each "
+        "phase for the epochs val chose (as AutoGluon's refit_full): the served model learns "
+        "from every labelled row, for about twice the training time")
     test_time_mirror: bool = _field(
         False, "the served model averages each image's answer with its mirror image's "
                "(test-time augmentation; on the fashion photos, all shot facing one way, it "
@@ -400,7 +405,7 @@ class RunConfig:
         values = {"model": preset.model, "training": {
             **preset.training, **preset.image_only, **preset.image_run,
             "ensemble": preset.ensemble,
-            "modality_experts": preset.modality_experts}}
+            "modality_experts": preset.modality_experts, "refit": preset.refit}}
         defaults = {name: SECTIONS[name]() for name in values}
         unset = {name: {key: getattr(defaults[name], key) for key, value in section.items()
                         if getattr(getattr(self, name), key) == value}

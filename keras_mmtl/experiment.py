@@ -7,7 +7,7 @@ import warnings
 
 import keras
 
-from keras_mmtl.calibration import calibrate
+from keras_mmtl.calibration import calibrate, set_temperature
 from keras_mmtl.config import CONFIG_FILE, SECTIONS, ConfigError, RunConfig, TrainingConfig
 from keras_mmtl.evaluation import evaluate, modality_report
 from keras_mmtl.export import export_saved_model
@@ -33,6 +33,7 @@ from keras_mmtl.progress import logger
 from keras_mmtl.training import (
     cache_frozen_features,
     distribution_strategy,
+    refit,
     setup_precision,
     train,
     transfer,
@@ -142,13 +143,11 @@ def run_experiment(config, *, overwrite=False, verbose="auto"):
     members = _members(config, records, source)
     models, history = [], None
     for number, (seed, modalities) in enumerate(members, 1):
-        keras.utils.set_random_seed(seed)  # weight initialisation too, not only training
-        with strategy.scope():
-            if source is None:
-                # An expert has one input: nothing to fuse, no per-modality heads.
-                model = build_classifier_for(records, modalities=modalities, **(
-                    {**build, "auxiliary_heads": False} if modalities else build))
-            else:
+        if source is None:
+            model = _build_member(records, build, seed, modalities, strategy)
+        else:
+            keras.utils.set_random_seed(seed)  # weight initialisation too, not only training
+            with strategy.scope():
                 vocabulary = None
                 if "text" in source.modalities:  # one vocabulary for source and target texts
                     vocabulary = learn_text_vocabulary([source, records], options.text_encoder,
@@ -166,52 +165,51 @@ def run_experiment(config, *, overwrite=False, verbose="auto"):
                             "augment_images", "augment_text")})
             left = budget * (1 - EVALUATION_SHARE) - (time.monotonic() - started)
             kwargs["time_limit"] = max(left / (len(members) - number + 1), 1.0)
-        if source is None and len(members) == 1:
-            history = train(model, records, run_dir, **kwargs)
-        elif source is None:  # members share the cache of frozen features
-            alone = _alone_arguments(fit, modalities)
-            what = f"{modalities[0]} only" if modalities else "all inputs"
-            what += "".join(f", {key}={value}" for key, value in alone.items())
-            logger.info(f"Ensemble member {number}/{len(members)} (seed {seed}, {what}):")
-            folder = f"member{seed - data.seed + 1}" + (f"-{modalities[0]}" if modalities else "")
-            trained = train(model, records, os.path.join(run_dir, folder),
-                            cache_dir=os.path.join(run_dir, "cache"),
-                            **{**kwargs, **alone, "seed": seed})
+        if source is None:
+            folder, arguments = _member_run(config, run_dir, kwargs, seed, modalities, members)
+            if len(members) > 1:
+                logger.info(f"Ensemble member {number}/{len(members)} (seed {seed}, "
+                            f"{_what(fit, modalities)}):")
+            trained = train(model, records, folder, **arguments)
             history = history or trained
         else:
             model = transfer(model, source, records, run_dir, joint=moved.joint,
                              alpha=moved.alpha, domain_adversarial=moved.domain_adversarial,
                              freeze=tuple(moved.freeze), **kwargs)
         models.append(model)
-    if len(models) > 1:
-        # Experts on one modality each: their product with the fused models (a geometric mean).
-        combine = "geometric" if any(modalities for _, modalities in members) else "mean"
-        model = ensemble(models, name=f"{models[0].name}_ensemble", combine=combine)
-    if fit.test_time_mirror and _mirrorable(model):
-        logger.info("Test-time augmentation: the model averages each image's answer with its "
-                    "mirror image's.")
-        model = mirror_averaged(model)
-    elif fit.test_time_mirror:
-        logger.warning("Test-time mirroring takes a model of one task with an image input; "
-                       "this one is served as trained.")
+    model = _served(models, members, fit)
     # Where the served model is saved: the target's folder after in-turn transfer.
     model_path = os.path.join(run_dir, "target" if moved.source_manifest and not moved.joint
                               else "", MODEL_FILE)
     if model is not models[0]:  # an ensemble, or mirror-averaged
         save_atomic(model.save, model_path)
+    again = _refits(config, records, source, strategy, started, budget)
+    if is_multi_worker(strategy) and not is_chief():
+        if again:
+            model = _refit_members(records, build, kwargs, members, strategy, config, budget,
+                                   started)
+        return ExperimentResult(model, None, run_dir, history)  # the chief evaluates
     if is_multi_worker(strategy):
-        if not is_chief():
-            return ExperimentResult(model, None, run_dir, history)  # the chief evaluates
         # Evaluated on one device: predict under the strategy sees this worker's share only.
         model = clone_classifier(model)
     eval_dir = os.path.join(run_dir, "eval")
+    calibration = None
     if fit.calibrate and (records.splits == "val").any():
+        # Fitted on the models that did not train on val, also where they are refit after.
         calibration = calibrate(model, records, "val")
         for task, one in (calibration.items() if isinstance(calibration, dict)
                           else [(None, calibration)]):
             logger.info(f"Temperature scaling{'' if task is None else f' of {task}'}: "
                         f"T={one.temperature:.3f}, val ECE {one.ece_before:.4f} -> "
                         f"{one.ece_after:.4f}")
+        save_atomic(model.save, model_path)
+    if again:
+        model = _refit_members(records, build, kwargs, members, strategy, config, budget,
+                               started)
+        if is_multi_worker(strategy):
+            model = clone_classifier(model)
+        if calibration is not None:
+            set_temperature(model, calibration)
         save_atomic(model.save, model_path)
     scoring = time.monotonic()
     result = ExperimentResult(model, evaluate(model, records, "test", out_dir=eval_dir), run_dir,
@@ -235,6 +233,95 @@ def run_experiment(config, *, overwrite=False, verbose="auto"):
             model, config.output.export_dir or os.path.join("saved_models", config.name),
             max_megapixels=data.max_megapixels)
     return result
+
+
+def _build_member(records, build, seed, modalities, strategy):
+    """A member's classifier, built from its seed (the same starting weights each time)."""
+    keras.utils.set_random_seed(seed)  # weight initialisation too, not only training
+    with strategy.scope():
+        # An expert has one input: nothing to fuse, no per-modality heads.
+        return build_classifier_for(records, modalities=modalities, **(
+            {**build, "auxiliary_heads": False} if modalities else build))
+
+
+def _member_run(config, run_dir, kwargs, seed, modalities, members):
+    """`(run folder, train arguments)` of one member of a run without transfer.
+
+    One member trains in the run folder; several in `member<k>[-<input>]`,
+    sharing the run's cache of frozen features, each with its seed and an
+    expert with the preset's settings for its modality alone.
+    """
+    if len(members) == 1:
+        return run_dir, kwargs
+    folder = f"member{seed - config.data.seed + 1}" + (f"-{modalities[0]}" if modalities else "")
+    return os.path.join(run_dir, folder), {
+        **kwargs, **_alone_arguments(config.training, modalities), "seed": seed,
+        "cache_dir": os.path.join(run_dir, "cache")}
+
+
+def _what(fit, modalities):
+    """A member's inputs and the settings it takes for them alone, as the log names them."""
+    return (f"{modalities[0]} only" if modalities else "all inputs") + "".join(
+        f", {key}={value}" for key, value in _alone_arguments(fit, modalities).items())
+
+
+def _served(models, members, fit):
+    """The served model: the members combined (experts by a geometric mean), mirrored if asked."""
+    model = models[0]
+    if len(models) > 1:
+        # Experts on one modality each: their product with the fused models (a geometric mean).
+        combine = "geometric" if any(modalities for _, modalities in members) else "mean"
+        model = ensemble(models, name=f"{models[0].name}_ensemble", combine=combine)
+    if fit.test_time_mirror and _mirrorable(model):
+        logger.info("Test-time augmentation: the model averages each image's answer with its "
+                    "mirror image's.")
+        model = mirror_averaged(model)
+    elif fit.test_time_mirror:
+        logger.warning("Test-time mirroring takes a model of one task with an image input; "
+                       "this one is served as trained.")
+    return model
+
+
+def _refits(config, records, source, strategy, started, budget):
+    """Whether the members are refit on the train and val rows (`training.refit`), and why not."""
+    if not config.training.refit:
+        return False
+    why = None
+    if not (records.splits == "val").any():
+        why = "the data has no val split to choose the epochs on"
+    elif source is not None:
+        why = "a transfer run trains on two datasets"
+    elif records.prepared is not None:
+        why = "prepared data is read one split at a time; train from the manifest to refit"
+    elif budget and is_multi_worker(strategy):
+        why = "with a time limit, workers could disagree on whether there is time for it"
+    elif budget:  # the run so far again, for the train and val rows in place of train's
+        took = time.monotonic() - started
+        needed = took * (records.splits != "test").sum() / (records.splits == "train").sum()
+        left = budget * (1 - EVALUATION_SHARE) - took
+        if needed > left:
+            why = (f"it would take about {needed:.0f} s and the time limit leaves {left:.0f} s "
+                   f"({config.training.time_limit})")
+    if why:
+        logger.info(f"Refit on the train and val rows left out: {why}.")
+    return why is None
+
+
+def _refit_members(records, build, kwargs, members, strategy, config, budget, started):
+    """Each member trained again on the train and val rows (`refit`), combined as served."""
+    run_dir, models = config.output_dir, []
+    for number, (seed, modalities) in enumerate(members, 1):
+        model = _build_member(records, build, seed, modalities, strategy)
+        folder, arguments = _member_run(config, run_dir, kwargs, seed, modalities, members)
+        if budget:
+            left = budget * (1 - EVALUATION_SHARE) - (time.monotonic() - started)
+            arguments = {**arguments, "time_limit": max(left / (len(members) - number + 1), 1.0)}
+        logger.info(f"Refit {number}/{len(members)} (seed {seed}, "
+                    f"{_what(config.training, modalities)}):")
+        refit(model, records, folder, **{"cache_dir": os.path.join(run_dir, "cache"),
+                                         **arguments})
+        models.append(model)
+    return _served(models, members, config.training)
 
 
 def _members(config, records, source):
@@ -350,7 +437,7 @@ def resolve_preset(config, rows, kinds=()):
     if alone:
         why += "; for a run of images alone, also " + ", ".join(
             f"{key}={value}" for key, value in alone.items())
-    for key in ("ensemble", "modality_experts"):  # run-level settings, not train's
+    for key in ("ensemble", "modality_experts", "refit"):  # run-level settings, not train's
         if unset("training", key):
             changes["training"][key] = getattr(get_preset(name), key)
     resolved = config.replace(explicit=False, **changes)

@@ -45,10 +45,10 @@ def test_the_default_is_the_medium_recipe():
     assert resolve_preset(config, rows=10_000)[0] == config
 
 
-@pytest.mark.parametrize("preset, fine_tune_epochs, ensemble, experts", [
-    ("fast", 0, 1, False), ("medium", 5, 1, True), ("best", 5, 3, True)])
+@pytest.mark.parametrize("preset, fine_tune_epochs, ensemble, experts, refit", [
+    ("fast", 0, 1, False, False), ("medium", 5, 1, True, True), ("best", 5, 3, True, True)])
 def test_a_preset_sets_what_the_config_leaves_at_its_defaults(preset, fine_tune_epochs, ensemble,
-                                                              experts):
+                                                              experts, refit):
     config = RunConfig.from_dict({"model": {"text_encoder": "scratch"},
                                   "training": {"preset": preset, "epochs": 4}})
     config, why = resolve_preset(config, rows=1000)
@@ -56,6 +56,7 @@ def test_a_preset_sets_what_the_config_leaves_at_its_defaults(preset, fine_tune_
     assert config.training.fine_tune_epochs == fine_tune_epochs
     assert config.training.ensemble == ensemble
     assert config.training.modality_experts == experts
+    assert config.training.refit == refit
     # Set explicitly: kept.
     assert config.model.text_encoder == "scratch" and config.training.epochs == 4
 

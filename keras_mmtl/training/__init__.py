@@ -17,6 +17,7 @@ from keras_mmtl.training.trainer import (
     cache_frozen_features,
     class_weights,
     compile_classifier,
+    refit,
     train,
 )
 from keras_mmtl.training.transfer import joint_records, train_joint, transfer, with_new_head

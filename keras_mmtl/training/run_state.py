@@ -16,6 +16,7 @@ from keras_mmtl.files import find, join_path, read_bytes, remove, write_json
 STATE_FILE = "state.json"
 MODEL_FILE = "model.keras"
 LOGS = "logs"
+REFIT_FOLDER = "refit"  # where `refit` trains again on the train and val rows
 FINGERPRINT_FILE = "fingerprint.json"
 # Config keys that do not change the trained model: paths whose data is fingerprinted
 # itself, outputs, and the feature cache (it gives the same model).
@@ -24,7 +25,7 @@ NOT_FINGERPRINTED = ("data.manifest", "data.data_root", "data.skip_bad_rows",
                      "output.")
 # What training leaves in a run folder (`cache/`, keyed by its own content, is kept).
 TRAINING_STATE = (STATE_FILE, MODEL_FILE, "phase*.weights.h5", "backup", "checkpoints", LOGS,
-                  "eval", "source", "target", "workers", "member*")
+                  "eval", "source", "target", "workers", "member*", REFIT_FOLDER)
 
 
 class StaleRunError(ValueError):

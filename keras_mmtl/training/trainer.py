@@ -1,5 +1,6 @@
 """Two-phase transfer learning: train the head on a frozen backbone, then fine-tune its top."""
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -71,6 +72,7 @@ from keras_mmtl.training.optimizers import (
 from keras_mmtl.training.run_state import (
     LOGS,
     MODEL_FILE,
+    REFIT_FOLDER,
     STATE_FILE,
     StaleRunError,
     changes,
@@ -439,6 +441,81 @@ def train(
         _write_embeddings(model, records.subset("val" if has_val else "train"),
                           join_path(run_dir, LOGS), batch_size)
     return state.get("history", {})
+
+
+def refit(model, records, run_dir, **kwargs):
+    """Trains a model again on the train and val rows together, for the epochs val chose.
+
+    The last step of a refit (as AutoGluon's `refit_full`): `train` has
+    trained a model with the same settings in `run_dir`, each phase keeping
+    its best epoch on the val split. This trains `model`, built as that one
+    was (the same seed, so the same starting weights), on the train and val
+    rows as one training split, each phase for as many epochs as it took
+    there to reach its best (phase 2 left out where phase 1 ended better),
+    in `run_dir/refit`. The model learns from every labelled row; what it
+    scores on new data is estimated by the held-out run's val scores, since
+    its own val rows are training rows. Val chose the epochs, so nothing
+    stops early (the training loss is monitored, as in a run without val).
+
+    Args:
+        model: a classifier built as the one trained in `run_dir`, untrained.
+        records: the `Records` of that run, with a val split.
+        run_dir: the folder of the finished `train` run.
+        **kwargs: that run's `train` arguments (`epochs` and
+            `fine_tune_epochs` are replaced by the chosen ones); pass its
+            `cache_dir` so that the frozen features are shared.
+
+    Returns:
+        the refit run's history, as `train` returns it.
+
+    Example:
+
+    >>> history = train(model, records, "runs/products", seed=0)  # doctest: +SKIP
+    >>> keras.utils.set_random_seed(0)  # doctest: +SKIP
+    >>> again = build_classifier_for(records)  # doctest: +SKIP
+    >>> refit(again, records, "runs/products", seed=0)  # doctest: +SKIP
+    """
+    epochs = refit_epochs(_read_state(join_path(run_dir, STATE_FILE)))
+    if epochs is None:
+        raise ValueError(f"refit() needs a finished train() run with a val split in {run_dir}; "
+                         "it retrains for the epochs that run chose on val.")
+    if records.prepared is not None:
+        raise ValueError("refit() trains on the train and val rows as one split; prepared data "
+                         "is read one split at a time. Train from the manifest to refit.")
+    merged = dataclasses.replace(records, splits=np.where(records.splits == "val", "train",
+                                                          records.splits))
+    rows = int((merged.splits == "train").sum())
+    logger.info(f"Refit on the train and val rows ({rows:,}): phase 1 for {epochs[0]} epochs"
+                + (f", phase 2 for {epochs[1]}" if epochs[1] else "") + ", as val chose.")
+    return train(model, merged, join_path(run_dir, REFIT_FOLDER),
+                 **{**kwargs, "epochs": epochs[0], "fine_tune_epochs": epochs[1]})
+
+
+def refit_epochs(state):
+    """`(phase 1 epochs, phase 2 epochs)` to refit a finished run's model for, or `None`.
+
+    Each phase's count is the epoch at which it reached its lowest val loss;
+    phase 2's is 0 where phase 1 ended better (the run kept phase 1's
+    weights). `None` for a run without val loss or not finished.
+
+    Example:
+
+    >>> history = {"phase": [1, 1, 1, 2, 2], "val_loss": [0.9, 0.5, 0.6, 0.45, 0.4]}
+    >>> refit_epochs({"history": history, "best": {"1": 0.5, "2": 0.4}, "phases_done": 2})
+    (2, 2)
+    >>> refit_epochs({"history": history, "best": {"1": 0.5, "2": 0.7}, "phases_done": 2})
+    (2, 0)
+    """
+    history, best = state.get("history", {}), state.get("best", {})
+    if "val_loss" not in history or len(best) != state.get("phases_done"):
+        return None
+    losses = {}
+    for phase, loss in zip(history["phase"], history["val_loss"]):
+        losses.setdefault(phase, []).append(loss)
+    counts = [int(np.argmin(losses[phase])) + 1 for phase in sorted(losses)]
+    if len(counts) == 1 or min(best, key=best.get) == "1":
+        return counts[0], 0
+    return counts[0], counts[1]
 
 
 def run_fingerprint(model, records, settings):
