@@ -70,7 +70,7 @@ _IMAGE_RUN_TRAINING = {"unfreeze_blocks": 5}
 # for the epochs val chose. On three selection cuts of the fashion task, two seeds, it raised
 # the served ensemble (the fused model and its image expert, both refit) on each of the six
 # cut-seeds, by 0.9 points of macro-F1 on average (+1.3, +1.1, +0.4; +0.5, +1.0, +0.8), above
-# the default's spread over three seeds (benchmarks/RESULTS.md, 2026-12-04 22:30), for about
+# the default's spread over three seeds (benchmarks/RESULTS.md, 2026-12-04 22:27), for about
 # twice the training time.
 # Minutes for the fashion task (9,976 train + val rows) on the slower of our 2-core machines
 # (AMD EPYC; the Intel one takes about 0.7 times as long), the means benchmarks/recipe.py
