@@ -307,7 +307,8 @@ def main():
               "run); a fused run also trains an image-only expert and serves the geometric "
               "mean of the two; a model of images alone, an image-only run or the image "
               "expert, smooths its labels by 0.1 and fine-tunes for 10 epochs, the fused "
-              "model for 5)")
+              "model for 5; a fused run's models then trained again on the train and val rows "
+              "for the epochs val chose, the refit)")
     chosen = (f"`--preset {args.preset}` ({PRESETS[args.preset].description}) and every other "
               "setting at its default" if args.preset else medium)
     trained = (f"keras-mmtl: the README's fashion command with {chosen}, `--seed` "

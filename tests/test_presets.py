@@ -61,6 +61,14 @@ def test_a_preset_sets_what_the_config_leaves_at_its_defaults(preset, fine_tune_
     assert config.model.text_encoder == "scratch" and config.training.epochs == 4
 
 
+@pytest.mark.parametrize("kinds, training, refit", [
+    ((), {}, True), ({"image", "text"}, {}, True), ({"text"}, {}, False), ({"image"}, {}, False),
+    ({"text"}, {"refit": True}, True), ({"image", "text"}, {"refit": False}, False)])
+def test_models_of_several_kinds_of_input_are_refit(kinds, training, refit):
+    config = RunConfig.from_dict({"training": training})
+    assert resolve_preset(config, rows=1000, kinds=kinds)[0].training.refit == refit
+
+
 @pytest.mark.parametrize("argv, training, expected", [
     (["--preset", "fast"], {}, ("fast", 0, 1, False)),
     (["--preset", "fast", "--fine-tune-epochs", "5"], {}, ("fast", 5, 1, False)),
@@ -369,7 +377,7 @@ def test_image_experts_are_served_with_the_fused_model_as_their_geometric_mean(
         "model": {"image_backbone": "small_cnn", "image_weights": None, "image_size": [16, 16],
                   "text_encoder": "scratch"},
         "training": {"epochs": 2, "fine_tune_epochs": 0, "batch_size": 8, "projector": False,
-                     "calibrate": False},
+                     "calibrate": False, "refit": False},  # the members as trained here
         "output": {"run_dir": str(tmp_path / "run"), "export": False},
     }
     result = run_experiment(config, verbose=0)  # the medium preset: experts on
