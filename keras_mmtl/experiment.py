@@ -440,10 +440,11 @@ def resolve_preset(config, rows, kinds=()):
     for key in ("ensemble", "modality_experts", "refit"):  # run-level settings, not train's
         if unset("training", key):
             changes["training"][key] = getattr(get_preset(name), key)
-    if unset("training", "refit") and len(set(kinds)) == 1:
+    if unset("training", "refit") and len(set(kinds)) == 1 and get_preset(name).refit:
         # Measured for a model of images and texts (and its image expert); for models of one
         # kind of input alone it moved macro-F1 by -0.1 (text) and +0.2 (image): not for them.
         changes["training"]["refit"] = False
+        why += "; inputs of one kind are not refit"
     resolved = config.replace(explicit=False, **changes)
     return resolved.replace(training={"preset": name}), why
 

@@ -65,8 +65,10 @@ def test_a_preset_sets_what_the_config_leaves_at_its_defaults(preset, fine_tune_
     ((), {}, True), ({"image", "text"}, {}, True), ({"text"}, {}, False), ({"image"}, {}, False),
     ({"text"}, {"refit": True}, True), ({"image", "text"}, {"refit": False}, False)])
 def test_models_of_several_kinds_of_input_are_refit(kinds, training, refit):
-    config = RunConfig.from_dict({"training": training})
-    assert resolve_preset(config, rows=1000, kinds=kinds)[0].training.refit == refit
+    config, why = resolve_preset(RunConfig.from_dict({"training": training}), rows=1000,
+                                 kinds=kinds)
+    assert config.training.refit == refit
+    assert ("inputs of one kind are not refit" in why) == (len(kinds) == 1 and not training)
 
 
 @pytest.mark.parametrize("argv, training, expected", [
