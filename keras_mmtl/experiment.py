@@ -163,8 +163,7 @@ def run_experiment(config, *, overwrite=False, verbose="auto"):
                         key: kwargs[key] for key in (
                             "fine_tune_epochs", "unfreeze_blocks", "unfreeze_text_layers",
                             "augment_images", "augment_text")})
-            left = budget * (1 - EVALUATION_SHARE) - (time.monotonic() - started)
-            kwargs["time_limit"] = max(left / (len(members) - number + 1), 1.0)
+            kwargs["time_limit"] = _time_share(budget, started, len(members) - number + 1)
         if source is None:
             folder, arguments = _member_run(config, run_dir, kwargs, seed, modalities, members)
             if len(members) > 1:
@@ -233,6 +232,12 @@ def run_experiment(config, *, overwrite=False, verbose="auto"):
             model, config.output.export_dir or os.path.join("saved_models", config.name),
             max_megapixels=data.max_megapixels)
     return result
+
+
+def _time_share(budget, started, models):
+    """Seconds for the next of `models` left to train: an equal share of the training time left."""
+    left = budget * (1 - EVALUATION_SHARE) - (time.monotonic() - started)
+    return max(left / models, 1.0)
 
 
 def _build_member(records, build, seed, modalities, strategy):
@@ -314,8 +319,8 @@ def _refit_members(records, build, kwargs, members, strategy, config, budget, st
         model = _build_member(records, build, seed, modalities, strategy)
         folder, arguments = _member_run(config, run_dir, kwargs, seed, modalities, members)
         if budget:
-            left = budget * (1 - EVALUATION_SHARE) - (time.monotonic() - started)
-            arguments = {**arguments, "time_limit": max(left / (len(members) - number + 1), 1.0)}
+            arguments = {**arguments, "time_limit": _time_share(budget, started,
+                                                                len(members) - number + 1)}
         logger.info(f"Refit {number}/{len(members)} (seed {seed}, "
                     f"{_what(config.training, modalities)}):")
         refit(model, records, folder, **{"cache_dir": os.path.join(run_dir, "cache"),
