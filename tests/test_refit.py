@@ -38,9 +38,12 @@ def test_refit_trains_on_train_and_val_rows_for_the_epochs_val_chose(tmp_path, p
     phase_2 = best[2] if state["best"]["2"] < state["best"]["1"] else 0
     keras.utils.set_random_seed(0)
     again = build_classifier_for(product_records, **SMALL)
-    refitted = refit(again, product_records, str(run), cache_dir=cache, **TRAIN)
+    refitted = refit(again, product_records, str(run), cache_dir=cache,
+                     **{**TRAIN, "projector": True})
     assert refitted["phase"] == [1] * best[1] + [2] * phase_2
     assert "val_loss" not in refitted  # the val rows are training rows
+    # No projector: the refit has no rows it did not train on.
+    assert not list((run / "refit").rglob("projector_config.pbtxt"))
     # The first run cached its 16 train rows; the refit its 16 + 4 val rows.
     assert _cached_rows(cache) == {16, 20}
     assert os.path.exists(run / "refit" / "model.keras")

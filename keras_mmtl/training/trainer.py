@@ -456,6 +456,8 @@ def refit(model, records, run_dir, **kwargs):
     scores on new data is estimated by the held-out run's val scores, since
     its own val rows are training rows. Val chose the epochs, so nothing
     stops early (the training loss is monitored, as in a run without val).
+    It writes no projector embeddings: it has no rows it did not train on
+    (the held-out run's projector shows its val rows).
 
     Args:
         model: a classifier built as the one trained in `run_dir`, untrained.
@@ -488,7 +490,8 @@ def refit(model, records, run_dir, **kwargs):
     logger.info(f"Refit on the train and val rows ({rows:,}): phase 1 for {epochs[0]} epochs"
                 + (f", phase 2 for {epochs[1]}" if epochs[1] else "") + ", as val chose.")
     return train(model, merged, join_path(run_dir, REFIT_FOLDER),
-                 **{**kwargs, "epochs": epochs[0], "fine_tune_epochs": epochs[1]})
+                 **{**kwargs, "epochs": epochs[0], "fine_tune_epochs": epochs[1],
+                    "projector": False})
 
 
 def refit_epochs(state):
