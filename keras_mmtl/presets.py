@@ -232,8 +232,9 @@ def choose_preset(time_limit, rows):
     fitting = [name for name in PRESETS if minutes[name] * 60 <= 0.9 * seconds]
     chosen = fitting[-1] if fitting else "fast"
     others = ", ".join(f"{name} ~{minutes[name]:.0f} min" for name in PRESETS)
-    why = (f"preset {chosen!r} fits the time limit of {seconds / 60:g} min for {rows:,} rows "
-           f"({others} on 2 CPU cores)" if fitting else
+    others += " on 2 CPU cores, before any refit"
+    why = (f"the best that fits the time limit of {seconds / 60:g} min for {rows:,} rows "
+           f"({others})" if fitting else
            f"no preset fits the time limit of {seconds / 60:g} min for {rows:,} rows "
-           f"({others} on 2 CPU cores): 'fast', and training stops at the limit")
+           f"({others}): 'fast', and training stops at the limit")
     return chosen, why
