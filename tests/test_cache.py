@@ -143,6 +143,35 @@ def test_two_phases_run_the_frozen_bottom_once_per_split(tmp_path, product_recor
     np.testing.assert_allclose(cached["image_features"], expected["image_features"], atol=1e-5)
 
 
+def test_a_merged_split_is_read_from_the_features_cached_for_its_splits(tmp_path, product_records,
+                                                                        monkeypatch):
+    records = product_records.select(np.r_[0:8, 16:20, 8:16, 20:24])  # val amid train rows
+    model = build_classifier_for(records, **FROZEN)
+    weights, cache = model.get_weights(), str(tmp_path / "cache")
+    settings = dict(epochs=1, fine_tune_epochs=1, unfreeze_blocks=1, batch_size=8, verbose=0,
+                    projector=False, cache_dir=cache)
+    train(model, records, str(tmp_path / "held_out"), **settings)
+    passes, compute = [], cache_module._compute
+
+    def counted(extractor, rows, *args, **kwargs):
+        passes.append(extractor.name)
+        return compute(extractor, rows, *args, **kwargs)
+
+    monkeypatch.setattr(cache_module, "_compute", counted)
+    merged = records.merge_splits("val", into="train")  # as a refit trains
+    again = build_classifier_for(records, **FROZEN)
+    again.set_weights(weights)
+    train(again, merged, str(tmp_path / "refit"), **settings)
+    assert "frozen_image_features" not in passes  # neither phase's image features computed
+    fresh = build_classifier_for(records, **FROZEN)
+    fresh.set_weights(weights)
+    whole = {"image": split_model(fresh)[0]["image"]}
+    cached = compute_features(whole, merged, "train", cache_dir=cache)["image_features"]
+    assert "frozen_image_features" not in passes and len(cached) == 20
+    np.testing.assert_allclose(cached, compute_features(whole, merged, "train")["image_features"],
+                               atol=1e-5)
+
+
 @pytest.mark.parametrize("fine_tune_epochs", [0, 1])
 def test_features_cached_before_training_are_all_that_training_reads(tmp_path, product_records,
                                                                      monkeypatch,

@@ -148,6 +148,8 @@ class Records:
         prepared: for records read from `keras_mmtl.prepare`'s shards
             (`keras_mmtl.prepared_records`), their description (`prepared.json`
             and the folder); `make_dataset` reads the images from the shards.
+        former_splits: `None`, or after `merge_splits` the split each row had
+            before, so that features cached per split are reused.
     """
 
     images: object
@@ -164,6 +166,7 @@ class Records:
     extra_inputs: dict = dataclasses.field(default_factory=dict)
     max_megapixels: float = MAX_MEGAPIXELS
     prepared: dict = None
+    former_splits: np.ndarray = None
 
     def __len__(self):
         return len(self.labels)
@@ -212,6 +215,35 @@ class Records:
             raise ValueError(f"Unknown split. Expected one of {SPLITS}. Received: split={split!r}")
         return self.select(self.splits == split)
 
+    def merge_splits(self, split, into):
+        """A copy in which the rows of `split` belong to split `into`.
+
+        A refit trains on the train and val rows as one training split:
+        `merge_splits("val", into="train")`. The copy remembers each row's
+        split before (`former_splits`), so the frozen features cached for
+        the train and val splits make up those of the merged one.
+
+        Example:
+
+        >>> records = from_arrays(["a", "b", "a", "b"], texts=["red", "blue", "red", "blue"],
+        ...                       splits=["train", "train", "val", "test"])
+        >>> merged = records.merge_splits("val", into="train")
+        >>> merged.splits.tolist(), merged.former_splits.tolist()
+        (['train', 'train', 'train', 'test'], ['train', 'train', 'val', 'test'])
+        >>> merged.subset("train").former_splits.tolist()
+        ['train', 'train', 'val']
+        >>> records.merge_splits("dev", into="train")
+        Traceback (most recent call last):
+        ...
+        ValueError: Unknown split. Expected one of ('train', 'val', 'test'). Received: 'dev'
+        """
+        for name in (split, into):
+            if name not in SPLITS:
+                raise ValueError(f"Unknown split. Expected one of {SPLITS}. Received: {name!r}")
+        former = self.splits if self.former_splits is None else self.former_splits
+        return dataclasses.replace(self, splits=np.where(self.splits == split, into, self.splits),
+                                   former_splits=former)
+
     def select(self, mask):
         """The records where the boolean (or index) array `mask` selects."""
         def pick(values):
@@ -224,6 +256,7 @@ class Records:
             tabular=pick(self.tabular),
             labels=self.labels[mask],
             splits=self.splits[mask],
+            former_splits=pick(self.former_splits),
             extra_tasks={name: (labels[mask], names)
                          for name, (labels, names) in self.extra_tasks.items()},
             extra_inputs={name: values[mask] for name, values in self.extra_inputs.items()},

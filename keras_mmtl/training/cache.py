@@ -10,9 +10,12 @@ while the image backbone is fine-tuned), and caches the frozen bottom of a partl
 fine-tuned image backbone: the feature map below its unfrozen top blocks, so only those
 blocks run each step. The bottom runs over the images once for both phases: phase 1's
 features are phase 2's maps through the frozen top blocks. The top model shares its layers
-with (a clone of) the classifier, so what it learns is the classifier's.
+with (a clone of) the classifier, so what it learns is the classifier's. A split merged from
+others (a refit's train and val rows, `Records.merge_splits`) is read from their cached
+features.
 """
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -308,7 +311,10 @@ def _features(extractor, records, split, cache_dir, batch_size, shard):
     if path and is_file(path):
         return _load(path)
     rows, title = records.subset(split), f"Backbone features of the {split} split"
-    if count == 1:
+    assembled = path and _assembled(extractor, records, split, cache_dir)
+    if assembled:
+        features = assembled
+    elif count == 1:
         features = _compute(extractor, rows, batch_size, title)
     else:  # this worker's shard, then everyone's
         shards = [join_path(cache_dir, f"{key}.shard{i}of{count}.npz") for i in range(count)]
@@ -326,6 +332,37 @@ def _features(extractor, records, split, cache_dir, batch_size, shard):
                 features[name][i::count] = part[name]
     if path and index == 0:
         _save(path, features)
+    return features
+
+
+def _assembled(extractor, records, split, cache_dir):
+    """A merged split's features from the cached ones of the splits it is made of, or `None`.
+
+    After `Records.merge_splits` (a refit's train and val rows), each former
+    split's cached features give its rows' values (a merge moves whole
+    splits); `None` where the split was not merged or a former split's
+    features are not cached.
+    """
+    if records.former_splits is None:
+        return None
+    rows = records.splits == split
+    origins = records.former_splits[rows]
+    names = sorted(set(origins))
+    if names == [split]:
+        return None
+    former = dataclasses.replace(records, splits=records.former_splits, former_splits=None)
+    paths = {name: join_path(cache_dir, f"{_cache_name(extractor, former, name)}.npz")
+             for name in names}
+    if not all(is_file(path) for path in paths.values()):
+        return None
+    parts = {name: _load(path) for name, path in paths.items()}
+    features = {key: np.empty((len(origins), *values.shape[1:]), values.dtype)
+                for key, values in parts[names[0]].items()}
+    for name, part in parts.items():
+        for key, values in part.items():
+            features[key][origins == name] = values
+    logger.info(f"{int(rows.sum()):,} rows of the {split} split: the cached features of the "
+                f"{' and '.join(names)} splits.")
     return features
 
 

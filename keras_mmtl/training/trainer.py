@@ -1,6 +1,5 @@
 """Two-phase transfer learning: train the head on a frozen backbone, then fine-tune its top."""
 
-import dataclasses
 import hashlib
 import json
 import time
@@ -484,8 +483,7 @@ def refit(model, records, run_dir, **kwargs):
     if records.prepared is not None:
         raise ValueError("refit() trains on the train and val rows as one split; prepared data "
                          "is read one split at a time. Train from the manifest to refit.")
-    merged = dataclasses.replace(records, splits=np.where(records.splits == "val", "train",
-                                                          records.splits))
+    merged = records.merge_splits("val", into="train")
     rows = int((merged.splits == "train").sum())
     logger.info(f"Refit on the train and val rows ({rows:,}): phase 1 for {epochs[0]} epochs"
                 + (f", phase 2 for {epochs[1]}" if epochs[1] else "") + ", as val chose.")
